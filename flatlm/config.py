@@ -1,0 +1,281 @@
+"""The run configuration: one typed tree, YAML files as bases, dotted ``key=value`` overrides.
+
+Each section is a pydantic model whose field docstrings are the documentation (``flatlm train
+--help`` prints them). Unknown keys and wrong types are refused with one :class:`FlatlmError`
+that names the key, the valid choices and the closest match.
+
+Precedence: defaults < ``--config FILE.yaml`` < command-line overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flatlm.errors import FlatlmError, did_you_mean
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = "tiny"
+    """A preset (tiny, llama-60m, llama-125m, llama-350m, llama-1b), an HF config name or a local path."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Fields of the transformers config to override, e.g. model.overrides.num_hidden_layers=2."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in the backward pass (saves memory)."""
+    compile: bool = False
+    """Wrap the model with torch.compile."""
+
+
+class DataConfig(Section):
+    source: Literal["stdlib", "files", "hf"] = "stdlib"
+    """stdlib: this Python's own standard-library sources; files: data.paths; hf: a datasets dataset."""
+    paths: list[str] = Field(default_factory=list)
+    """Files or globs for source=files: .txt (one document per file), .jsonl/.json, .parquet."""
+    name: str | None = None
+    """Dataset name or local dataset directory for source=hf (datasets.load_dataset's path)."""
+    config_name: str | None = None
+    """Dataset configuration for source=hf."""
+    split: str = "train"
+    """Dataset split for source=hf."""
+    streaming: bool = False
+    """Stream the hf dataset instead of downloading it whole (pair with data.max_documents)."""
+    text_field: str = "text"
+    """Column holding the text in jsonl / parquet / hf data."""
+    max_documents: int | None = Field(default=None, gt=0)
+    """Use at most this many documents (after filtering), in source order."""
+    min_chars: int = Field(default=1, ge=0)
+    """Drop documents shorter than this many characters."""
+    seq_len: int = Field(default=128, gt=0)
+    """Tokens per packed training sequence."""
+    val_fraction: float = Field(default=0.02, ge=0.0, lt=1.0)
+    """Fraction of documents held out for validation (split by document, from the seed)."""
+    vocab_size: int = Field(default=4096, ge=300)
+    """Size of the sentencepiece vocabulary trained on the corpus."""
+    tokenizer: str | None = None
+    """Use this existing sentencepiece .model file instead of training one."""
+    tokenizer_sample_lines: int = Field(default=300_000, gt=0)
+    """Lines sampled from the training documents to train the tokenizer."""
+    cache_dir: str = "~/.cache/flatlm"
+    """Where tokenizers and token caches are kept (per node). FLATLM_CACHE overrides the default."""
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(default=300, gt=0)
+    """Optimizer steps to run."""
+    global_batch_size: int = Field(default=32, gt=0)
+    """Sequences per optimizer step, summed over all processes and accumulation steps."""
+    micro_batch_size: int = Field(default=16, gt=0)
+    """Sequences per forward/backward on one device; accumulation = global / (micro x world)."""
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    """Clip gradients to this global L2 norm (0 disables clipping; the norm is still logged)."""
+    eval_every: int = Field(default=100, ge=0)
+    """Evaluate on the validation split every N steps (0: only at the end)."""
+    eval_batches: int = Field(default=8, gt=0)
+    """Micro-batches per evaluation."""
+    bf16: bool = False
+    """Run forward and backward under bf16 autocast (weights and optimizer state stay fp32)."""
+    deterministic: bool = True
+    """Use deterministic kernels (bit-identical losses for the same config and seed)."""
+    progress_bar: bool = True
+    """Show a progress bar with loss, lr and tokens/s."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under output_dir/tensorboard."""
+    plot: bool = True
+    """Write output_dir/loss.png at the end."""
+
+
+class OptimConfig(Section):
+    name: str = "adamw"
+    """Optimizer name (see flatlm.optim.OPTIMIZERS)."""
+    lr: float = Field(default=3e-3, gt=0.0)
+    """Peak learning rate."""
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """Decoupled weight decay for matrices; norms, biases and embeddings get none."""
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    """Further keyword arguments of the optimizer, e.g. optim.hparams.betas=[0.9,0.99]."""
+
+
+class ScheduleConfig(Section):
+    name: str = "cosine"
+    """Learning-rate schedule (see flatlm.optim.SCHEDULES)."""
+    warmup_steps: int = Field(default=20, ge=0)
+    """Linear warmup from 0 to the peak learning rate over this many steps."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of the peak."""
+
+
+class CheckpointConfig(Section):
+    every: int = Field(default=0, ge=0)
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = Field(default=3, ge=1)
+    """Keep this many newest checkpoints."""
+
+
+class ParallelConfig(Section):
+    backend: Literal["single"] = "single"
+    """How the model is distributed. This release runs a single process."""
+
+
+class RunConfig(Section):
+    output_dir: str = "runs/default"
+    """Directory for config.yaml, metrics.jsonl, TensorBoard, plots and checkpoints."""
+    seed: int = 0
+    """Seeds model init, the train/validation split and data order."""
+    overwrite: bool = False
+    """Allow reusing an output_dir that holds a different run (its outputs are replaced)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+
+# Keys that may change between invocations on one output_dir without making it a different run.
+NOT_RUN_IDENTITY = (
+    "overwrite",
+    "train.max_steps",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.progress_bar",
+    "train.tensorboard",
+    "train.plot",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "data.cache_dir",
+)
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then ``dotted.key=value`` overrides; validated."""
+    tree: dict[str, Any] = {}
+    if config_file is not None:
+        tree = _read_yaml(Path(config_file))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    return validate(tree)
+
+
+def validate(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise FlatlmError(_explain(exc, tree)) from None
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: RunConfig | dict[str, Any]) -> str:
+    tree = to_dict(cfg) if isinstance(cfg, RunConfig) else cfg
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (free-form dicts are flattened too)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def run_identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two resolved configs, ignoring NOT_RUN_IDENTITY."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(NOT_RUN_IDENTITY)]
+
+
+def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, docstring) for every leaf key: the text behind ``flatlm train --help``."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_keys(annotation, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", repr(default), field.description or ""))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FlatlmError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise FlatlmError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise FlatlmError(f"config file {str(path)!r} must hold a mapping of keys, not {type(tree).__name__}")
+    return tree
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise FlatlmError(f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[: i + 1])
+            raise FlatlmError(f"cannot set {key!r}: {where!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _explain(exc: ValidationError, tree: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            section = _section_at(loc[:-1])
+            valid = sorted(section.model_fields) if section else []
+            where = ".".join(str(p) for p in loc[:-1])
+            prefix = f"{where}." if where else ""
+            hint = did_you_mean(str(loc[-1]), valid)
+            lines.append(
+                f"unknown config key {key!r}{hint}; valid keys"
+                f"{' under ' + repr(where) if where else ''}: {', '.join(prefix + v for v in valid)}"
+            )
+        else:
+            lines.append(f"invalid value for {key!r}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)

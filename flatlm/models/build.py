@@ -1,0 +1,66 @@
+"""Build a causal LM from a preset, an HF config name or a local path. Pure: no distributed code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+
+from flatlm.errors import FlatlmError, did_you_mean
+from flatlm.models.presets import PRESETS, preset_kwargs
+
+
+def model_config(
+    name: str, vocab_size: int, overrides: dict[str, Any] | None = None, *, bos_id: int = 1, eos_id: int = 2
+) -> PretrainedConfig:
+    """The transformers config for ``name`` with the tokenizer's vocabulary and ``overrides``."""
+    overrides = dict(overrides or {})
+    if name in PRESETS:
+        kwargs = {
+            **preset_kwargs(name),
+            "vocab_size": vocab_size,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "pad_token_id": None,
+        }
+        unknown = sorted(set(overrides) - set(LlamaConfig().to_dict()))
+        if unknown:
+            raise FlatlmError(
+                f"model.overrides has keys LlamaConfig does not know: {', '.join(unknown)}; "
+                "use field names of transformers.LlamaConfig (e.g. num_hidden_layers, hidden_size)"
+            )
+        return LlamaConfig(**{**kwargs, **overrides})
+    if Path(name).exists() or "/" in name:
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as exc:
+            raise FlatlmError(
+                f"could not load a transformers config from model.name={name!r}: {exc}. "
+                "Pass a preset name, a local directory holding config.json, or a Hub id "
+                "reachable from this machine"
+            ) from None
+        config.vocab_size = vocab_size
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+    raise FlatlmError(
+        f"unknown model preset {name!r}{did_you_mean(name, PRESETS)}; valid presets: "
+        f"{', '.join(PRESETS)} (or a local path / Hub id of a transformers config)"
+    )
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def build_model(config: PretrainedConfig, *, seed: int | None = None) -> torch.nn.Module:
+    """A randomly initialised causal LM for ``config`` (fp32 weights)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

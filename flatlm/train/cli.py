@@ -1,0 +1,73 @@
+"""Command line: ``flatlm train [--config FILE.yaml] [dotted.key=value ...]``.
+
+``python -m flatlm.train`` (what ``accelerate launch -m flatlm.train`` starts) takes the same
+arguments without the ``train`` word. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flatlm.config import describe_keys, load_config
+from flatlm.errors import FlatlmError
+
+
+def _keys_help() -> str:
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    return "config keys (default, meaning):\n" + "\n".join(
+        f"  {key:<{width}}  {default:<14} {doc}" for key, default, doc in rows
+    )
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a language model. Without --config, runs the default tiny pretraining job.",
+        epilog=_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="a YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=30")
+    return parser
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[flatlm] %(message)s", stream=sys.stderr)
+
+
+def run_train(argv: list[str], prog: str) -> int:
+    args = _train_parser(prog).parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from flatlm.train.loop import train  # heavy imports only once the config is valid
+
+        train(cfg)
+    except FlatlmError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="flatlm", description="flatlm: LM training with sharded optimizers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="train a model (flatlm train --help lists every config key)", add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    if argv[0] == "train":
+        return run_train(argv[1:], "flatlm train")
+    parser.error(f"unknown command {argv[0]!r}; commands: train")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

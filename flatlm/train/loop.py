@@ -1,0 +1,246 @@
+"""The training loop: validate everything, then build data, model and optimizer, then step.
+
+Every check that can fail on user input runs before the first byte is written to ``output_dir``.
+One optimizer step = ``accum`` micro-batches of ``micro_batch_size`` sequences on each of
+``world_size`` processes, where ``accum = global_batch_size / (micro_batch_size * world_size)``;
+the loss of each micro-batch is divided by ``accum`` so gradients are those of the global mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from flatlm.config import RunConfig, TrainConfig, dump_yaml
+from flatlm.data import (
+    GlobalBatchSampler,
+    PackedSequences,
+    load_or_build,
+    require_sequences,
+    split_documents,
+)
+from flatlm.errors import FlatlmError
+from flatlm.launch import Environment, environment
+from flatlm.models import build_model, count_parameters, max_positions, model_config
+from flatlm.optim import build_optimizer, build_scheduler, param_groups
+from flatlm.train.checkpoint import save_checkpoint
+from flatlm.train.metrics import MetricsLogger
+from flatlm.train.plots import plot_loss
+from flatlm.train.rundir import PLOT_FILE, check_output_dir, start_run_dir
+
+log = logging.getLogger("flatlm")
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def grad_accumulation(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process; the batch layout must divide evenly."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise FlatlmError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={train.micro_batch_size} x world size {world_size} = {per_step}; "
+            f"choose a global batch that is a multiple of {per_step} or change the micro-batch"
+        )
+    return train.global_batch_size // per_step
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _check_positions(cfg: RunConfig, config: Any) -> None:
+    limit = max_positions(config)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise FlatlmError(
+            f"data.seq_len={cfg.data.seq_len} is above the model's maximum positions ({limit}, "
+            f"model.name={cfg.model.name!r}); lower data.seq_len or set "
+            f"model.overrides.max_position_embeddings={cfg.data.seq_len}"
+        )
+
+
+@dataclass
+class Data:
+    train: PackedSequences
+    val: PackedSequences | None
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+
+def load_data(cfg: RunConfig) -> Data:
+    cache = load_or_build(cfg.data, log=log.info)
+    train_ids, val_ids = split_documents(cache.num_documents, cfg.data.val_fraction, cfg.seed)
+    train = PackedSequences(cache.tokens, cache.offsets, train_ids, cfg.data.seq_len)
+    require_sequences(train, "training", 1)
+    val = PackedSequences(cache.tokens, cache.offsets, val_ids, cfg.data.seq_len) if len(val_ids) else None
+    if val is not None and len(val) == 0:
+        log.warning("the validation split is shorter than one sequence; evaluation is skipped")
+        val = None
+    tok = cache.tokenizer
+    return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id)
+
+
+def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Mean next-token cross entropy (nats/token), computed in fp32."""
+    autocast = torch.autocast(inputs.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        logits = model(input_ids=inputs).logits  # [B, L, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """Loss and perplexity on the first ``eval_batches`` micro-batches of the validation split."""
+    model.eval()
+    n = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size)
+    total, count = 0.0, 0
+    for start in range(0, n, cfg.train.micro_batch_size):
+        idx = list(range(start, min(start + cfg.train.micro_batch_size, n)))
+        x, y = val.batch(idx)
+        total += lm_loss(model, x.to(device), y.to(device), cfg.train.bf16).item() * len(idx)
+        count += len(idx)
+    model.train()
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
+    """Run ``cfg`` to ``train.max_steps``; returns the losses and where the outputs are."""
+    env = env or environment()
+    if env.world_size > 1:
+        raise FlatlmError(
+            f"this process was launched as one of {env.world_size}, but flatlm {cfg.parallel.backend!r} "
+            "runs a single process; launch one process (python -m flatlm.train ...)"
+        )
+    # 1. Checks on user input; nothing is written before they pass.
+    accum = grad_accumulation(cfg.train, env.world_size)
+    _check_positions(cfg, model_config(cfg.model.name, cfg.data.vocab_size, cfg.model.overrides))
+    build_optimizer(cfg.optim.name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=cfg.optim.lr, **cfg.optim.hparams)
+    build_scheduler(
+        cfg.schedule.name, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **_schedule_kwargs(cfg)
+    )
+    out = check_output_dir(cfg)
+    data = load_data(cfg)
+
+    # 2. The run.
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
+    model = build_model(config, seed=cfg.seed).to(device)
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **cfg.optim.hparams)
+    scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
+    forward_model = torch.compile(model) if cfg.model.compile else model
+    params = [p for g in groups for p in g["params"]]
+
+    config_yaml = dump_yaml(cfg)
+    start_run_dir(out, config_yaml)
+    metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
+    sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    log.info(
+        f"model {cfg.model.name}: {count_parameters(model):,} parameters; {len(data.train):,} training "
+        f"sequences of {cfg.data.seq_len} tokens; {accum} micro-batch(es) of {cfg.train.micro_batch_size} per step"
+    )
+    result = RunResult(out)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        desc="train",
+        disable=not (cfg.train.progress_bar and env.is_main),
+        dynamic_ncols=True,
+    )
+    model.train()
+    try:
+        for step in range(cfg.train.max_steps):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), device=device)
+            for micro in sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size):
+                x, y = (t.to(device) for t in data.train.batch(micro))
+                loss = lm_loss(forward_model, x, y, cfg.train.bf16)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = (loss_sum / accum).item()
+            dt = time.perf_counter() - t0
+            record = {
+                "step": step + 1,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_step / dt,
+                "tokens": (step + 1) * tokens_per_step,
+                "epoch": sampler.epoch_of(step + 1),
+                "step_time_s": dt,
+            }
+            metrics.log_train(record)
+            result.losses.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            if not math.isfinite(loss_value):
+                raise FlatlmError(
+                    f"the loss became {loss_value} at step {step + 1}; lower optim.lr or enable train.grad_clip"
+                )
+            last = step + 1 == cfg.train.max_steps
+            if data.val is not None and ((cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or last):
+                ev = {"step": step + 1, **evaluate(forward_model, data.val, cfg, device)}
+                metrics.log_eval(ev)
+                result.evals.append(ev)
+                log.info(f"step {step + 1}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
+            if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+                state = {"tokens": (step + 1) * tokens_per_step, "scheduler": scheduler.state_dict()}
+                result.checkpoint = save_checkpoint(
+                    out, step + 1, model, optimizer, state, config_yaml, cfg.checkpoint.keep_last
+                )
+    finally:
+        bar.close()
+        metrics.close()
+    if cfg.train.plot:
+        from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, read_jsonl
+
+        plot_loss(
+            read_jsonl(out / METRICS_FILE),
+            read_jsonl(out / EVAL_FILE),
+            out / PLOT_FILE,
+            f"{cfg.model.name} · {cfg.optim.name} lr={cfg.optim.lr:g} · {out.name}",
+        )
+    log.info(
+        f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; outputs in {out}"
+    )
+    return result
+
+
+def _schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "total_steps": cfg.train.max_steps,
+        "warmup_steps": cfg.schedule.warmup_steps,
+        "min_lr_ratio": cfg.schedule.min_lr_ratio,
+    }

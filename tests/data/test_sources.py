@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flatlm.config import DataConfig
+from flatlm.data import SourceStats, iter_documents, load_or_build
+from flatlm.data.sources import decode_utf8, stdlib_files
+from flatlm.errors import FlatlmError
+from tests.conftest import make_documents
+
+
+def test_decode_counts_and_skips_bad_bytes() -> None:
+    assert decode_utf8("héllo".encode()) == ("héllo", 0)
+    text, bad = decode_utf8(b"ab\xff\xfecd\xc3\xa9\x80")
+    assert text == "abcdé" and bad == 3
+
+
+def test_text_files_with_undecodable_bytes(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"good text\n")
+    (tmp_path / "b.txt").write_bytes(b"bad \xff\xff bytes \xc0 here\n")
+    stats = SourceStats()
+    docs = list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "*.txt")]), stats))
+    assert docs == ["good text\n", "bad  bytes  here\n"]
+    assert stats.undecodable_bytes == 3 and stats.files_with_undecodable == 1
+
+
+def test_jsonl_parquet_and_directory(tmp_path: Path, jsonl_corpus: Path, text_corpus: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["p1 text", "p2 text"]}), tmp_path / "t.parquet")
+    docs = list(iter_documents(DataConfig(source="files", paths=[str(jsonl_corpus)])))
+    assert docs == make_documents(40, seed=1)
+    assert list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "t.parquet")], text_field="body"))) == [
+        "p1 text",
+        "p2 text",
+    ]
+    assert len(list(iter_documents(DataConfig(source="files", paths=[str(text_corpus)])))) == 60
+
+
+def test_missing_text_field(tmp_path: Path) -> None:
+    (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hi"}) + "\n")
+    with pytest.raises(FlatlmError, match="no column 'text'.*data.text_field"):
+        list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "x.jsonl")])))
+
+
+def test_hf_local_dataset_dir_and_streaming(tmp_path: Path) -> None:
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(12)))
+    for streaming in (False, True):
+        cfg = DataConfig(source="hf", name=str(d), split="train", streaming=streaming, max_documents=5)
+        assert list(iter_documents(cfg)) == make_documents(12)[:5]
+
+
+def test_filters(tmp_path: Path) -> None:
+    for i, text in enumerate(["x", "long enough", "", "also long enough"]):
+        (tmp_path / f"{i}.txt").write_text(text)
+    stats = SourceStats()
+    cfg = DataConfig(source="files", paths=[str(tmp_path)], min_chars=5)
+    assert list(iter_documents(cfg, stats)) == ["long enough", "also long enough"]
+    assert stats.dropped_short == 2
+
+
+def test_missing_path_error(tmp_path: Path) -> None:
+    with pytest.raises(FlatlmError, match=r"data path .*nope.*does not exist.*data.paths"):
+        list(iter_documents(DataConfig(source="files", paths=[str(tmp_path / "nope" / "*.txt")])))
+    with pytest.raises(FlatlmError, match="needs data.paths"):
+        list(iter_documents(DataConfig(source="files")))
+
+
+def test_empty_corpus_error_builds_nothing(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text("tiny")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], min_chars=10, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(FlatlmError, match="corpus is empty after filtering.*2 dropped.*data.min_chars=10"):
+        load_or_build(cfg)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == []  # no half-built cache left behind
+
+
+def test_stdlib_corpus_found() -> None:
+    files = stdlib_files()
+    assert len(files) > 500
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+
+
+def test_cache_built_once_and_reused(text_corpus: Path, tmp_path: Path) -> None:
+    cfg = DataConfig(source="files", paths=[str(text_corpus)], vocab_size=400, cache_dir=str(tmp_path / "c"))
+    logs: list[str] = []
+    a = load_or_build(cfg, log=logs.append)
+    b = load_or_build(cfg, log=logs.append)
+    assert a.path == b.path and len(logs) == 2  # train + tokenize, logged once
+    assert a.num_documents == 60
+    assert a.tokens[a.offsets[1] - 1] == a.tokenizer.eos_id
+    doc0 = a.tokenizer.decode(a.tokens[a.offsets[0] : a.offsets[1] - 1])
+    assert doc0 == make_documents(60)[0]
+    # A changed vocabulary is a different cache.
+    c = load_or_build(cfg.model_copy(update={"vocab_size": 450}), log=logs.append)
+    assert c.path != a.path

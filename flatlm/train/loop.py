@@ -8,7 +8,6 @@ the loss of each micro-batch is divided by ``accum`` so gradients are those of t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -19,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
@@ -38,6 +36,7 @@ from flatlm.train.checkpoint import save_checkpoint
 from flatlm.train.metrics import MetricsLogger
 from flatlm.train.plots import plot_loss
 from flatlm.train.rundir import PLOT_FILE, check_output_dir, start_run_dir
+from flatlm.train.step import evaluate_loss, train_step
 
 log = logging.getLogger("flatlm")
 
@@ -102,27 +101,12 @@ def load_data(cfg: RunConfig) -> Data:
     return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id)
 
 
-def lm_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Mean next-token cross entropy (nats/token), computed in fp32."""
-    autocast = torch.autocast(inputs.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:
-        logits = model(input_ids=inputs).logits  # [B, L, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """Loss and perplexity on the first ``eval_batches`` micro-batches of the validation split."""
-    model.eval()
     n = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size)
-    total, count = 0.0, 0
-    for start in range(0, n, cfg.train.micro_batch_size):
-        idx = list(range(start, min(start + cfg.train.micro_batch_size, n)))
-        x, y = val.batch(idx)
-        total += lm_loss(model, x.to(device), y.to(device), cfg.train.bf16).item() * len(idx)
-        count += len(idx)
-    model.train()
-    loss = total / count
+    mb = cfg.train.micro_batch_size
+    batches = [tuple(t.to(device) for t in val.batch(range(i, min(i + mb, n)))) for i in range(0, n, mb)]
+    loss = evaluate_loss(model, batches, cfg.train.bf16)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
@@ -150,7 +134,8 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
     model = build_model(config, seed=cfg.seed).to(device)
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **cfg.optim.hparams)
     scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
@@ -178,18 +163,13 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
         for step in range(cfg.train.max_steps):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), device=device)
-            for micro in sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size):
-                x, y = (t.to(device) for t in data.train.batch(micro))
-                loss = lm_loss(forward_model, x, y, cfg.train.bf16)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            optimizer.step()
+            micro = sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
+            batches = [tuple(t.to(device) for t in data.train.batch(m)) for m in micro]
+            stats = train_step(
+                forward_model, optimizer, batches, params, grad_clip=cfg.train.grad_clip, bf16=cfg.train.bf16
+            )
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = (loss_sum / accum).item()
+            loss_value, grad_norm = stats.loss, stats.grad_norm
             dt = time.perf_counter() - t0
             record = {
                 "step": step + 1,

@@ -1,0 +1,68 @@
+"""The command line as a user meets it: exit codes, one-line errors, --help, the default job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flatlm.train.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, module: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flatlm.train", *args] if module else [sys.executable, "-m", "flatlm.train.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=os.environ.copy())
+
+
+def test_unknown_key_is_one_line_and_exit_2() -> None:
+    r = _cli("train", "train.max_stepz=3")
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "unknown config key 'train.max_stepz'" in lines[0] and "max_steps" in lines[0]
+
+
+def test_help_lists_keys() -> None:
+    r = _cli("train", "--help")
+    assert r.returncode == 0
+    for key in ("output_dir", "train.max_steps", "checkpoint.every", "optim.name", "data.source"):
+        assert key in r.stdout
+
+
+def test_unknown_command() -> None:
+    r = _cli("trian")
+    assert r.returncode == 2 and "unknown command 'trian'" in r.stderr
+
+
+def test_module_entry_point_runs(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "run"
+    r = _cli(*tiny_overrides(out, text_corpus, **{"train.max_steps": 2}), module=True)
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+
+
+def test_config_file_and_overrides(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  max_steps: 50\n")
+    r = _cli("train", "--config", str(cfg), *tiny_overrides(out, text_corpus, **{"train.max_steps": 3}))
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3
+
+
+@pytest.mark.slow
+def test_default_job_30_steps(tmp_path: Path) -> None:
+    """The README's default job, shortened: stdlib corpus, tiny Llama, 30 steps."""
+    out = tmp_path / "default"
+    r = _cli("train", f"output_dir={out}", "train.max_steps=30", "train.progress_bar=false")
+    assert r.returncode == 0, r.stderr
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert records[0]["loss"] - records[-1]["loss"] > 0.5
+    assert (out / "checkpoints" / "step-30" / "model.safetensors").is_file()
+    assert (out / "loss.png").is_file()

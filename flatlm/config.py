@@ -106,11 +106,17 @@ class OptimConfig(Section):
 
 class ScheduleConfig(Section):
     name: str = "cosine"
-    """Learning-rate schedule (see flatlm.optim.SCHEDULES)."""
+    """Learning-rate schedule: constant, cosine, linear, wsd or step (flatlm.optim.SCHEDULES)."""
     warmup_steps: int = Field(default=20, ge=0)
     """Linear warmup from 0 to the peak learning rate over this many steps."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Final learning rate as a fraction of the peak."""
+    """Final learning rate as a fraction of the peak (cosine, linear, wsd)."""
+    decay_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    """wsd: fraction of the post-warmup steps spent decaying at the end."""
+    step_size: int = Field(default=1000, gt=0)
+    """step: multiply the learning rate by gamma every step_size steps."""
+    gamma: float = Field(default=0.1, gt=0.0)
+    """step: the factor applied every step_size steps."""
 
 
 class CheckpointConfig(Section):

@@ -32,6 +32,7 @@ from flatlm.errors import FlatlmError
 from flatlm.launch import Environment, environment
 from flatlm.models import build_model, count_parameters, max_positions, model_config
 from flatlm.optim import build_optimizer, build_scheduler, param_groups
+from flatlm.optim.schedules import schedule_arguments
 from flatlm.train.checkpoint import save_checkpoint
 from flatlm.train.metrics import MetricsLogger
 from flatlm.train.plots import plot_loss
@@ -219,8 +220,6 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
 
 
 def _schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "total_steps": cfg.train.max_steps,
-        "warmup_steps": cfg.schedule.warmup_steps,
-        "min_lr_ratio": cfg.schedule.min_lr_ratio,
-    }
+    """The schedule section's values that the chosen schedule takes, plus the run length."""
+    values = {"total_steps": cfg.train.max_steps, **cfg.schedule.model_dump(exclude={"name"})}
+    return {k: values[k] for k in schedule_arguments(cfg.schedule.name)}

@@ -1,9 +1,20 @@
-"""One map from optimizer name to factory. Unknown names and hyperparameters are loud errors."""
+"""One map from optimizer name to its class, flatlm's defaults and its parameter-group policy.
+
+``build_optimizer(name, params_or_groups, **hparams)`` validates every hyperparameter name against the
+optimizer's signature (an unknown one is an error that lists the valid ones), applies flatlm's
+defaults (fused/foreach kernels, LM-friendly betas) and turns the optimizer's own ``ValueError`` into
+a :class:`FlatlmError`. The SAM family wraps any other registered optimizer:
+``build_optimizer("sam", params, base="adamw", rho=0.05, lr=1e-3, betas=(0.9, 0.95))`` passes the
+hyperparameters SAM does not take to its base.
+
+Adding an optimizer is one module and one line in ``OPTIMIZERS``.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,29 +22,132 @@ import torch
 from flatlm.errors import FlatlmError, did_you_mean
 
 
-def _adamw(params: Any, lr: float, betas: tuple[float, float] = (0.9, 0.95), **kw: Any) -> torch.optim.Optimizer:
-    """torch's AdamW on its fastest path here: fused kernels where the device has them."""
-    kw.setdefault("fused", True)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), **kw)
+@dataclass(frozen=True)
+class OptimizerSpec:
+    target: str
+    """``module:Class`` of the optimizer (imported on first use)."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """flatlm's defaults where they differ from the class's."""
+    fast_kernels: bool = False
+    """Try ``fused=True`` (torch's fastest CPU/GPU kernels) unless the user chose a path."""
+    muon_groups: bool = False
+    """Parameters are split into Muon (2-D hidden matrices) and AdamW groups."""
+    wrapper: bool = False
+    """A SAM-family wrapper around a ``base`` optimizer."""
+
+    def cls(self) -> type[torch.optim.Optimizer]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def hparam_names(self) -> list[str]:
+        skip = {"self", "params", "base_optimizer"}
+        return [p for p in inspect.signature(self.cls()).parameters if p not in skip]
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adamw": _adamw}
-_SIGNATURES: dict[str, Callable[..., Any]] = {"adamw": torch.optim.AdamW}
+_TORCH = "torch.optim"
+_SAM = "flatlm.optim"
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    # torch.optim, not rewritten; fused kernels where torch has them for the device.
+    "adamw": OptimizerSpec(f"{_TORCH}:AdamW", {"betas": (0.9, 0.95)}, fast_kernels=True),
+    "adam": OptimizerSpec(f"{_TORCH}:Adam", {"betas": (0.9, 0.95)}, fast_kernels=True),
+    "sgd": OptimizerSpec(f"{_TORCH}:SGD", fast_kernels=True),
+    "adagrad": OptimizerSpec(f"{_TORCH}:Adagrad", fast_kernels=True),
+    "rmsprop": OptimizerSpec(f"{_TORCH}:RMSprop"),
+    "adadelta": OptimizerSpec(f"{_TORCH}:Adadelta"),
+    # flatlm's own.
+    "adafactor": OptimizerSpec("flatlm.optim.adafactor:Adafactor"),
+    "lion": OptimizerSpec("flatlm.optim.lion:Lion"),
+    "muon": OptimizerSpec("flatlm.optim.muon:Muon", muon_groups=True),
+    # The SAM family around any of the above.
+    "sam": OptimizerSpec(f"{_SAM}.sam:SAM", wrapper=True),
+    "asam": OptimizerSpec(f"{_SAM}.asam:ASAM", wrapper=True),
+    "ssam": OptimizerSpec(f"{_SAM}.ssam:SSAM", wrapper=True),
+    "gsam": OptimizerSpec(f"{_SAM}.gsam:GSAM", wrapper=True),
+    "looksam": OptimizerSpec(f"{_SAM}.looksam:LookSAM", wrapper=True),
+    "esam": OptimizerSpec(f"{_SAM}.esam:ESAM", wrapper=True),
+}
 
 
-def build_optimizer(name: str, params_or_groups: Any, **hparams: Any) -> torch.optim.Optimizer:
+def get_spec(name: str) -> OptimizerSpec:
     if name not in OPTIMIZERS:
         raise FlatlmError(
             f"unknown optimizer {name!r}{did_you_mean(name, OPTIMIZERS)}; valid optimizers: {', '.join(OPTIMIZERS)}"
         )
-    valid = [p for p in inspect.signature(_SIGNATURES[name]).parameters if p not in ("self", "params")]
-    unknown = sorted(set(hparams) - set(valid))
+    return OPTIMIZERS[name]
+
+
+def uses_muon_groups(name: str, hparams: dict[str, Any] | None = None) -> bool:
+    """Whether ``name`` (or, for the SAM family, its base) wants Muon/AdamW parameter groups."""
+    spec = get_spec(name)
+    if spec.wrapper:
+        return get_spec(str((hparams or {}).get("base", "adamw"))).muon_groups
+    return spec.muon_groups
+
+
+def _check_names(name: str, given: dict[str, Any], valid: list[str]) -> None:
+    unknown = sorted(set(given) - set(valid))
     if unknown:
         raise FlatlmError(
             f"optimizer {name!r} has no hyperparameter {', '.join(map(repr, unknown))}"
             f"{did_you_mean(unknown[0], valid)}; valid: {', '.join(valid)}"
         )
+
+
+def _instantiate(name: str, spec: OptimizerSpec, params: Any, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+    cls = spec.cls()
+    kw = {**spec.defaults, **hparams}
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
     try:
-        return OPTIMIZERS[name](params_or_groups, **hparams)
+        if spec.fast_kernels and not {"fused", "foreach"} & set(hparams):
+            try:
+                return cls(params, **kw, fused=True)
+            except (RuntimeError, ValueError):
+                pass  # no fused kernel for this device/dtype/options: torch picks foreach or the loop
+        return cls(params, **kw)
     except ValueError as exc:
         raise FlatlmError(f"invalid hyperparameters for optimizer {name!r}: {exc}") from None
+
+
+def build_optimizer(name: str, params_or_groups: Any, **hparams: Any) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``params_or_groups`` with ``hparams`` (ecosystem names)."""
+    spec = get_spec(name)
+    if isinstance(params_or_groups, torch.Tensor):
+        raise FlatlmError("build_optimizer takes an iterable of parameters or parameter groups, not one tensor")
+    params = list(params_or_groups)
+    if not spec.wrapper:
+        _check_names(name, hparams, spec.hparam_names())
+        return _instantiate(name, spec, params, hparams)
+
+    base = str(hparams.pop("base", "adamw"))
+    if base not in OPTIMIZERS or OPTIMIZERS[base].wrapper:
+        valid = [n for n, s in OPTIMIZERS.items() if not s.wrapper]
+        raise FlatlmError(
+            f"{name} has an unknown base optimizer {base!r}{did_you_mean(base, valid)}; valid: {', '.join(valid)}"
+        )
+    own_names = spec.hparam_names()
+    own = {k: v for k, v in hparams.items() if k in own_names}
+    base_hparams = {k: v for k, v in hparams.items() if k not in own_names}
+    _check_names(name, base_hparams, sorted(set(OPTIMIZERS[base].hparam_names()) | set(own_names) | {"base"}))
+
+    def make_base(groups: Any) -> torch.optim.Optimizer:
+        return build_optimizer(base, groups, **base_hparams)
+
+    try:
+        return spec.cls()(params, make_base, **own)
+    except ValueError as exc:
+        raise FlatlmError(f"invalid hyperparameters for optimizer {name!r}: {exc}") from None
+
+
+def model_param_groups(
+    name: str, model: torch.nn.Module, weight_decay: float, hparams: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Parameter groups of ``model`` for optimizer ``name``: Muon/AdamW split or decay/no-decay."""
+    from flatlm.optim.param_groups import muon_param_groups, param_groups
+
+    if uses_muon_groups(name, hparams):
+        try:
+            return muon_param_groups(model, weight_decay)
+        except ValueError as exc:
+            raise FlatlmError(f"optimizer {name!r}: {exc}") from None
+    return param_groups(model, weight_decay)

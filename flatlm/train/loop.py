@@ -31,7 +31,7 @@ from flatlm.data import (
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment, environment
 from flatlm.models import build_model, count_parameters, max_positions, model_config
-from flatlm.optim import build_optimizer, build_scheduler, param_groups
+from flatlm.optim import build_optimizer, build_scheduler, model_param_groups
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.train.checkpoint import save_checkpoint
 from flatlm.train.metrics import MetricsLogger
@@ -137,7 +137,7 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     if cfg.model.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    groups = param_groups(model, cfg.optim.weight_decay)
+    groups = model_param_groups(cfg.optim.name, model, cfg.optim.weight_decay, cfg.optim.hparams)
     optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **cfg.optim.hparams)
     scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
     forward_model = torch.compile(model) if cfg.model.compile else model

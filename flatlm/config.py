@@ -127,8 +127,9 @@ class CheckpointConfig(Section):
 
 
 class ParallelConfig(Section):
-    backend: Literal["single"] = "single"
-    """How the model is distributed. This release runs a single process."""
+    backend: Literal["single", "ddp"] = "single"
+    """How the model is distributed: single or ddp (several processes launched without an explicit
+    backend run ddp). The backend actually applied is written to output_dir/config.yaml."""
 
 
 class RunConfig(Section):

@@ -35,7 +35,14 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="[flatlm] %(message)s", stream=sys.stderr)
+    """INFO from rank 0, warnings and errors from every rank (tagged with the rank when there are several)."""
+    from flatlm.launch import environment
+
+    env = environment()
+    tag = f"[flatlm rank {env.rank}]" if env.world_size > 1 else "[flatlm]"
+    logging.basicConfig(
+        level=logging.INFO if env.is_main else logging.WARNING, format=f"{tag} %(message)s", stream=sys.stderr
+    )
 
 
 def run_train(argv: list[str], prog: str) -> int:
@@ -47,7 +54,10 @@ def run_train(argv: list[str], prog: str) -> int:
 
         train(cfg)
     except FlatlmError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        from flatlm.launch import environment
+
+        if environment().is_main:  # every rank fails the same check; say it once
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

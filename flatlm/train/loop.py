@@ -30,11 +30,22 @@ from flatlm.data import (
 )
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment, environment
+from flatlm.launch.distributed import (
+    apply_backend,
+    barrier,
+    destroy_process_group,
+    init_process_group,
+    local_main_first,
+    mean_across_ranks,
+    no_sync_factory,
+    resolve_backend,
+)
 from flatlm.models import build_model, count_parameters, max_positions, model_config
 from flatlm.optim import build_optimizer, build_scheduler, model_param_groups
 from flatlm.optim.schedules import schedule_arguments
+from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.checkpoint import save_checkpoint
-from flatlm.train.metrics import MetricsLogger
+from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.rundir import PLOT_FILE, check_output_dir, start_run_dir
 from flatlm.train.step import evaluate_loss, train_step
@@ -111,27 +122,41 @@ def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, devic
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
-    """Run ``cfg`` to ``train.max_steps``; returns the losses and where the outputs are."""
-    env = env or environment()
-    if env.world_size > 1:
-        raise FlatlmError(
-            f"this process was launched as one of {env.world_size}, but flatlm {cfg.parallel.backend!r} "
-            "runs a single process; launch one process (python -m flatlm.train ...)"
-        )
-    # 1. Checks on user input; nothing is written before they pass.
-    accum = grad_accumulation(cfg.train, env.world_size)
+def _validate(cfg: RunConfig, env: Environment) -> None:
+    """Every check on user input that needs no data; runs before anything is written."""
+    grad_accumulation(cfg.train, env.world_size)
     _check_positions(cfg, model_config(cfg.model.name, cfg.data.vocab_size, cfg.model.overrides))
     build_optimizer(cfg.optim.name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=cfg.optim.lr, **cfg.optim.hparams)
-    build_scheduler(
-        cfg.schedule.name, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), **_schedule_kwargs(cfg)
-    )
-    out = check_output_dir(cfg)
-    data = load_data(cfg)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    build_scheduler(cfg.schedule.name, dummy, **_schedule_kwargs(cfg))
 
-    # 2. The run.
-    seed_everything(cfg.seed, cfg.train.deterministic)
+
+def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
+    """Run ``cfg`` to ``train.max_steps``; returns the losses and where the outputs are.
+
+    Every process of a data-parallel job runs this; rank 0 writes the outputs.
+    """
+    env = env or environment()
+    backend = resolve_backend(cfg.parallel.backend, env)
+    cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"backend": backend})})
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    init_process_group(env, device)
+    try:
+        return _train(cfg, env, device)
+    finally:
+        destroy_process_group()
+
+
+def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
+    # 1. Checks on user input; nothing is written before they pass (every rank checks the same).
+    _validate(cfg, env)
+    accum = grad_accumulation(cfg.train, env.world_size)
+    out = check_output_dir(cfg)
+    with local_main_first(env):  # one process per node builds the token cache
+        data = load_data(cfg)
+
+    # 2. Model, optimizer, schedule.
+    seed_everything(cfg.seed, cfg.train.deterministic)
     config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
     model = build_model(config, seed=cfg.seed).to(device)
     if cfg.model.activation_checkpointing:
@@ -140,25 +165,27 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     groups = model_param_groups(cfg.optim.name, model, cfg.optim.weight_decay, cfg.optim.hparams)
     optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **cfg.optim.hparams)
     scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
-    forward_model = torch.compile(model) if cfg.model.compile else model
+    wrapped = apply_backend(model, cfg.parallel.backend, device)
+    forward_model = torch.compile(wrapped) if cfg.model.compile else wrapped
     params = [p for g in groups for p in g["params"]]
 
+    # 3. Outputs (rank 0 writes).
     config_yaml = dump_yaml(cfg)
-    start_run_dir(out, config_yaml)
-    metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
+    metrics = None
+    if env.is_main:
+        start_run_dir(out, config_yaml)
+        metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
+    barrier()
     sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    log.info(
-        f"model {cfg.model.name}: {count_parameters(model):,} parameters; {len(data.train):,} training "
-        f"sequences of {cfg.data.seq_len} tokens; {accum} micro-batch(es) of {cfg.train.micro_batch_size} per step"
+    log.info(  # only rank 0 logs at INFO (see flatlm.train.cli)
+        f"model {cfg.model.name}: {count_parameters(model):,} parameters; backend {cfg.parallel.backend} x "
+        f"{env.world_size}; {len(data.train):,} training sequences of {cfg.data.seq_len} tokens; "
+        f"{accum} micro-batch(es) of {cfg.train.micro_batch_size} per step and process"
     )
     result = RunResult(out)
-    bar = tqdm(
-        total=cfg.train.max_steps,
-        desc="train",
-        disable=not (cfg.train.progress_bar and env.is_main),
-        dynamic_ncols=True,
-    )
+    show_bar = cfg.train.progress_bar and env.is_main
+    bar = tqdm(total=cfg.train.max_steps, desc="train", disable=not show_bar, dynamic_ncols=True)
     model.train()
     try:
         for step in range(cfg.train.max_steps):
@@ -167,23 +194,31 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
             micro = sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
             batches = [tuple(t.to(device) for t in data.train.batch(m)) for m in micro]
             stats = train_step(
-                forward_model, optimizer, batches, params, grad_clip=cfg.train.grad_clip, bf16=cfg.train.bf16
+                forward_model,
+                optimizer,
+                batches,
+                params,
+                grad_clip=cfg.train.grad_clip,
+                bf16=cfg.train.bf16,
+                no_sync=no_sync_factory(wrapped),
             )
             scheduler.step()
-            loss_value, grad_norm = stats.loss, stats.grad_norm
+            loss_value = mean_across_ranks(stats.loss).item()
             dt = time.perf_counter() - t0
             record = {
                 "step": step + 1,
                 "loss": loss_value,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": stats.grad_norm,
                 "tokens_per_s": tokens_per_step / dt,
                 "tokens": (step + 1) * tokens_per_step,
                 "epoch": sampler.epoch_of(step + 1),
                 "step_time_s": dt,
+                "optim_state_bytes": optimizer_state_bytes(optimizer),
             }
-            metrics.log_train(record)
             result.losses.append(loss_value)
+            if metrics is not None:
+                metrics.log_train(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
             if not math.isfinite(loss_value):
@@ -192,30 +227,35 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
                 )
             last = step + 1 == cfg.train.max_steps
             if data.val is not None and ((cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or last):
-                ev = {"step": step + 1, **evaluate(forward_model, data.val, cfg, device)}
-                metrics.log_eval(ev)
+                # Every rank evaluates the same batches on its (replicated) module: no collective needed.
+                ev = {"step": step + 1, **evaluate(model, data.val, cfg, device)}
                 result.evals.append(ev)
+                if metrics is not None:
+                    metrics.log_eval(ev)
                 log.info(f"step {step + 1}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
             if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                state = {"tokens": (step + 1) * tokens_per_step, "scheduler": scheduler.state_dict()}
-                result.checkpoint = save_checkpoint(
-                    out, step + 1, model, optimizer, state, config_yaml, cfg.checkpoint.keep_last
-                )
+                if env.is_main:
+                    state = {"tokens": (step + 1) * tokens_per_step, "scheduler": scheduler.state_dict()}
+                    result.checkpoint = save_checkpoint(
+                        out, step + 1, model, optimizer, state, config_yaml, cfg.checkpoint.keep_last
+                    )
+                barrier()
     finally:
         bar.close()
-        metrics.close()
-    if cfg.train.plot:
-        from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, read_jsonl
-
-        plot_loss(
-            read_jsonl(out / METRICS_FILE),
-            read_jsonl(out / EVAL_FILE),
-            out / PLOT_FILE,
-            f"{cfg.model.name} · {cfg.optim.name} lr={cfg.optim.lr:g} · {out.name}",
+        if metrics is not None:
+            metrics.close()
+    if env.is_main:
+        if cfg.train.plot:
+            plot_loss(
+                read_jsonl(out / METRICS_FILE),
+                read_jsonl(out / EVAL_FILE),
+                out / PLOT_FILE,
+                f"{cfg.model.name} · {cfg.optim.name} lr={cfg.optim.lr:g} · {out.name}",
+            )
+        log.info(
+            f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
+            f"outputs in {out}"
         )
-    log.info(
-        f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; outputs in {out}"
-    )
     return result
 
 

@@ -8,7 +8,9 @@
     pass 2 over the same micro-batches (g' at w + eps)  ->  optimizer.restore()  (w back, final grad)
     clip by global norm  ->  optimizer.step()  (the base optimizer)
 
-The logged loss is always pass 1's: the loss at the weights being trained.
+The logged loss is always pass 1's: the loss at the weights being trained. Under data parallelism
+``no_sync`` skips the gradient all-reduce for all but the last micro-batch of each pass, so each pass
+synchronises once and SAM's perturbation uses the global-batch gradient.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def is_two_pass(optimizer: torch.optim.Optimizer) -> bool:
 
 @dataclass
 class StepStats:
-    loss: float
-    """Mean training loss of the step (first pass)."""
+    loss: torch.Tensor
+    """Mean training loss of this process's share of the step (first pass), a scalar tensor."""
     grad_norm: float
     """Global L2 norm of the gradient the optimizer stepped with, before clipping."""
     second_pass: bool = False
@@ -51,12 +53,14 @@ def _accumulate(
     batches: list[Batch],
     bf16: bool,
     reduce: Callable[[int, torch.Tensor], torch.Tensor],
+    no_sync: Callable[[], contextlib.AbstractContextManager],
 ) -> list[torch.Tensor]:
     """Forward + backward every micro-batch; ``reduce(i, per_seq)`` gives the scalar to backward."""
     per_batch = []
     for i, (x, y) in enumerate(batches):
-        per_seq = per_sequence_loss(model, x, y, bf16)
-        (reduce(i, per_seq) / len(batches)).backward()
+        with no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+            per_seq = per_sequence_loss(model, x, y, bf16)
+            (reduce(i, per_seq) / len(batches)).backward()
         per_batch.append(per_seq.detach())
     return per_batch
 
@@ -69,18 +73,19 @@ def train_step(
     *,
     grad_clip: float,
     bf16: bool = False,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> StepStats:
-    first = _accumulate(model, batches, bf16, lambda i, per_seq: per_seq.mean())
+    first = _accumulate(model, batches, bf16, lambda i, per_seq: per_seq.mean(), no_sync)
     second = False
     if is_two_pass(optimizer) and optimizer.perturb():
-        _accumulate(model, batches, bf16, lambda i, per_seq: optimizer.second_pass_loss(per_seq, first[i]))
+        _accumulate(model, batches, bf16, lambda i, per_seq: optimizer.second_pass_loss(per_seq, first[i]), no_sync)
         optimizer.restore()
         second = True
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.stack([p.mean() for p in first]).mean().item()
+    loss = torch.stack([p.mean() for p in first]).mean()
     return StepStats(loss=loss, grad_norm=grad_norm, second_pass=second)
 
 

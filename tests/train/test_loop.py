@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_schedule_warmup_then_cosine_to_min(tmp_path: Path, text_corpus: Path) -
     lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
     peak = 3e-3
     assert lrs[:4] == pytest.approx([peak * k / 4 for k in (1, 2, 3, 4)])
-    assert lrs[4] == pytest.approx(peak) and all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert lrs[4] == pytest.approx(peak) and all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert lrs[-1] > 0.1 * peak
 
 
@@ -138,8 +139,15 @@ def test_foreign_nonempty_output_dir_refused(tmp_path: Path, text_corpus: Path) 
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_multi_process_launch_refused_until_backends_exist(tmp_path: Path, text_corpus: Path) -> None:
+def test_backend_requests_resolved_or_refused() -> None:
     from flatlm.launch import Environment
+    from flatlm.launch.distributed import resolve_backend
 
-    with pytest.raises(FlatlmError, match="one of 2"):
-        train(load_config(None, tiny_overrides(tmp_path / "r", text_corpus)), Environment(rank=0, world_size=2))
+    one, two = Environment(), Environment(rank=0, world_size=2, local_world_size=2)
+    assert resolve_backend("single", one, {}) == "single"
+    assert resolve_backend("ddp", one, {}) == "single"  # one process: said in a warning, run single
+    assert resolve_backend("single", two, {}) == "ddp"  # several processes, no request: data parallel
+    with pytest.raises(FlatlmError, match="backend 'fsdp2' was requested"):
+        resolve_backend("single", two, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(FlatlmError, match="backend 'zero3' was requested"):
+        resolve_backend("single", two, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})

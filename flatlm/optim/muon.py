@@ -33,8 +33,9 @@ NS5(c U) = NS5(U) for any c > 0 (up to eps): the update is the same. flatlm keep
 torch.optim.Muon's (``momentum_buffer``) and its bf16 updates agree with torch's bit for bit.
 
 Precision. NS5 runs in ``ns_dtype``, bfloat16 by default, as the references do: the iteration only needs singular
-values inside a band of width ~0.5, far wider than bf16 rounding, and bf16 matmuls run on tensor cores (and were
-4-6x faster than fp32 on this project's CPUs, which have avx512_bf16). Use "float32" for a more exact update.
+values inside a band of width ~0.5, far wider than bf16 rounding, and bf16 matmuls run on tensor cores (a whole
+step was ~4x faster than with fp32 on this project's CPUs, which have avx512_bf16). "float32" gives a more exact
+update; on a CPU without native bf16 it may also be the faster one.
 
 Parameters with ``use_muon=False`` in their group (embeddings, LM head, norms, biases; see
 ``flatlm.optim.param_groups.muon_param_groups``) are stepped by torch's functional AdamW (decoupled weight decay,
@@ -47,7 +48,9 @@ Reductions and sharding. Momentum, weight decay and the final update are element
 The only reductions are inside NS5 (the Frobenius norm and the matmuls), which need each whole matrix; they sit
 behind one hook, ``Muon.orthogonalize_fn`` (default: ``orthogonalize`` below, which batches same-shape matrices into
 one ``zeropower_via_newtonschulz5`` call). A sharded Muon gathers the updates, calls the same ``orthogonalize`` and
-scatters the result back. The scale s is computed from ``param.shape``: the global shape for a DTensor.
+scatters the result back; it should run the batched path (``foreach=True``), which calls the hook once per step with
+every matrix, where the per-tensor path calls it once per matrix. The scale s is computed from ``param.shape``: the
+global shape for a DTensor.
 """
 
 from __future__ import annotations
@@ -82,18 +85,23 @@ def zeropower_via_newtonschulz5(
     """
     if G.ndim < 2:
         raise ValueError(f"Newton–Schulz needs a matrix or a batch of matrices [..., m, n], got shape {tuple(G.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     ns_stats["calls"] += 1
     ns_stats["matrices"] += math.prod(G.shape[:-2])
     a, b, c = coefficients
     X = G.reshape(-1, *G.shape[-2:])  # [B, m, n]
+    if X.size(0) == 1:
+        X = X[0]  # one matrix: addmm, as torch.optim.Muon (bmm with a batch of one is slower on CPU)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # Frobenius >= spectral norm: singular values in [0, 1]
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT  # [B, k, K] with k = min(m, n): the Gram matrix below is k x k
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # Frobenius >= spectral norm: singular values in [0, 1]
+    mm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for _ in range(steps):
         A = X @ X.mT  # [B, k, k]
-        P = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2, one rounding (as torch's addmm)
-        X = torch.baddbmm(X, P, X, beta=a)  # a X + P X: sigma -> a sigma + b sigma^3 + c sigma^5
+        P = mm(A, A, A, beta=b, alpha=c)  # b A + c A^2 with one rounding (as torch.optim.Muon's addmm)
+        X = mm(X, P, X, beta=a)  # a X + P X: each singular value s -> a s + b s^3 + c s^5
     if transposed:
         X = X.mT
     return X.reshape(G.shape)
@@ -116,9 +124,12 @@ def orthogonalize(
     for i, u in enumerate(updates):
         by_shape.setdefault((tuple(u.shape), u.device), []).append(i)
     for idx in by_shape.values():
-        stacked = torch.stack([updates[i].to(dtype) for i in idx])  # [B, m, n]
+        if len(idx) == 1:
+            stacked = updates[idx[0]].to(dtype).unsqueeze(0)  # [1, m, n]
+        else:
+            stacked = torch.stack([updates[i].to(dtype) for i in idx])  # [B, m, n]
         orth = zeropower_via_newtonschulz5(stacked, steps, coefficients, eps)
-        for i, o in zip(idx, orth.unbind(0)):
+        for i, o in zip(idx, orth.unbind(0), strict=True):
             out[i] = o
     return out
 
@@ -147,7 +158,7 @@ def _single_tensor_muon(
     ns_dtype: torch.dtype,
     orthogonalize_fn: OrthogonalizeFn = orthogonalize,
 ) -> None:
-    for param, grad, buf in zip(params, grads, momentum_buffers):
+    for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
         buf.lerp_(grad, 1 - momentum)  # B <- mu B + (1 - mu) G
         update = grad.lerp(buf, momentum) if nesterov else buf  # (1 - mu) G + mu B
         (orth,) = orthogonalize_fn([update], steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
@@ -183,7 +194,9 @@ def _multi_tensor_muon(
     for i, p in enumerate(params):
         by_shape.setdefault(tuple(p.shape), []).append(i)
     for shape, idx in by_shape.items():
-        torch._foreach_add_([params[i] for i in idx], [orths[i] for i in idx], alpha=-lr * update_scale(shape, adjust_lr))
+        torch._foreach_add_(
+            [params[i] for i in idx], [orths[i] for i in idx], alpha=-lr * update_scale(shape, adjust_lr)
+        )
 
 
 def muon(
@@ -194,8 +207,15 @@ def muon(
     foreach: bool | None = None,
     **hparams: Any,
 ) -> None:
-    """Functional Muon on lists of 2-D tensors: the per-tensor path, or (``foreach`` None/True) the batched one."""
-    (_single_tensor_muon if foreach is False else _multi_tensor_muon)(params, grads, momentum_buffers, **hparams)
+    """Functional Muon on lists of 2-D tensors: the batched path if ``foreach``, else the per-tensor one.
+
+    ``foreach=None`` follows torch's choice: batched where foreach kernels exist (CUDA), per tensor elsewhere. On
+    CPU the per-tensor path measured faster: batching saves no launches there, its large staging buffers cost
+    page faults, and bf16 ``baddbmm`` runs 10-25% slower than per-matrix ``addmm``.
+    """
+    if foreach is None:
+        foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+    (_multi_tensor_muon if foreach else _single_tensor_muon)(params, grads, momentum_buffers, **hparams)
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -238,14 +258,16 @@ class Muon(torch.optim.Optimizer):
 
     Defaults, and why:
         lr=1e-3: with adjust_lr="match_rms_adamw" the Muon update has AdamW's RMS, so lr is an AdamW learning rate,
-            and the same lr then suits the AdamW groups (embeddings, head) in this optimizer. Jordan's lr=0.02 is
-            for adjust_lr="original", where a 512-wide update has RMS 0.02 / sqrt(512) ~ 9e-4.
+            and the same lr then suits the AdamW groups (embeddings, head) in this optimizer (update RMS 0.2 lr =
+            2e-4). Jordan's lr=0.02 is for adjust_lr="original": a 512x512 update then has RMS 0.02 / sqrt(512)
+            ~ 9e-4, i.e. lr ~ 4.4e-3 here.
         momentum=0.95, nesterov=True, ns_steps=5, ns_coefficients, eps=1e-7: Jordan's, used by Moonlight and torch.
         weight_decay=0.1: Moonlight found decay necessary for Muon at scale; torch.optim.Muon's default.
         adjust_lr="match_rms_adamw": AdamW hyperparameters carry over (Moonlight); "original" is Jordan's.
         adamw_betas=(0.9, 0.95), adamw_eps=1e-8: the usual LM AdamW settings (and flatlm's AdamW default).
         ns_dtype="bfloat16": as the references; see the module docstring.
-        foreach=None: the fastest path: batched NS for Muon, fused (else foreach) AdamW. False: per-tensor loops.
+        foreach=None: the fastest path: batched NS on CUDA, per tensor on CPU (see ``muon``); fused AdamW where
+            available, else foreach. True: batched NS, foreach AdamW. False: per-tensor loops for both.
 
     ``orthogonalize_fn`` is the hook a sharded wrapper replaces (gather, the same ``orthogonalize``, scatter).
     """

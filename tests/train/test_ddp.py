@@ -16,7 +16,7 @@ from flatlm.train.metrics import read_jsonl
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
-LR = {"lion": 3e-4, "muon": 0.02, "adafactor": 1e-2}
+LR = {"lion": 3e-4, "muon": 3e-3, "adafactor": 1e-2}
 EXTRA = {"adafactor": {"optim.hparams.relative_step": False}}
 
 

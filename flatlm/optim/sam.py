@@ -1,0 +1,509 @@
+r"""SAM: Sharpness-Aware Minimization, and the base class of its family (ASAM, SSAM, GSAM, LookSAM, ESAM).
+
+Source: P. Foret, A. Kleiner, H. Mobahi, B. Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+Generalization", ICLR 2021 (arXiv:2010.01412); reference code google-research/sam, davda54/sam.
+
+SAM minimises max_{||eps|| <= rho} L(w + eps) with a first-order inner step. One optimizer step is
+
+    g    = grad L(w)                          pass 1 (the training loop's forward/backward)
+    eps  = rho g / (||g|| + 1e-12)            ||.|| is the global L2 norm over every parameter
+    g'   = grad L(w + eps)                    pass 2, on the same data
+    w    <- base_optimizer_step(w, g')        AdamW, SGD, Lion, ... at w (not w + eps), with g'
+
+SAM is a train-step strategy wrapped around *any* base optimizer (AdamW by default), driven by the loop as
+
+    pass 1 -> if opt.perturb(): pass 2 (backward of opt.second_pass_loss(...)); opt.restore() -> clip -> opt.step()
+
+``perturb`` keeps an exact copy of w (so ``restore`` gives w back bit for bit, never w + eps - eps), writes
+w + eps into the parameters and zeroes the gradients the way torch's ``zero_grad`` does, by setting them to None
+(pass 2 then writes fresh tensors, and variants that need g later keep the pass-1 tensors themselves instead of
+copying them). ``restore`` copies w back and leaves the variant's final gradient in ``p.grad`` (SAM: g'
+itself). ``step()`` without a closure is the base optimizer's step on ``p.grad``; with a closure (torch
+convention: forward + backward, returns the loss, does not zero grads) it runs closure, perturb, closure,
+restore, base step and returns the first loss.
+
+Variants override two hooks, ``_perturb`` (what eps is; may decline the second pass) and ``_final_grad`` (what
+the base optimizer sees), and ``second_pass_loss`` (ESAM's data selection):
+
+    ASAM     (asam.py)     eps = rho T^2 g / ||T g||, T = |w| + eta          Kwon et al. 2021
+    SSAM     (ssam.py)     g_final = g' ||g|| / ||g'||                       Tan et al. 2024
+    GSAM     (gsam.py)     g_final = g' - alpha g_perp(g to g')              Zhuang et al. 2022
+    LookSAM  (looksam.py)  SAM every k steps, reuse g' 's part orthogonal to g in between   Liu et al. 2022
+    ESAM     (esam.py)     random subset of tensors perturbed, top-gamma samples in pass 2  Du et al. 2022
+
+Reductions and sharding. Every norm and dot product over the parameters is computed from *local* sums
+(``_sumsq``, ``_dot``: sums of squares / products of the tensors this process holds), stacked into one vector
+per call site, and passed through ``self.sum_across_ranks`` (identity by default) before any square root or
+division. A sharded wrapper installs an all-reduce there, so each call site costs one small all-reduce and
+the norm is the global one, never a per-rank norm. Order per step for SAM: perturb: 1 reduction (||g||^2);
+restore: none. Everything else is elementwise and works on any shard.
+
+State. Per parameter, in ``self.sam_state[p]`` (checkpointed, keys start with ``sam_``): none for SAM; the
+variants document theirs (LookSAM: ``sam_g_v``). Global counters live in every param group: ``sam_step`` =
+number of ``perturb`` calls. The copy of w is a scratch buffer per parameter, kept between steps to avoid
+reallocation and never checkpointed (checkpoints are taken between steps, when w is in the parameters).
+
+The wrapper and its base share one ``param_groups`` list (``self.param_groups`` *is*
+``self.base_optimizer.param_groups``, also after ``load_state_dict``), so an LR scheduler built on the SAM
+object moves the base's lr. ``self.state`` is the base optimizer's state; ``state_dict()`` has torch's usual
+shape ({"state": {index: {...}}, "param_groups": [...]}) with each parameter's base state and its ``sam_*``
+state merged, so torch.distributed.checkpoint can key it by parameter name like any optimizer's.
+
+Cost. Everything is torch._foreach_* over all parameters at once (one call per operation, not per tensor),
+with no temporaries on CPU. SAM moves 8 parameter-sized streams per step (norm: read g; copy w: read w, write
+the copy; w += s g: read w and g, write w; restore: read the copy, write w), AdamW 7; the variants' extra
+streams are listed in their modules. benchmarks/optim_cases/sam.py times them against a fused AdamW step.
+(On CPU each write to memory not in cache first reads the line, so a copy costs ~1.5 streams there and SAM
+~10 against AdamW's 7; GPUs need no such read for whole-line writes.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BaseFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+EPS = 1e-12  # added to every norm we divide by (google-research/sam and davda54/sam use 1e-12)
+STATE_PREFIX = "sam_"  # wrapper state keys inside state_dict()["state"][i]; everything else is the base's
+
+
+def default_base_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """torch's AdamW on its fused kernels where every parameter allows them (else torch's default path)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(type(p) in (Tensor, torch.nn.Parameter) and p.is_floating_point() for p in params) and all(
+        p.device.type in ("cpu", "cuda") for p in params
+    )
+    return torch.optim.AdamW(groups, fused=fused or None)
+
+
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok`` (hyperparameter validation for the whole family)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (bools excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_positive(name: str, value: float) -> None:
+    check(is_number(value) and value > 0, f"{name} must be > 0, got {value}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    check(is_number(value) and value >= 0, f"{name} must be >= 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# List primitives. Each has a per-tensor loop and a torch._foreach_* path with the same result; ``foreach`` picks.
+# Local reductions return 0-d tensors; callers stack them and pass them through sum_across_ranks.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _norm_dtype(xs: list[Tensor]) -> torch.dtype | None:
+    """Accumulate norms of low-precision tensors in float32; float32/float64 keep their own precision."""
+    return None if all(x.dtype in (torch.float32, torch.float64) for x in xs) else torch.float32
+
+
+def _sumsq(xs: list[Tensor], foreach: bool) -> Tensor:
+    """Local sum of squares of every element of ``xs`` (0-d tensor)."""
+    if not xs:
+        return torch.zeros(())
+    dtype = _norm_dtype(xs)
+    if foreach:
+        norms = torch._foreach_norm(xs, 2, dtype=dtype)
+    else:
+        norms = [torch.linalg.vector_norm(x, dtype=dtype) for x in xs]
+    return torch.stack(norms).square().sum()
+
+
+def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """Local sum over all elements of xs * ys (0-d tensor).
+
+    torch has no foreach dot, so this is one ``torch.dot`` per tensor (no temporaries; BLAS on CPU). It is the
+    only per-parameter loop in the family's math, and only GSAM and LookSAM's full steps call it.
+    """
+    if not xs:
+        return torch.zeros(())
+    if _norm_dtype(xs) is None:
+        return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]).sum()
+    return torch.stack(
+        [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(xs, ys, strict=True)]
+    ).sum()
+
+
+def _copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    if not dst:  # foreach ops refuse empty lists
+        return
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
+def _mul_(xs: list[Tensor], scale: Tensor | float, foreach: bool) -> None:
+    """xs <- scale * xs, scale a Python number or a 0-d tensor (no host sync on GPU)."""
+    if not xs:  # foreach ops refuse empty lists
+        return
+    if foreach:
+        torch._foreach_mul_(xs, scale)
+    else:
+        for x in xs:
+            x.mul_(scale)
+
+
+def _mul_list_(xs: list[Tensor], ys: list[Tensor], foreach: bool) -> None:
+    """xs <- xs * ys elementwise."""
+    if not xs:  # foreach ops refuse empty lists
+        return
+    if foreach:
+        torch._foreach_mul_(xs, ys)
+    else:
+        for x, y in zip(xs, ys, strict=True):
+            x.mul_(y)
+
+
+def _abs_add_(xs: list[Tensor], c: float, foreach: bool) -> None:
+    """xs <- |xs| + c."""
+    if not xs:  # foreach ops refuse empty lists
+        return
+    if foreach:
+        torch._foreach_abs_(xs)
+        torch._foreach_add_(xs, c)
+    else:
+        for x in xs:
+            x.abs_().add_(c)
+
+
+def _add_(dst: list[Tensor], src: list[Tensor], alpha: float, foreach: bool) -> None:
+    """dst <- dst + alpha * src for a Python number alpha."""
+    if not dst:  # foreach ops refuse empty lists
+        return
+    if foreach:
+        torch._foreach_add_(dst, src, alpha=alpha)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.add_(s, alpha=alpha)
+
+
+def _add_scaled_(dst: list[Tensor], src: list[Tensor], scale: Tensor, foreach: bool, src_is_scratch: bool) -> None:
+    """dst <- dst + scale * src for a 0-d tensor ``scale``.
+
+    On CPU the scalar is read (free) and used as ``alpha``: one pass. On an accelerator reading it would stall the
+    host until the gradients are ready, so the scale stays a tensor (``_add_scaled_sync_free``).
+    """
+    if not dst:
+        return
+    if scale.device.type == "cpu":
+        _add_(dst, src, scale.item(), foreach)
+    else:
+        _add_scaled_sync_free(dst, src, scale, foreach, src_is_scratch)
+
+
+def _add_scaled_sync_free(
+    dst: list[Tensor], src: list[Tensor], scale: Tensor, foreach: bool, src_is_scratch: bool
+) -> None:
+    """dst <- dst + scale * src without reading ``scale`` on the host: src is scaled in place when it is scratch
+    (its values are not needed afterwards), else into a temporary (cheap under a caching allocator)."""
+    if not dst:
+        return
+    if src_is_scratch:
+        _mul_(src, scale, foreach)
+    else:
+        src = torch._foreach_mul(src, scale) if foreach else [s * scale for s in src]
+    _add_(dst, src, 1.0, foreach)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The wrapper
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimization around any base optimizer: eps = rho g / ||g|| (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups (as for any torch optimizer); groups go to the base unchanged.
+        base_optimizer: ``groups -> Optimizer``; built on the same groups, which the wrapper then shares.
+            Default: ``default_base_optimizer`` (torch AdamW, fused where possible).
+        rho: radius of the perturbation ball, > 0 (0.05 in Foret et al.).
+        foreach: use the torch._foreach_* path (True, the default when None) or per-tensor loops (False).
+
+    Attributes:
+        sum_across_ranks: ``Tensor -> Tensor``, turns a vector of local sums (squares / products) into global
+            sums; identity by default. Every norm and dot product of the family goes through it.
+        sam_state: per-parameter wrapper state (``sam_*`` keys), checkpointed with the base's state.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: BaseFactory | None = None,
+        rho: float = 0.05,
+        foreach: bool | None = None,
+    ) -> None:
+        check_positive("rho", rho)
+        self.rho = float(rho)
+        self.foreach = True if foreach is None else bool(foreach)
+        self.sum_across_ranks: Callable[[Tensor], Tensor] = identity
+        self.sam_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._scratch: dict[Tensor, dict[str, Tensor]] = {}  # transient per-param buffers, never checkpointed
+        self._perturbed: list[Tensor] | None = None  # params moved to w + eps, waiting for restore()
+
+        groups = list(params)
+        check(len(groups) > 0, "SAM got an empty parameter list")
+        groups = [dict(g) for g in groups] if isinstance(groups[0], dict) else [{"params": groups}]
+        for g in groups:
+            g.setdefault("sam_step", 0)
+        factory = base_optimizer if base_optimizer is not None else default_base_optimizer
+        base = factory(groups)
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must return a torch.optim.Optimizer, got {type(base).__name__}")
+        given = {id(p) for g in groups for p in g["params"]}
+        if {id(p) for g in base.param_groups for p in g["params"]} != given:
+            raise ValueError("base_optimizer must build its optimizer on the parameter groups it is given")
+        self.base_optimizer = base
+        self._initializing = True  # torch's __init__ assigns state/param_groups and adds groups: the base has them
+        super().__init__(base.param_groups, {**base.defaults, **self._hyperparameters()})
+        self._initializing = False
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        """The wrapper's hyperparameters, merged into ``defaults`` (variants extend)."""
+        return {"rho": self.rho}
+
+    # -- one set of param groups and state: the base's ----------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self.__dict__.get("_initializing", False):
+            self.base_optimizer.param_groups = value
+
+    @property
+    def state(self) -> defaultdict[Tensor, Any]:  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: defaultdict[Tensor, Any]) -> None:
+        if not self.__dict__.get("_initializing", False):
+            self.base_optimizer.state = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.__dict__.get("_initializing", False):
+            return
+        param_group.setdefault("sam_step", self.sam_step)
+        self.base_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    # -- counters -----------------------------------------------------------------------------------------------
+
+    @property
+    def sam_step(self) -> int:
+        """Number of ``perturb`` calls so far (kept in every param group, so it is checkpointed)."""
+        return int(self.param_groups[0].get("sam_step", 0))
+
+    def _advance(self) -> int:
+        """Count one perturb; returns the 0-based index of this step."""
+        index = self.sam_step
+        for g in self.param_groups:
+            g["sam_step"] = index + 1
+        return index
+
+    # -- helpers for the variants -------------------------------------------------------------------------------
+
+    def _params_with_grad(self) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads, seen = [], [], set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in seen:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("the SAM family does not support sparse gradients")
+                seen.add(id(p))
+                params.append(p)
+                grads.append(p.grad)
+        return params, grads
+
+    def _buffers(self, params: list[Tensor], name: str) -> list[Tensor]:
+        """Scratch tensor ``name`` for each param (allocated once, like the param, then reused)."""
+        out = []
+        for p in params:
+            slot = self._scratch.setdefault(p, {})
+            buf = slot.get(name)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = slot[name] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(buf)
+        return out
+
+    def _global(self, *local: Tensor) -> Tensor:
+        """Global sums of the given local sums: one ``sum_across_ranks`` call for the whole vector."""
+        dtype = local[0].dtype
+        for x in local[1:]:
+            dtype = torch.promote_types(dtype, x.dtype)
+        return self.sum_across_ranks(torch.stack([x.to(device=local[0].device, dtype=dtype) for x in local]))
+
+    def _grad_norm(self, grads: list[Tensor]) -> Tensor:
+        return self._global(_sumsq(grads, self.foreach))[0].sqrt()
+
+    def _save_and_move(
+        self, params: list[Tensor], grads: list[Tensor], scale: Tensor, grads_kept: bool = False
+    ) -> None:
+        """Copy w into scratch, then w <- w + scale * g. Pass ``grads_kept`` when g is needed after this."""
+        _copy_(self._buffers(params, "w"), params, self.foreach)
+        _add_scaled_(params, grads, scale, self.foreach, src_is_scratch=not grads_kept)
+
+    @staticmethod
+    def _keep(grads: list[Tensor]) -> list[Tensor]:
+        """Keep g for ``restore`` without copying it: ``perturb`` drops the tensors from p.grad, so pass 2
+        writes fresh ones. A gradient that is a view of a shared buffer (DDP's gradient_as_bucket_view) would be
+        overwritten by pass 2, so that one is copied."""
+        return [g.clone() if g._is_view() else g for g in grads]
+
+    # -- the interface the training loop drives -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def perturb(self) -> bool:
+        """After pass 1 (p.grad = g at w): move to w + eps and zero the grads (set them to None, as torch's
+        ``zero_grad`` does); True if pass 2 must run.
+
+        False means this step needs no second pass: p.grad already holds the final gradient, weights unchanged.
+        """
+        if self._perturbed is not None:
+            raise RuntimeError("perturb() called twice without restore(): the weights are still at w + eps")
+        params, grads = self._params_with_grad()
+        index = self._advance()
+        if not params:
+            return False
+        second = self._perturb(index, params, grads)
+        if second:
+            for p in params:  # torch's zero_grad(set_to_none=True): pass 2 starts from fresh gradients
+                p.grad = None
+            self._perturbed = params
+        return second
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """After pass 2 (p.grad = g' at w + eps): put w back exactly and write the final gradient into p.grad."""
+        params = self._perturbed
+        if params is None:
+            raise RuntimeError("restore() called without a perturb() that returned True")
+        self._restore_weights(params)
+        for p in params:  # a param used in pass 1 but not in pass 2 (rare): its g' is zero
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._final_grad(params, [p.grad for p in params])
+        self._perturbed = None
+
+    def second_pass_loss(self, per_sample_loss: Tensor, first_pass_per_sample_loss: Tensor) -> Tensor:
+        """The scalar to backward in pass 2 from the per-sample losses at w + eps (and at w); the mean here."""
+        del first_pass_per_sample_loss
+        return per_sample_loss.mean()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Without a closure: the base optimizer's step on p.grad. With one: the whole two-pass SAM step.
+
+        The closure does forward + backward and returns the loss (it does not zero grads). The returned loss is
+        the first pass's. Note: with a closure there are no per-sample losses, so ESAM's data selection does not
+        apply (use the perturb/restore flow for it).
+        """
+        if self._perturbed is not None:
+            raise RuntimeError("step() called between perturb() and restore(): the weights are still at w + eps")
+        if closure is None:
+            self._init_state()
+            return self.base_optimizer.step()
+        with torch.enable_grad():
+            loss = closure()
+        if self.perturb():
+            with torch.enable_grad():
+                closure()
+            self.restore()
+        self._init_state()
+        self.base_optimizer.step()
+        return loss
+
+    # -- variant hooks ------------------------------------------------------------------------------------------
+
+    def _perturb(self, index: int, params: list[Tensor], grads: list[Tensor]) -> bool:
+        """SAM: eps = rho g / ||g||."""
+        del index
+        norm = self._grad_norm(grads)
+        self._save_and_move(params, grads, self.rho / (norm + EPS))
+        return True
+
+    def _restore_weights(self, params: list[Tensor]) -> None:
+        _copy_(params, self._buffers(params, "w"), self.foreach)
+
+    def _final_grad(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """SAM: the base optimizer steps with g' as it is."""
+
+    def _init_state(self) -> None:
+        """Create persistent per-parameter state that must exist before the first step (LookSAM's g_v).
+
+        Called by ``step`` so that torch.distributed.checkpoint's state initialisation (a step on zero grads)
+        also creates the wrapper's state, and a fresh optimizer's state_dict lists every key a checkpoint has.
+        """
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The base's state_dict with each parameter's ``sam_*`` state merged in (new dicts; base untouched)."""
+        sd = self.base_optimizer.state_dict()
+        state = dict(sd["state"])
+        # the base numbered its params by position in the groups, as its packed groups list them
+        for key, p in zip(
+            (k for g in sd["param_groups"] for k in g["params"]),
+            (p for g in self.param_groups for p in g["params"]),
+            strict=True,
+        ):
+            mine = self.sam_state.get(p)
+            if mine:
+                state[key] = {**state.get(key, {}), **mine}
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Split each parameter's state into the base's and the ``sam_*`` keys; the base loads its part.
+
+        State keys are matched to parameters by position in the saved groups' ``params`` lists, as torch does, so
+        index keys (``state_dict()``) and parameter names (torch.distributed.checkpoint) both work.
+        """
+        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        if len(saved) != len(current):
+            raise ValueError(f"state_dict has {len(saved)} parameters in its groups, this optimizer {len(current)}")
+        key_to_param = dict(zip(saved, current, strict=True))
+        base_state: dict[Any, dict[str, Any]] = {}
+        mine: dict[Tensor, dict[str, Any]] = {}
+        for key, st in state_dict["state"].items():
+            b = {k: v for k, v in st.items() if not str(k).startswith(STATE_PREFIX)}
+            m = {k: v for k, v in st.items() if str(k).startswith(STATE_PREFIX)}
+            if b:
+                base_state[key] = b
+            if m:
+                p = key_to_param[key]
+                mine[p] = {
+                    k: v.to(device=p.device, dtype=p.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+                    for k, v in m.items()
+                }
+        self.base_optimizer.load_state_dict({**state_dict, "state": base_state})
+        self.sam_state = defaultdict(dict, mine)
+        self._perturbed = None

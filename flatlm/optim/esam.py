@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from flatlm.optim.sam import EPS, SAM, BaseFactory, _copy_, check, is_number
+from flatlm.optim.sam import EPS, SAM, BaseFactory, check, is_number
 
 
 def swp_mask(seed: int, step: int, n: int, beta: float) -> list[bool]:
@@ -101,7 +101,7 @@ class ESAM(SAM):
         return True
 
     def _restore_weights(self, params: list[Tensor]) -> None:
-        _copy_(self._moved, self._buffers(self._moved, "w"), self.foreach)
+        self._put_back(self._moved)
         self._moved = []
 
     def second_pass_loss(self, per_sample_loss: Tensor, first_pass_per_sample_loss: Tensor) -> Tensor:

@@ -82,6 +82,12 @@ def default_base_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, fused=fused or None)
 
 
+def _owns_storage(p: Tensor) -> bool:
+    """Whether ``p`` is the whole of its storage (not a slice of a flat buffer) and not partitioned (ZeRO-3)."""
+    whole = p.storage_offset() == 0 and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    return whole and not hasattr(p, "ds_id")
+
+
 def identity(x: Tensor) -> Tensor:
     return x
 
@@ -242,10 +248,14 @@ class SAM(torch.optim.Optimizer):
         foreach: use the torch._foreach_* path (True, the default when None) or per-tensor loops (False).
 
     Attributes:
+        swap_weights: ``None`` (auto: swap ``p.data`` for plain tensors, copy for DTensors and views), True or
+            False. Swapping saves two of the eight memory passes of the wrapper's own work.
         sum_across_ranks: ``Tensor -> Tensor``, turns a vector of local sums (squares / products) into global
             sums; identity by default. Every norm and dot product of the family goes through it.
         sam_state: per-parameter wrapper state (``sam_*`` keys), checkpointed with the base's state.
     """
+
+    swap_weights: bool | None = None  # see Attributes
 
     def __init__(
         self,
@@ -261,6 +271,7 @@ class SAM(torch.optim.Optimizer):
         self.sam_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}  # transient per-param buffers, never checkpointed
         self._perturbed: list[Tensor] | None = None  # params moved to w + eps, waiting for restore()
+        self._swapped = False  # whether the kept w is in scratch by a p.data swap (restore swaps back)
 
         groups = list(params)
         check(len(groups) > 0, "SAM got an empty parameter list")
@@ -365,12 +376,49 @@ class SAM(torch.optim.Optimizer):
     def _grad_norm(self, grads: list[Tensor]) -> Tensor:
         return self._global(_sumsq(grads, self.foreach))[0].sqrt()
 
+    def _can_swap(self, params: list[Tensor]) -> bool:
+        """Whether w can be kept aside by swapping ``p.data`` instead of copying (``swap_weights``, auto)."""
+        if self.swap_weights is not None:
+            return bool(self.swap_weights)
+        # Only plain tensors that own their storage: a DTensor (FSDP2), a view into a flat buffer (DeepSpeed
+        # ZeRO) or a partitioned parameter must keep its storage, so those are copied.
+        return all(type(p) in (Tensor, torch.nn.Parameter) and _owns_storage(p) for p in params)
+
     def _save_and_move(
         self, params: list[Tensor], grads: list[Tensor], scale: Tensor, grads_kept: bool = False
     ) -> None:
-        """Copy w into scratch, then w <- w + scale * g. Pass ``grads_kept`` when g is needed after this."""
+        """Keep w aside exactly, then w <- w + scale * g. Pass ``grads_kept`` when g is needed after this.
+
+        Swap mode (plain tensors): w + scale g is written into a scratch buffer (one read of w and g, one write)
+        and the buffer becomes ``p.data``; the original storage is kept and swapped back by ``restore``, so w
+        comes back bit for bit with no copy. Copy mode: w is copied to scratch and moved in place.
+        """
+        if self._can_swap(params):
+            moved = self._buffers(params, "w")
+            if scale.device.type == "cpu":
+                alpha = scale.item()
+                for m, p, g in zip(moved, params, grads, strict=True):
+                    torch.add(p, g, alpha=alpha, out=m)
+            else:  # keep the scale on the device: no host sync
+                _copy_(moved, params, self.foreach)
+                _add_scaled_sync_free(moved, grads, scale, self.foreach, src_is_scratch=not grads_kept)
+            for p, m in zip(params, moved, strict=True):
+                self._scratch[p]["w"] = p.data
+                p.data = m
+            self._swapped = True
+            return
         _copy_(self._buffers(params, "w"), params, self.foreach)
         _add_scaled_(params, grads, scale, self.foreach, src_is_scratch=not grads_kept)
+
+    def _put_back(self, params: list[Tensor]) -> None:
+        """Restore the w that ``_save_and_move`` (or a variant's copy) kept aside."""
+        if self._swapped:
+            for p in params:
+                slot = self._scratch[p]
+                slot["w"], p.data = p.data, slot["w"]
+            self._swapped = False
+        else:
+            _copy_(params, self._buffers(params, "w"), self.foreach)
 
     @staticmethod
     def _keep(grads: list[Tensor]) -> list[Tensor]:
@@ -451,7 +499,7 @@ class SAM(torch.optim.Optimizer):
         return True
 
     def _restore_weights(self, params: list[Tensor]) -> None:
-        _copy_(params, self._buffers(params, "w"), self.foreach)
+        self._put_back(params)
 
     def _final_grad(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """SAM: the base optimizer steps with g' as it is."""

@@ -149,9 +149,10 @@ def train_step(model, opt, x, y):
     return second
 
 
-def run_flatlm(cls, hp, base, steps, schedule=None, foreach=None):
+def run_flatlm(cls, hp, base, steps, schedule=None, foreach=None, swap=None):
     model = Net()
     opt = cls(model.parameters(), base, **hp, foreach=foreach)
+    opt.swap_weights = swap
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule else None
     for x, y in batches(steps):
         train_step(model, opt, x, y)
@@ -179,11 +180,12 @@ def assert_close(a, b, **kw):
         torch.testing.assert_close(x, y, rtol=kw.get("rtol", 1e-9), atol=kw.get("atol", 1e-11))
 
 
+@pytest.mark.parametrize("swap", [True, False], ids=["swap-w", "copy-w"])
 @pytest.mark.parametrize("base", list(BASES))
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_matches_equation(name, base):
+def test_matches_equation(name, base, swap):
     cls, hp = VARIANTS[name]
-    ours, _ = run_flatlm(cls, hp, BASES[base], steps=7)
+    ours, _ = run_flatlm(cls, hp, BASES[base], steps=7, swap=swap)
     ref = run_reference(name, hp, BASES[base], steps=7)
     start = init_weights()
     assert any(not torch.allclose(a, b) for a, b in zip(ours, start, strict=True))  # it trained
@@ -227,12 +229,15 @@ def test_foreach_matches_per_tensor_loop(name):
     assert_close(fast, loop, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("swap", [True, False], ids=["swap-w", "copy-w"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_restore_is_bit_exact_and_perturb_drops_grads(name, dtype):
+def test_restore_is_bit_exact_and_perturb_drops_grads(name, dtype, swap):
     cls, hp = VARIANTS[name]
     model = Net().to(dtype)
     opt = cls(model.parameters(), BASES["sgd"], **hp)
+    opt.swap_weights = swap
+    storage = [p.data_ptr() for p in model.parameters()]
     x, y = (t.to(dtype) for t in batches(1)[0])
     first = model(x, y)
     first.mean().backward()
@@ -248,6 +253,18 @@ def test_restore_is_bit_exact_and_perturb_drops_grads(name, dtype):
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
         assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert [p.data_ptr() for p in model.parameters()] == storage  # the same storage is back, in both modes
+
+
+def test_swap_is_auto_for_plain_tensors_and_off_for_views():
+    model = Net()
+    opt = SAM(model.parameters(), BASES["sgd"], rho=0.1)
+    params = list(model.parameters())
+    assert opt._can_swap(params)
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=DT)
+    views = [torch.nn.Parameter(flat[:30].view(6, 5))]  # like DeepSpeed's params inside a flat buffer
+    views[0].data = flat[:30].view(6, 5)
+    assert not opt._can_swap(views)
 
 
 @pytest.mark.parametrize("name", ["gsam", "looksam"])

@@ -13,7 +13,7 @@ from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
 from tests.conftest import tiny_overrides
 
-LR = {"sgd": 0.1, "adagrad": 0.05, "adadelta": 1.0, "adafactor": 1e-2, "lion": 3e-4, "muon": 3e-3, "rmsprop": 1e-3}
+LR = {"sgd": 0.1, "adagrad": 1e-2, "adadelta": 1.0, "adafactor": 1e-2, "lion": 3e-4, "muon": 3e-3, "rmsprop": 1e-3}
 EXTRA = {"adafactor": {"optim.hparams.relative_step": False, "optim.hparams.scale_parameter": False}}
 
 

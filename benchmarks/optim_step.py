@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import optim_cases  # noqa: E402
-from benchmarks.optim_cases.common import llama_shapes  # noqa: E402
+from benchmarks import optim_cases
+from benchmarks.optim_cases.common import llama_shapes
 
 
 def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
@@ -73,7 +73,8 @@ def interleaved(a: Callable[[], object], b: Callable[[], object], repeats: int, 
 def run(args: argparse.Namespace) -> None:
     shapes = llama_shapes(args.hidden, args.layers, args.vocab)
     numel = sum(torch.Size(s).numel() for s in shapes)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"# Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}: {numel / 1e6:.1f}M params")
     header = f"{'case':<42} {'flatlm ms':>10} {'ref ms':>9} {'ratio':>6} {'state B/p':>9} {'GB/s':>6}"
     print(header)

@@ -26,8 +26,13 @@ def _hparams(name: str) -> dict:
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     return LlamaForCausalLM(cfg)
 

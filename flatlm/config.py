@@ -128,8 +128,7 @@ class CheckpointConfig(Section):
 
 class ParallelConfig(Section):
     backend: Literal["single", "ddp"] = "single"
-    """How the model is distributed: single or ddp (several processes launched without an explicit
-    backend run ddp). The backend actually applied is written to output_dir/config.yaml."""
+    """single or ddp (several processes without a request run ddp); the one applied goes to config.yaml."""
 
 
 class RunConfig(Section):

@@ -151,3 +151,12 @@ def test_backend_requests_resolved_or_refused() -> None:
         resolve_backend("single", two, {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(FlatlmError, match="backend 'zero3' was requested"):
         resolve_backend("single", two, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_with_sam(tmp_path: Path, text_corpus: Path) -> None:
+    """model.compile works, also with SAM swapping parameter storage between the passes."""
+    extra = {"optim.name": "sam", "train.max_steps": 3}
+    eager = _run(tmp_path / "eager", text_corpus, **extra).losses
+    compiled = _run(tmp_path / "compiled", text_corpus, **extra, **{"model.compile": True}).losses
+    assert compiled == pytest.approx(eager, rel=1e-4)

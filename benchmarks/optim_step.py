@@ -1,13 +1,13 @@
 """Optimizer step time against references, one process, interleaved; printed as ratios.
 
-    python benchmarks/optim_step.py [--hidden 512 --layers 8] [--repeats 9] [--only lion,adamw]
+    python benchmarks/optim_step.py [--hidden 512 --layers 8] [--repeats 9] [--only lion,adamw] [--threads N]
 
 Parameters are the tensors of a Llama (hidden 512, 8 layers, 4k vocab: ~30M parameters by default)
 with fixed random gradients. For each case both optimizers get their own copy of the parameters, are
 warmed up, then timed alternately (flatlm, reference, flatlm, ...) and the medians compared. Also
 printed: optimizer-state bytes per parameter and the memory bandwidth the step achieves, counting
 the bytes it must move: read parameter and gradient, write parameter, read and write its state
-(``4 * (3 * numel + 2 * state_numel)`` for fp32).
+(``4 * 3 * numel + 2 * state_bytes`` for fp32).
 
 Cases come from ``benchmarks/optim_cases/<name>.py``: ``cases()`` yields (label, make_flatlm,
 make_reference) and, for wrappers measured against their base step, ``overhead_cases()`` yields
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import optim_cases
 from benchmarks.optim_cases.common import llama_shapes
+from flatlm.optim.state_size import optimizer_state_bytes
 
 
 def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tensor]:
@@ -42,15 +43,6 @@ def make_params(shapes: list[tuple[int, ...]], seed: int = 0) -> list[torch.Tens
         p.grad = torch.randn(shape, generator=g) * 1e-3
         params.append(p)
     return params
-
-
-def state_numel(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v) and v.numel() > 1:
-                total += v.numel()
-    return total
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -87,11 +79,11 @@ def run(args: argparse.Namespace) -> None:
             ours_p, ref_p = make_params(shapes), make_params(shapes)
             ours, ref = make_ours(ours_p), make_ref(ref_p)
             t_ours, t_ref = interleaved(ours.step, ref.step, args.repeats)
-            state = state_numel(ours)
-            gbps = 4 * (3 * numel + 2 * state) / t_ours / 1e9
+            state = optimizer_state_bytes(ours)
+            gbps = (4 * 3 * numel + 2 * state) / t_ours / 1e9
             print(
                 f"{label:<42} {t_ours * 1e3:>10.1f} {t_ref * 1e3:>9.1f} {t_ours / t_ref:>6.2f} "
-                f"{4 * state / numel:>9.2f} {gbps:>6.1f}"
+                f"{state / numel:>9.2f} {gbps:>6.1f}"
             )
         for label, setup_own, setup_base in getattr(module, "overhead_cases", list)():
             own, base = setup_own(make_params(shapes)), setup_base(make_params(shapes))
@@ -106,7 +98,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--only", default="", help="comma-separated case modules, e.g. adamw,lion")
-    run(parser.parse_args())
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args)
 
 
 if __name__ == "__main__":

@@ -126,9 +126,24 @@ class CheckpointConfig(Section):
     """Keep this many newest checkpoints."""
 
 
+BACKENDS = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
+Backend = Literal["single", "ddp", "fsdp2", "zero1", "zero2", "zero3"]
+
+
 class ParallelConfig(Section):
-    backend: Literal["single", "ddp"] = "single"
-    """single or ddp (several processes without a request run ddp); the one applied goes to config.yaml."""
+    backend: Backend = "single"
+    """single, ddp, fsdp2, zero1, zero2 or zero3; an accelerate launcher's FSDP/DeepSpeed config overrides it."""
+    shard_optimizer_state: bool = False
+    """ddp only: shard optimizer state ZeRO-1 style (each rank steps the parameters it owns, then broadcasts)."""
+    reshard_after_forward: bool = True
+    """fsdp2: free the gathered parameters after forward (re-gathered in backward; less memory, more traffic)."""
+    world_size: int = Field(default=1, ge=1)
+    """Processes the run used: written to config.yaml by flatlm (the launcher decides it; not an input)."""
+
+
+class SamConfig(Section):
+    perturbation: Literal["global", "replica"] = "global"
+    """SAM family: eps from the global-batch gradient (global) or from each rank's own (replica, m-sharpness)."""
 
 
 class RunConfig(Section):
@@ -145,11 +160,13 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    sam: SamConfig = Field(default_factory=SamConfig)
 
 
 # Keys that may change between invocations on one output_dir without making it a different run.
 NOT_RUN_IDENTITY = (
     "overwrite",
+    "parallel.world_size",
     "train.max_steps",
     "train.eval_every",
     "train.eval_batches",

@@ -12,17 +12,17 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from flatlm.config import ParallelConfig
 from flatlm.errors import FlatlmError
 from flatlm.launch.environment import Environment
 
 log = logging.getLogger("flatlm")
-
-AVAILABLE_BACKENDS = ("single", "ddp")
 
 
 def _truthy(value: str | None) -> bool:
@@ -33,27 +33,52 @@ def launcher_backend(environ: dict[str, str] | None = None) -> str | None:
     """The backend an ``accelerate launch`` config asked for, if any."""
     environ = dict(os.environ if environ is None else environ)
     if _truthy(environ.get("ACCELERATE_USE_DEEPSPEED")):
-        return f"zero{environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+        stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        if stage not in ("1", "2", "3"):
+            raise FlatlmError(
+                f"the launcher asked for DeepSpeed ZeRO stage {stage!r}; flatlm applies stages 1, 2 and 3 "
+                "(set zero_stage in the accelerate config's deepspeed_config)"
+            )
+        return f"zero{stage}"
     if _truthy(environ.get("ACCELERATE_USE_FSDP")):
+        version = environ.get("FSDP_VERSION", "2")
+        if version != "2":
+            raise FlatlmError(
+                f"the launcher asked for FSDP version {version}; flatlm applies FSDP2 (fully_shard) only: "
+                "set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml)"
+            )
         return "fsdp2"
     return None
 
 
-def resolve_backend(configured: str, env: Environment, environ: dict[str, str] | None = None) -> str:
-    """The backend this run applies: the launcher's request, else the config's; checked against the world."""
-    requested = launcher_backend(environ) or configured
-    if requested not in AVAILABLE_BACKENDS:
-        raise FlatlmError(
-            f"backend {requested!r} was requested (by the launcher or parallel.backend) but this flatlm "
-            f"release applies only {', '.join(AVAILABLE_BACKENDS)}; launch with configs/accelerate/ddp.yaml "
-            "or set parallel.backend=ddp"
-        )
+def launcher_options(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """parallel.* values the launcher's FSDP config sets (reshard-after-forward)."""
+    environ = dict(os.environ if environ is None else environ)
+    out: dict[str, Any] = {}
+    reshard = environ.get("FSDP_RESHARD_AFTER_FORWARD")
+    if reshard is not None:  # accelerate exports true/false (FSDP2) or a strategy name (FSDP1 style)
+        out["reshard_after_forward"] = _truthy(reshard) or reshard.upper() in ("FULL_SHARD", "1")
+    return out
+
+
+def resolve_backend(
+    parallel: ParallelConfig, env: Environment, environ: dict[str, str] | None = None
+) -> ParallelConfig:
+    """The parallel settings this run applies: the launcher's request, else the config's; checked against the
+    world size. Returns a copy with ``backend`` and ``world_size`` as applied."""
+    requested = launcher_backend(environ) or parallel.backend
+    backend = requested
     if env.world_size > 1 and requested == "single":
-        return "ddp"  # several processes and no explicit request: plain data parallel
+        backend = "ddp"  # several processes and no explicit request: plain data parallel
     if env.world_size == 1 and requested != "single":
         log.warning(f"parallel.backend={requested} with 1 process: running single-process")
-        return "single"
-    return requested
+        backend = "single"
+    if parallel.shard_optimizer_state and backend not in ("ddp", "single"):
+        raise FlatlmError(
+            f"parallel.shard_optimizer_state=true is for ddp; {backend} already shards the optimizer state "
+            "(drop the option)"
+        )
+    return parallel.model_copy(update={**launcher_options(environ), "backend": backend, "world_size": env.world_size})
 
 
 def init_process_group(env: Environment, device: torch.device, timeout_s: float = 600.0) -> None:
@@ -99,21 +124,3 @@ def local_main_first(env: Environment) -> Iterator[None]:
     finally:
         if env.is_local_main:
             barrier()
-
-
-def apply_backend(model: torch.nn.Module, backend: str, device: torch.device) -> torch.nn.Module:
-    """Wrap ``model`` for ``backend``; returns the module to run forward/backward through."""
-    if backend == "single":
-        return model
-    if backend == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    raise FlatlmError(f"backend {backend!r} is not available; valid: {', '.join(AVAILABLE_BACKENDS)}")
-
-
-def no_sync_factory(wrapped: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context that skips gradient synchronisation (DDP's ``no_sync``), or does nothing."""
-    no_sync = getattr(wrapped, "no_sync", None)
-    return no_sync if no_sync is not None else contextlib.nullcontext

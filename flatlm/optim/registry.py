@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,13 +94,19 @@ def _check_names(name: str, given: dict[str, Any], valid: list[str]) -> None:
         )
 
 
+def _plain_tensors(params: Any) -> bool:
+    """Whether every parameter is a plain tensor (torch's fused kernels have no DTensor rules for some optimizers)."""
+    items = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in items)
+
+
 def _instantiate(name: str, spec: OptimizerSpec, params: Any, hparams: dict[str, Any]) -> torch.optim.Optimizer:
     cls = spec.cls()
     kw = {**spec.defaults, **hparams}
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     try:
-        if spec.fast_kernels and not {"fused", "foreach"} & set(hparams):
+        if spec.fast_kernels and not {"fused", "foreach"} & set(hparams) and _plain_tensors(params):
             try:
                 return cls(params, **kw, fused=True)
             except (RuntimeError, ValueError):
@@ -109,14 +116,26 @@ def _instantiate(name: str, spec: OptimizerSpec, params: Any, hparams: dict[str,
         raise FlatlmError(f"invalid hyperparameters for optimizer {name!r}: {exc}") from None
 
 
-def build_optimizer(name: str, params_or_groups: Any, **hparams: Any) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``params_or_groups`` with ``hparams`` (ecosystem names)."""
+StepWrapper = Callable[[list[Any], Callable[[list[Any]], torch.optim.Optimizer]], torch.optim.Optimizer]
+
+
+def build_optimizer(
+    name: str, params_or_groups: Any, *, step_wrapper: StepWrapper | None = None, **hparams: Any
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``params_or_groups`` with ``hparams`` (ecosystem names).
+
+    ``step_wrapper(groups, factory)``, if given, builds the optimizer that updates the weights (the base of a
+    SAM-family wrapper) from its factory: how a sharding layer (``optim.sharded``) gets in without the
+    registry knowing about ranks.
+    """
     spec = get_spec(name)
     if isinstance(params_or_groups, torch.Tensor):
         raise FlatlmError("build_optimizer takes an iterable of parameters or parameter groups, not one tensor")
     params = list(params_or_groups)
     if not spec.wrapper:
         _check_names(name, hparams, spec.hparam_names())
+        if step_wrapper is not None:
+            return step_wrapper(params, lambda groups: _instantiate(name, spec, groups, hparams))
         return _instantiate(name, spec, params, hparams)
 
     base = str(hparams.pop("base", "adamw"))
@@ -131,7 +150,7 @@ def build_optimizer(name: str, params_or_groups: Any, **hparams: Any) -> torch.o
     _check_names(name, base_hparams, sorted(set(OPTIMIZERS[base].hparam_names()) | set(own_names) | {"base"}))
 
     def make_base(groups: Any) -> torch.optim.Optimizer:
-        return build_optimizer(base, groups, **base_hparams)
+        return build_optimizer(base, groups, step_wrapper=step_wrapper, **base_hparams)
 
     try:
         return spec.cls()(params, make_base, **own)

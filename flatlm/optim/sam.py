@@ -122,10 +122,16 @@ def _norm_dtype(xs: list[Tensor]) -> torch.dtype | None:
     return None if all(x.dtype in (torch.float32, torch.float64) for x in xs) else torch.float32
 
 
+def _local(xs: list[Tensor]) -> list[Tensor]:
+    """The part of each tensor this rank holds (a DTensor's local shard), so sums are local sums."""
+    return [x.to_local() if hasattr(x, "to_local") else x for x in xs]
+
+
 def _sumsq(xs: list[Tensor], foreach: bool) -> Tensor:
     """Local sum of squares of every element of ``xs`` (0-d tensor)."""
     if not xs:
         return torch.zeros(())
+    xs = _local(xs)
     dtype = _norm_dtype(xs)
     if dtype is None and xs[0].device.type == "cpu":
         return _dot(xs, xs)  # BLAS dot per tensor: ~1.6x faster than _foreach_norm on CPU, same value
@@ -144,6 +150,7 @@ def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
     """
     if not xs:
         return torch.zeros(())
+    xs, ys = _local(xs), _local(ys)
     if _norm_dtype(xs) is None:
         return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys, strict=True)]).sum()
     return torch.stack(

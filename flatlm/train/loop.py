@@ -31,19 +31,18 @@ from flatlm.data import (
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment, environment
 from flatlm.launch.distributed import (
-    apply_backend,
     barrier,
     destroy_process_group,
     init_process_group,
     local_main_first,
     mean_across_ranks,
-    no_sync_factory,
     resolve_backend,
 )
 from flatlm.models import build_model, count_parameters, max_positions, model_config
-from flatlm.optim import build_optimizer, build_scheduler, model_param_groups
+from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
+from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
@@ -125,6 +124,7 @@ def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, devic
 def _validate(cfg: RunConfig, env: Environment) -> None:
     """Every check on user input that needs no data; runs before anything is written."""
     grad_accumulation(cfg.train, env.world_size)
+    check_parallel(cfg)
     _check_positions(cfg, model_config(cfg.model.name, cfg.data.vocab_size, cfg.model.overrides))
     build_optimizer(cfg.optim.name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=cfg.optim.lr, **cfg.optim.hparams)
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -137,8 +137,8 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     Every process of a data-parallel job runs this; rank 0 writes the outputs.
     """
     env = env or environment()
-    backend = resolve_backend(cfg.parallel.backend, env)
-    cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"backend": backend})})
+    parallel_cfg = resolve_backend(cfg.parallel, env)
+    cfg = cfg.model_copy(update={"parallel": parallel_cfg})
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     init_process_group(env, device)
     try:
@@ -162,11 +162,9 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     if cfg.model.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    groups = model_param_groups(cfg.optim.name, model, cfg.optim.weight_decay, cfg.optim.hparams)
-    optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **cfg.optim.hparams)
+    parallel, optimizer, groups = setup_parallel(model, cfg, device)
     scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
-    wrapped = apply_backend(model, cfg.parallel.backend, device)
-    forward_model = torch.compile(wrapped) if cfg.model.compile else wrapped
+    forward_model = torch.compile(parallel.forward_module) if cfg.model.compile else parallel.forward_module
     params = [p for g in groups for p in g["params"]]
 
     # 3. Outputs (rank 0 writes).
@@ -194,13 +192,14 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             micro = sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
             batches = [tuple(t.to(device) for t in data.train.batch(m)) for m in micro]
             stats = train_step(
-                forward_model,
+                parallel,
                 optimizer,
                 batches,
                 params,
                 grad_clip=cfg.train.grad_clip,
                 bf16=cfg.train.bf16,
-                no_sync=no_sync_factory(wrapped),
+                model=forward_model,
+                replica_perturbation=cfg.sam.perturbation == "replica",
             )
             scheduler.step()
             loss_value = mean_across_ranks(stats.loss).item()
@@ -234,11 +233,21 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                     metrics.log_eval(ev)
                 log.info(f"step {step + 1}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
             if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                if env.is_main:
-                    state = {"tokens": (step + 1) * tokens_per_step, "scheduler": scheduler.state_dict()}
-                    result.checkpoint = save_checkpoint(
-                        out, step + 1, model, optimizer, state, config_yaml, cfg.checkpoint.keep_last
-                    )
+                state = {"tokens": (step + 1) * tokens_per_step, "scheduler": scheduler.state_dict()}
+                sharded_state = parallel.backend not in ("single", "ddp") or cfg.parallel.shard_optimizer_state
+                opt_state, opt_file = parallel.optimizer_shard(optimizer, env.rank, sharded_state)
+                result.checkpoint = save_checkpoint(
+                    out,
+                    step + 1,
+                    parallel.full_model_state(env.rank),
+                    opt_state,
+                    state,
+                    config_yaml,
+                    cfg.checkpoint.keep_last,
+                    optimizer_file=opt_file,
+                    rank=env.rank,
+                    barrier=barrier,
+                )
                 barrier()
     finally:
         bar.close()

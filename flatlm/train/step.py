@@ -9,8 +9,14 @@
     clip by global norm  ->  optimizer.step()  (the base optimizer)
 
 The logged loss is always pass 1's: the loss at the weights being trained. Under data parallelism
-``no_sync`` skips the gradient all-reduce for all but the last micro-batch of each pass, so each pass
-synchronises once and SAM's perturbation uses the global-batch gradient.
+gradients are synchronised once per pass, on its last micro-batch (``parallel.no_sync`` around the others).
+SAM's perturbation (``sam.perturbation``):
+
+    global   pass 1 synchronises: eps comes from the global-batch gradient, its norm over every shard
+             (one scalar all-reduce under sharded gradients), and equals single-process SAM.
+    replica  pass 1 never synchronises: each rank perturbs by the gradient of its own share of the batch
+             (m-sharpness, google-research/sam's default); pass 2 synchronises as usual, so the base step uses
+             the mean over ranks of grad L_r(w + eps_r). Needs whole weights on every rank (ddp, zero1/2).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from flatlm.launch.parallel import Parallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each [B, L]
 
@@ -50,41 +58,51 @@ class StepStats:
 
 def _accumulate(
     model: torch.nn.Module,
+    parallel: Parallel,
     batches: list[Batch],
     bf16: bool,
     reduce: Callable[[int, torch.Tensor], torch.Tensor],
-    no_sync: Callable[[], contextlib.AbstractContextManager],
+    sync: bool = True,
 ) -> list[torch.Tensor]:
-    """Forward + backward every micro-batch; ``reduce(i, per_seq)`` gives the scalar to backward."""
+    """Forward + backward every micro-batch; ``reduce(i, per_seq)`` gives the scalar to backward.
+
+    Gradients are synchronised on the last micro-batch only (never when ``sync`` is False)."""
     per_batch = []
     for i, (x, y) in enumerate(batches):
-        with no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+        with contextlib.nullcontext() if sync and i == len(batches) - 1 else parallel.no_sync():
             per_seq = per_sequence_loss(model, x, y, bf16)
-            (reduce(i, per_seq) / len(batches)).backward()
+            parallel.backward(reduce(i, per_seq) / len(batches))
         per_batch.append(per_seq.detach())
     return per_batch
 
 
 def train_step(
-    model: torch.nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     batches: list[Batch],
     params: list[torch.nn.Parameter],
     *,
     grad_clip: float,
     bf16: bool = False,
-    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    model: torch.nn.Module | None = None,
+    replica_perturbation: bool = False,
 ) -> StepStats:
-    first = _accumulate(model, batches, bf16, lambda i, per_seq: per_seq.mean(), no_sync)
+    """One optimizer step over ``batches`` (this process's micro-batches); ``model`` defaults to
+    ``parallel.forward_module`` (pass a compiled one to run that instead)."""
+    model = model if model is not None else parallel.forward_module
+    two_pass = is_two_pass(optimizer)
+    first_sync = not (two_pass and replica_perturbation)
+    first = _accumulate(model, parallel, batches, bf16, lambda i, per_seq: per_seq.mean(), sync=first_sync)
     second = False
-    if is_two_pass(optimizer) and optimizer.perturb():
-        _accumulate(model, batches, bf16, lambda i, per_seq: optimizer.second_pass_loss(per_seq, first[i]), no_sync)
+    if two_pass and optimizer.perturb():
+        second_loss = optimizer.second_pass_loss
+        _accumulate(model, parallel, batches, bf16, lambda i, per_seq: second_loss(per_seq, first[i]))
         optimizer.restore()
         second = True
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    elif not first_sync:  # a step without a second pass (LookSAM between its SAM steps): sync pass 1 now
+        parallel.average_gradients(params)
+    grad_norm = parallel.clip_grad_norm(params, grad_clip if grad_clip > 0 else float("inf"))
+    parallel.step(optimizer)
     loss = torch.stack([p.mean() for p in first]).mean()
     return StepStats(loss=loss, grad_norm=grad_norm, second_pass=second)
 

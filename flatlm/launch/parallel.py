@@ -1,0 +1,130 @@
+"""The data-parallel backends flatlm applies itself, behind one small interface the train step drives.
+
+    single   the model as it is
+    ddp      DistributedDataParallel (gradients all-reduced once per pass; replicated state, or ZeRO-1 by
+             parameter ownership with parallel.shard_optimizer_state)
+    fsdp2    ``fully_shard`` on every transformer block (the model's ``_no_split_modules``), then the root:
+             parameters, gradients and optimizer state are DTensors sharded on dim 0
+    zero1-3  a DeepSpeed engine (``flatlm.launch.deepspeed``)
+
+``Parallel`` is what the train step sees: the module to call, how to skip gradient synchronisation for one
+backward, backward itself, the global gradient norm and clipping, the optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from flatlm.optim.sharded.collectives import clip_grad_norm_
+
+
+@dataclass
+class Parallel:
+    backend: str
+    model: torch.nn.Module
+    """The model whose parameters the optimizer holds (FSDP2: sharded in place)."""
+    forward_module: torch.nn.Module
+    """What forward/backward run through (the DDP wrapper, the FSDP2 root, the DeepSpeed engine)."""
+    grads_sharded: bool = False
+    """Each rank holds a different part of the gradients (norms need an all-reduce)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward inside this context accumulates gradients locally, without synchronising them."""
+        module = self.forward_module
+        if self.backend == "ddp":
+            with module.no_sync():
+                yield
+        elif self.backend == "fsdp2":
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Average gradients accumulated under ``no_sync`` over the ranks (one flat all-reduce)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.backend != "ddp" or not grads:
+            return
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, new in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(new)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """Clip to ``max_norm`` by the global norm over every shard; returns the norm before clipping."""
+        return clip_grad_norm_(params, max_norm, sharded=self.grads_sharded)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on rank 0 (None on the others); collective under FSDP2."""
+        if self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if rank == 0 else None
+        return self.model.state_dict() if rank == 0 else None
+
+    def optimizer_shard(self, optimizer: torch.optim.Optimizer, rank: int, sharded_state: bool) -> tuple[Any, str]:
+        """(state to write, file name) for this rank: replicated state once (rank 0), else each rank's shard."""
+        if not sharded_state:
+            return (optimizer.state_dict() if rank == 0 else None), "optimizer.pt"
+        return _local_tensors(optimizer.state_dict()), f"optimizer.rank{rank}.pt"
+
+
+def _local_tensors(value: Any) -> Any:
+    """``value`` with every DTensor replaced by this rank's local shard (plain tensors save with torch.save)."""
+    if isinstance(value, torch.Tensor):
+        return value.to_local() if hasattr(value, "to_local") else value
+    if isinstance(value, dict):
+        return {k: _local_tensors(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_local_tensors(v) for v in value)
+    return value
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules whose class is in transformers' ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_fsdp2(model: torch.nn.Module, *, reshard_after_forward: bool, bf16: bool) -> torch.nn.Module:
+    """``fully_shard`` each transformer block, then the root (torchtitan's order). bf16: compute in bf16 with
+    fp32 master weights and fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class (_no_split_modules) to shard")
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    return model
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

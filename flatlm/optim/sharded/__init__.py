@@ -1,0 +1,60 @@
+"""Everything about optimizers that knows about ranks: ownership, collectives, global norms, and the
+gather/scatter that keeps shape-aware optimizers (Muon, Adafactor) exact on sharded parameters.
+
+The optimizers' math (``flatlm.optim.<name>``) sees local tensors and calls hooks for the few things that
+need the whole parameter or the whole model; ``install_hooks`` points those hooks at the collectives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from flatlm.optim.sharded.collectives import all_reduce_sum, clip_grad_norm_, global_grad_norm, local, world
+from flatlm.optim.sharded.muon import ShardedOrthogonalize
+from flatlm.optim.sharded.ownership import OwnedParamsOptimizer, assign_owners
+
+__all__ = [
+    "OwnedParamsOptimizer",
+    "ShardedOrthogonalize",
+    "all_reduce_sum",
+    "assign_owners",
+    "clip_grad_norm_",
+    "global_grad_norm",
+    "inner_optimizers",
+    "install_hooks",
+    "local",
+    "world",
+]
+
+
+def inner_optimizers(optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
+    """``optimizer`` and every optimizer it wraps (a SAM base, an ownership wrapper's inner one)."""
+    seen: set[int] = set()
+    stack = [optimizer]
+    while stack:
+        opt = stack.pop()
+        if id(opt) in seen:
+            continue
+        seen.add(id(opt))
+        yield opt
+        stack.extend(o for o in (getattr(opt, "base_optimizer", None), getattr(opt, "inner", None)) if o is not None)
+
+
+def install_hooks(optimizer: torch.optim.Optimizer, *, grads_sharded: bool, replica_perturbation: bool) -> None:
+    """Point the optimizers' reduction hooks at the collectives this backend needs.
+
+    SAM family: global norms over every shard (``grads_sharded``, global perturbation), else local.
+    Muon on DTensor (FSDP2) matrices: gather -> Newton-Schulz once per matrix -> scatter.
+    """
+    from flatlm.optim.muon import Muon
+    from flatlm.optim.sam import SAM
+
+    for opt in inner_optimizers(optimizer):
+        if isinstance(opt, SAM) and grads_sharded and not replica_perturbation:
+            opt.sum_across_ranks = all_reduce_sum
+        if isinstance(opt, Muon) and any(
+            isinstance(p, torch.distributed.tensor.DTensor) for g in opt.param_groups for p in g["params"]
+        ):
+            opt.orthogonalize_fn = ShardedOrthogonalize()

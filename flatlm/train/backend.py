@@ -1,0 +1,58 @@
+"""Model + optimizer on the chosen backend: the order matters, so it lives in one place.
+
+    fsdp2      fully_shard the model  -> param groups -> optimizer on the DTensor parameters
+    ddp        param groups -> optimizer (ZeRO-1 by ownership if asked) -> DistributedDataParallel
+    zero1-3    param groups -> client optimizer -> deepspeed.initialize (flatlm builds the DeepSpeed config)
+    single     param groups -> optimizer
+
+then the optimizers' reduction hooks are pointed at the collectives the backend needs (optim.sharded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flatlm.config import RunConfig
+from flatlm.errors import FlatlmError
+from flatlm.launch.parallel import Parallel, shard_fsdp2, wrap_ddp
+from flatlm.optim import build_optimizer, model_param_groups
+from flatlm.optim.sharded import OwnedParamsOptimizer, install_hooks
+
+WHOLE_WEIGHTS = ("single", "ddp", "zero1", "zero2")  # backends where every rank holds the whole weights
+
+
+def check_parallel(cfg: RunConfig) -> None:
+    """Combinations of backend and options that cannot run; each is one clear error (checked before any write)."""
+    backend = cfg.parallel.backend
+    if cfg.sam.perturbation == "replica" and backend not in WHOLE_WEIGHTS:
+        raise FlatlmError(
+            f"sam.perturbation=replica perturbs each rank's whole weights by its own gradient, but {backend} "
+            f"shards the weights; use sam.perturbation=global, or a backend with whole weights per rank "
+            f"({', '.join(WHOLE_WEIGHTS[1:])})"
+        )
+
+
+def setup_parallel(
+    model: torch.nn.Module, cfg: RunConfig, device: torch.device
+) -> tuple[Parallel, torch.optim.Optimizer, list[dict[str, Any]]]:
+    """Apply ``cfg.parallel.backend`` to ``model`` and build the optimizer on the resulting parameters."""
+    check_parallel(cfg)
+    backend = cfg.parallel.backend
+    if backend == "fsdp2":
+        shard_fsdp2(model, reshard_after_forward=cfg.parallel.reshard_after_forward, bf16=cfg.train.bf16)
+    groups = model_param_groups(cfg.optim.name, model, cfg.optim.weight_decay, cfg.optim.hparams)
+    step_wrapper = OwnedParamsOptimizer if cfg.parallel.shard_optimizer_state and backend == "ddp" else None
+    optimizer = build_optimizer(cfg.optim.name, groups, step_wrapper=step_wrapper, lr=cfg.optim.lr, **cfg.optim.hparams)
+    replica = cfg.sam.perturbation == "replica"
+    if backend in ("zero1", "zero2", "zero3"):
+        from flatlm.launch.deepspeed import deepspeed_parallel
+
+        parallel, optimizer = deepspeed_parallel(model, optimizer, cfg, device)
+    elif backend == "ddp":
+        parallel = Parallel(backend, model, wrap_ddp(model, device))
+    else:
+        parallel = Parallel(backend, model, model, grads_sharded=backend == "fsdp2")
+    install_hooks(optimizer, grads_sharded=parallel.grads_sharded, replica_perturbation=replica)
+    return parallel, optimizer, groups

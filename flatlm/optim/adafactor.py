@@ -99,6 +99,11 @@ class Reductions:
 LOCAL_REDUCTIONS = Reductions()
 
 
+def _local(x: Tensor) -> Tensor:
+    """This rank's part of a dim-0 sharded DTensor (same storage), else ``x``."""
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
 def _relative_step(t: float, *, lr: float | None, relative_step: bool, warmup_init: bool) -> float:
     """rho_t: the step size before the parameter scale."""
     if not relative_step:
@@ -376,19 +381,20 @@ class Adafactor(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("Adafactor does not support sparse gradients")
             state = self.state[p]
+            x = _local(p)  # a DTensor's rows on this rank (FSDP2); the reductions combine the ranks' rows
             if not state:
                 state_dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
                 zeros = dict(device=p.device, dtype=state_dtype)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if p.ndim >= 2:
-                    state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **zeros)  # [..., n]
-                    state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **zeros)  # [..., m]
+                    state["exp_avg_sq_row"] = torch.zeros(x.shape[:-1], **zeros)  # [..., n] (this rank's rows)
+                    state["exp_avg_sq_col"] = torch.zeros(x.shape[:-2] + x.shape[-1:], **zeros)  # [..., m]
                 else:
-                    state["exp_avg_sq"] = torch.zeros(p.shape, **zeros)
+                    state["exp_avg_sq"] = torch.zeros(x.shape, **zeros)
                 if group["beta1"] is not None:
-                    state["exp_avg"] = torch.zeros(p.shape, **zeros)
-            params.append(p)
-            grads.append(p.grad)
+                    state["exp_avg"] = torch.zeros(x.shape, **zeros)
+            params.append(x)
+            grads.append(_local(p.grad))
             rows.append(state.get("exp_avg_sq_row"))
             cols.append(state.get("exp_avg_sq_col"))
             sqs.append(state.get("exp_avg_sq"))

@@ -161,6 +161,7 @@ def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
 def _copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
     if not dst:  # foreach ops refuse empty lists
         return
+    dst, src = _local(dst), _local(src)  # DTensors: copy shard to shard (DTensor has no foreach copy rule)
     if foreach:
         torch._foreach_copy_(dst, src)
     else:

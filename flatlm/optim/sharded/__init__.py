@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 
+from flatlm.optim.sharded.adafactor import RowShardedReductions
 from flatlm.optim.sharded.collectives import all_reduce_sum, clip_grad_norm_, global_grad_norm, local, world
 from flatlm.optim.sharded.muon import ShardedOrthogonalize
 from flatlm.optim.sharded.ownership import OwnedParamsOptimizer, assign_owners
@@ -47,14 +49,17 @@ def install_hooks(optimizer: torch.optim.Optimizer, *, grads_sharded: bool, repl
 
     SAM family: global norms over every shard (``grads_sharded``, global perturbation), else local.
     Muon on DTensor (FSDP2) matrices: gather -> Newton-Schulz once per matrix -> scatter.
+    Adafactor on DTensor (FSDP2) parameters: column statistics and RMS values summed over the ranks' rows.
     """
+    from flatlm.optim.adafactor import Adafactor
     from flatlm.optim.muon import Muon
     from flatlm.optim.sam import SAM
 
     for opt in inner_optimizers(optimizer):
         if isinstance(opt, SAM) and grads_sharded and not replica_perturbation:
             opt.sum_across_ranks = all_reduce_sum
-        if isinstance(opt, Muon) and any(
-            isinstance(p, torch.distributed.tensor.DTensor) for g in opt.param_groups for p in g["params"]
-        ):
+        on_dtensors = any(isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
+        if isinstance(opt, Muon) and on_dtensors:
             opt.orthogonalize_fn = ShardedOrthogonalize()
+        if isinstance(opt, Adafactor) and on_dtensors:
+            opt.reductions = RowShardedReductions()

@@ -105,8 +105,36 @@ class OwnedParamsOptimizer(torch.optim.Optimizer):
                     p.grad.zero_()
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """This rank's shard: the inner optimizer's state dict (owned parameters only)."""
-        return self.inner.state_dict()
+        """torch's usual shape over the full groups; ``state`` holds this rank's owned parameters only."""
+        inner = self.inner.state_dict()
+        index = self._full_index()
+        inner_params = [p for g in self.inner.param_groups for p in g["params"]]
+        state = {index[id(inner_params[k])]: v for k, v in inner["state"].items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in self.param_groups]
+        for g, full in zip(groups, self.param_groups, strict=True):
+            g["params"] = [index[id(p)] for p in full["params"]]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        self.inner.load_state_dict(state_dict)
+        """Load a ``state_dict()`` of this rank (or any with the same groups: only owned entries are kept)."""
+        index = self._full_index()
+        inner_params = [p for g in self.inner.param_groups for p in g["params"]]
+        full_to_inner = {index[id(p)]: k for k, p in enumerate(inner_params)}
+        state = {full_to_inner[i]: v for i, v in state_dict["state"].items() if i in full_to_inner}
+        saved_groups = state_dict["param_groups"]
+        groups = []
+        for j, i in enumerate(self._inner_group_of):
+            hyper = {k: v for k, v in saved_groups[i].items() if k != "params"}
+            groups.append({**hyper, "params": [index[id(p)] for p in self.inner.param_groups[j]["params"]]})
+            self.param_groups[i].update(hyper)
+        renumber = {full: k for k, full in enumerate(i for g in groups for i in g["params"])}
+        self.inner.load_state_dict(
+            {
+                "state": {k: v for k, v in state.items()},
+                "param_groups": [{**g, "params": [renumber[i] for i in g["params"]]} for g in groups],
+            }
+        )
+
+    def _full_index(self) -> dict[int, int]:
+        """id(param) -> its position in the full groups (torch's state_dict numbering)."""
+        return {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}

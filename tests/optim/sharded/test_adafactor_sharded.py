@@ -1,0 +1,49 @@
+"""Adafactor on FSDP2's row shards equals Adafactor on whole parameters, with factored state per shard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from flatlm.optim.adafactor import Adafactor
+from flatlm.optim.sharded import install_hooks
+from flatlm.optim.sharded.adafactor import RowShardedReductions
+from tests.ranks import run_ranks
+
+SHAPES = [(9, 6), (4, 10), (7,), (1, 5)]  # uneven rows, a vector, a matrix with fewer rows than ranks
+MODES = {
+    "relative": {},
+    "lr_beta1_wd": {"lr": 1e-2, "relative_step": False, "beta1": 0.9, "weight_decay": 0.1},
+    "loop": {"lr": 1e-2, "relative_step": False, "foreach": False},
+}
+
+
+def _run(rank: int, world: int, hparams: dict) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in full]
+    ref, opt = Adafactor(full, **hparams), Adafactor(sharded, **hparams)
+    install_hooks(opt, grads_sharded=True, replica_perturbation=False)
+    assert isinstance(opt.reductions, RowShardedReductions)
+    for _ in range(4):
+        for p, s in zip(full, sharded, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen)
+            s.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+        ref.step()
+        opt.step()
+    for p, s in zip(full, sharded, strict=True):
+        torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
+        state = opt.state[s]
+        if p.ndim == 2:  # factored: this rank's rows + every column, never a matrix
+            assert state["exp_avg_sq_row"].shape == s.to_local().shape[:1]
+            assert state["exp_avg_sq_col"].shape == p.shape[1:]
+            torch.testing.assert_close(state["exp_avg_sq_col"], ref.state[p]["exp_avg_sq_col"])
+            assert "exp_avg_sq" not in state
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_adafactor_row_sharded_equals_whole(mode: str) -> None:
+    run_ranks(_run, MODES[mode])

@@ -66,13 +66,21 @@ class Parallel:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        """Clip to ``max_norm`` by the global norm over every shard; returns the norm before clipping."""
-        return clip_grad_norm_(params, max_norm, sharded=self.grads_sharded)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
+        """Clip to ``max_norm`` by the global norm over every shard, step, zero the gradients; returns the norm
+        before clipping."""
+        norm = clip_grad_norm_(params, max_norm, sharded=self.grads_sharded)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def perturb(self, optimizer: Any) -> bool:
+        """SAM family after pass 1: move to w + eps (True: pass 2 must run)."""
+        return optimizer.perturb()
+
+    def restore(self, optimizer: Any) -> None:
+        """SAM family after pass 2: w back, the final gradient in place."""
+        optimizer.restore()
 
     def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on rank 0 (None on the others); collective under FSDP2."""

@@ -446,16 +446,24 @@ class SAM(torch.optim.Optimizer):
 
         False means this step needs no second pass: p.grad already holds the final gradient, weights unchanged.
         """
+        params, grads = self._params_with_grad()
+        second = self.perturb_tensors(params, grads)
+        if second:
+            for p in params:  # torch's zero_grad(set_to_none=True): pass 2 starts from fresh gradients
+                p.grad = None
+        return second
+
+    @torch.no_grad()
+    def perturb_tensors(self, params: list[Tensor], grads: list[Tensor]) -> bool:
+        """``perturb`` on explicit (weight, gradient) tensors, e.g. DeepSpeed's flat fp32 partitions and their
+        reduced gradients; leaves the gradients to the caller."""
         if self._perturbed is not None:
             raise RuntimeError("perturb() called twice without restore(): the weights are still at w + eps")
-        params, grads = self._params_with_grad()
         index = self._advance()
         if not params:
             return False
         second = self._perturb(index, params, grads)
         if second:
-            for p in params:  # torch's zero_grad(set_to_none=True): pass 2 starts from fresh gradients
-                p.grad = None
             self._perturbed = params
         return second
 
@@ -465,11 +473,19 @@ class SAM(torch.optim.Optimizer):
         params = self._perturbed
         if params is None:
             raise RuntimeError("restore() called without a perturb() that returned True")
-        self._restore_weights(params)
         for p in params:  # a param used in pass 1 but not in pass 2 (rare): its g' is zero
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self._final_grad(params, [p.grad for p in params])
+        self.restore_tensors(params, [p.grad for p in params])
+
+    @torch.no_grad()
+    def restore_tensors(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """``restore`` on the tensors ``perturb_tensors`` moved, with pass 2's gradients ``grads`` (final
+        gradient written into them)."""
+        if self._perturbed is None:
+            raise RuntimeError("restore() called without a perturb() that returned True")
+        self._restore_weights(params)
+        self._final_grad(params, grads)
         self._perturbed = None
 
     def second_pass_loss(self, per_sample_loss: Tensor, first_pass_per_sample_loss: Tensor) -> Tensor:

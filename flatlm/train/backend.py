@@ -32,10 +32,14 @@ def check_parallel(cfg: RunConfig) -> None:
             f"shards the weights; use sam.perturbation=global, or a backend with whole weights per rank "
             f"({', '.join(WHOLE_WEIGHTS[1:])})"
         )
+    if backend in ("zero1", "zero2", "zero3"):
+        from flatlm.launch.deepspeed import check_zero_optimizer
+
+        check_zero_optimizer(cfg)
 
 
 def setup_parallel(
-    model: torch.nn.Module, cfg: RunConfig, device: torch.device
+    model: torch.nn.Module, cfg: RunConfig, device: torch.device, accum: int
 ) -> tuple[Parallel, torch.optim.Optimizer, list[dict[str, Any]]]:
     """Apply ``cfg.parallel.backend`` to ``model`` and build the optimizer on the resulting parameters."""
     check_parallel(cfg)
@@ -49,7 +53,7 @@ def setup_parallel(
     if backend in ("zero1", "zero2", "zero3"):
         from flatlm.launch.deepspeed import deepspeed_parallel
 
-        parallel, optimizer = deepspeed_parallel(model, optimizer, cfg, device)
+        parallel, optimizer = deepspeed_parallel(model, optimizer, cfg, accum)
     elif backend == "ddp":
         parallel = Parallel(backend, model, wrap_ddp(model, device))
     else:

@@ -162,7 +162,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     if cfg.model.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    parallel, optimizer, groups = setup_parallel(model, cfg, device)
+    parallel, optimizer, groups = setup_parallel(model, cfg, device, accum)
     scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
     forward_model = torch.compile(parallel.forward_module) if cfg.model.compile else parallel.forward_module
     params = [p for g in groups for p in g["params"]]

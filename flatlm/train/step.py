@@ -94,15 +94,14 @@ def train_step(
     first_sync = not (two_pass and replica_perturbation)
     first = _accumulate(model, parallel, batches, bf16, lambda i, per_seq: per_seq.mean(), sync=first_sync)
     second = False
-    if two_pass and optimizer.perturb():
+    if two_pass and parallel.perturb(optimizer):
         second_loss = optimizer.second_pass_loss
         _accumulate(model, parallel, batches, bf16, lambda i, per_seq: second_loss(per_seq, first[i]))
-        optimizer.restore()
+        parallel.restore(optimizer)
         second = True
     elif not first_sync:  # a step without a second pass (LookSAM between its SAM steps): sync pass 1 now
         parallel.average_gradients(params)
-    grad_norm = parallel.clip_grad_norm(params, grad_clip if grad_clip > 0 else float("inf"))
-    parallel.step(optimizer)
+    grad_norm = parallel.step(optimizer, params, grad_clip if grad_clip > 0 else float("inf"))
     loss = torch.stack([p.mean() for p in first]).mean()
     return StepStats(loss=loss, grad_norm=grad_norm, second_pass=second)
 

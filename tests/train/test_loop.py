@@ -139,20 +139,6 @@ def test_foreign_nonempty_output_dir_refused(tmp_path: Path, text_corpus: Path) 
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_backend_requests_resolved_or_refused() -> None:
-    from flatlm.launch import Environment
-    from flatlm.launch.distributed import resolve_backend
-
-    one, two = Environment(), Environment(rank=0, world_size=2, local_world_size=2)
-    assert resolve_backend("single", one, {}) == "single"
-    assert resolve_backend("ddp", one, {}) == "single"  # one process: said in a warning, run single
-    assert resolve_backend("single", two, {}) == "ddp"  # several processes, no request: data parallel
-    with pytest.raises(FlatlmError, match="backend 'fsdp2' was requested"):
-        resolve_backend("single", two, {"ACCELERATE_USE_FSDP": "true"})
-    with pytest.raises(FlatlmError, match="backend 'zero3' was requested"):
-        resolve_backend("single", two, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
-
-
 @pytest.mark.slow
 def test_torch_compile_matches_eager_with_sam(tmp_path: Path, text_corpus: Path) -> None:
     """model.compile works, also with SAM swapping parameter storage between the passes."""

@@ -1,0 +1,183 @@
+"""DeepSpeed ZeRO-1/2/3, applied by flatlm: ``deepspeed.initialize`` with a config built from flatlm's settings.
+
+The DeepSpeed config comes from ``train.*`` (global and micro batch, accumulation, clipping, bf16), so
+DeepSpeed's batch checks always agree with flatlm's; a user's DeepSpeed JSON (the launcher's
+``deepspeed_config_file``) may add ZeRO options but must not contradict those. flatlm's optimizer is passed as
+the *client* optimizer: DeepSpeed hands it flat fp32 partitions (state sharded, ``zero_allow_untested_optimizer``).
+
+One step (the train step drives it through ``Parallel``):
+    backward per micro-batch   ``set_gradient_accumulation_boundary(last)`` then ``engine.backward`` (the loss is
+                               already divided by the accumulation count: ``scale_wrt_gas=False``)
+    step                       ``engine.step()``: DeepSpeed clips by the global norm (``gradient_clipping``), calls
+                               the client optimizer once per flat partition, writes the weights back
+SAM family (global perturbation), between the passes, on this rank's flat fp32 partitions
+(``optim.sharded.zero_views``): read the reduced gradient partitions, perturb the master partitions with the
+global norm (one scalar all-reduce), push them to the model (DeepSpeed's own all-gather / re-partition), drop the
+pass-1 gradients; after pass 2 restore the master partitions exactly and push again. Variants whose final gradient
+differs from g' (SSAM, GSAM, LookSAM) and ESAM's per-tensor subsets are refused under ZeRO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flatlm.config import RunConfig
+from flatlm.errors import FlatlmError
+from flatlm.launch.parallel import Parallel
+
+SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
+SHAPE_AWARE = ("adafactor", "muon")  # need whole matrices: not yet mapped onto DeepSpeed's flat partitions
+
+
+def check_zero_optimizer(cfg: RunConfig) -> None:
+    """Refuse optimizer x ZeRO pairs that cannot run on flat partitions (one clear error each)."""
+    name, backend = cfg.optim.name, cfg.parallel.backend
+    from flatlm.optim.registry import get_spec
+
+    base = str(cfg.optim.hparams.get("base", "adamw")) if get_spec(name).wrapper else name
+    if get_spec(name).wrapper and name not in SAM_ON_ZERO:
+        raise FlatlmError(
+            f"optim.name={name} cannot run under {backend}: its final gradient or perturbation is not elementwise on "
+            f"DeepSpeed's flat partitions; under ZeRO use {' or '.join(SAM_ON_ZERO)}, or run {name} with fsdp2 or ddp"
+        )
+    if base in SHAPE_AWARE:
+        raise FlatlmError(
+            f"optim.name={name} (base {base}) cannot run under {backend} in this release: {base} needs whole matrices "
+            f"and DeepSpeed hands the optimizer flat partitions; use parallel.backend=fsdp2 or ddp with "
+            "parallel.shard_optimizer_state=true (both shard its state and stay exact)"
+        )
+    if cfg.sam.perturbation == "replica":
+        raise FlatlmError(
+            f"sam.perturbation=replica is not available under {backend}: ZeRO-2/3 reduce gradients on every backward "
+            "(DeepSpeed's no_sync asserts); use sam.perturbation=global or parallel.backend=ddp"
+        )
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, accum: int, environ: dict[str, str] | None = None) -> dict:
+    """The DeepSpeed config for this run; a launcher-given JSON may add options but not contradict flatlm's."""
+    stage = int(cfg.parallel.backend.removeprefix("zero"))
+    ours: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.train.bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    environ = dict(os.environ if environ is None else environ)
+    user: dict[str, Any] = {}
+    path = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and path.lower() != "none":
+        try:
+            user = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FlatlmError(f"cannot read the DeepSpeed config {path}: {exc}") from None
+    value = environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if value is not None and value.lower() not in ("none", "auto"):
+        user.setdefault("gradient_accumulation_steps", int(value))
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
+        if key in user and user[key] != "auto" and float(user[key]) != float(ours[key]):
+            raise FlatlmError(
+                f"the DeepSpeed config sets {key}={user[key]} but flatlm's settings give {ours[key]} "
+                f"(train.global_batch_size={cfg.train.global_batch_size}, train.micro_batch_size="
+                f"{cfg.train.micro_batch_size}, {world_size} processes); "
+                "remove it from the DeepSpeed config (flatlm derives it) or change the train.* keys"
+            )
+    zero = {**user.get("zero_optimization", {}), "stage": stage}
+    if user.get("zero_optimization", {}).get("stage", stage) != stage:
+        raise FlatlmError(
+            f"the DeepSpeed config asks for ZeRO stage {user['zero_optimization']['stage']} but the backend is "
+            f"{cfg.parallel.backend}; make them agree"
+        )
+    if user.get("optimizer") is not None:
+        raise FlatlmError(
+            "the DeepSpeed config names an optimizer; flatlm passes its own (optim.name): remove the optimizer block"
+        )
+    return {**user, **ours, "zero_optimization": zero}
+
+
+class DeepSpeedParallel(Parallel):
+    """``Parallel`` over a DeepSpeed engine (see the module docstring for the order of one step)."""
+
+    def __init__(self, backend: str, model: torch.nn.Module, engine: Any) -> None:
+        super().__init__(backend, model, engine, grads_sharded=True)
+        self.engine = engine
+        self._boundary = True
+        self._flats: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Not the last micro-batch: DeepSpeed accumulates (ZeRO-2/3 still reduce-scatter every backward)."""
+        self._boundary = False
+        try:
+            yield
+        finally:
+            self._boundary = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.set_gradient_accumulation_boundary(self._boundary)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
+        """DeepSpeed clips (gradient_clipping) and steps; returns its global gradient norm before clipping."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- SAM between the passes, on flat partitions -------------------------------------------------------------
+
+    def perturb(self, optimizer: Any) -> bool:
+        from flatlm.optim.sharded.zero_views import _flats, clear_pending_grads, pending_grads, push_master_to_model
+
+        self._flats = _flats(self.engine)
+        grads = [g.clone() for g in pending_grads(self.engine)]
+        with torch.no_grad():
+            second = optimizer.perturb_tensors([f.detach() for f in self._flats], grads)
+        if second:
+            push_master_to_model(self.engine)
+            clear_pending_grads(self.engine)
+        return second
+
+    def restore(self, optimizer: Any) -> None:
+        from flatlm.optim.sharded.zero_views import pending_grads, push_master_to_model
+
+        with torch.no_grad():
+            optimizer.restore_tensors([f.detach() for f in self._flats], pending_grads(self.engine))
+        push_master_to_model(self.engine)
+
+    def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:
+        if self.backend != "zero3":
+            return super().full_model_state(rank)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()} if rank == 0 else None
+
+
+def deepspeed_parallel(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, accum: int
+) -> tuple[DeepSpeedParallel, torch.optim.Optimizer]:
+    """Initialise the DeepSpeed engine around ``model`` with ``optimizer`` as its client optimizer."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    import deepspeed
+
+    config = deepspeed_config(cfg, cfg.parallel.world_size, accum)
+    if hasattr(optimizer, "swap_weights"):
+        optimizer.swap_weights = False  # DeepSpeed keeps views of its partitions: perturb by copy, in place
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return DeepSpeedParallel(cfg.parallel.backend, model, engine), optimizer

@@ -144,10 +144,11 @@ class DeepSpeedParallel(Parallel):
     def perturb(self, optimizer: Any) -> bool:
         from flatlm.optim.sharded.zero_views import _flats, clear_pending_grads, pending_grads, push_master_to_model
 
-        self._flats = _flats(self.engine)
+        # The same tensor objects must reach restore (SAM keeps w per tensor): detach once, keep them.
+        self._flats = [f.detach() for f in _flats(self.engine)]
         grads = [g.clone() for g in pending_grads(self.engine)]
         with torch.no_grad():
-            second = optimizer.perturb_tensors([f.detach() for f in self._flats], grads)
+            second = optimizer.perturb_tensors(self._flats, grads)
         if second:
             push_master_to_model(self.engine)
             clear_pending_grads(self.engine)
@@ -157,8 +158,16 @@ class DeepSpeedParallel(Parallel):
         from flatlm.optim.sharded.zero_views import pending_grads, push_master_to_model
 
         with torch.no_grad():
-            optimizer.restore_tensors([f.detach() for f in self._flats], pending_grads(self.engine))
+            optimizer.restore_tensors(self._flats, pending_grads(self.engine))
         push_master_to_model(self.engine)
+
+    def optimizer_shard(self, optimizer: torch.optim.Optimizer, rank: int, sharded_state: bool) -> tuple[Any, str]:
+        """This rank's client-optimizer state, one entry per flat partition (DeepSpeed's own layout)."""
+        from flatlm.optim.sharded.zero_views import _flats
+
+        state = optimizer.state
+        shard = {i: dict(state[f]) for i, f in enumerate(_flats(self.engine)) if f in state}
+        return {"flat_partitions": shard}, f"optimizer.rank{rank}.pt"
 
     def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:
         if self.backend != "zero3":

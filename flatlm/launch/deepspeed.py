@@ -33,7 +33,7 @@ from flatlm.errors import FlatlmError
 from flatlm.launch.parallel import Parallel
 
 SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
-SHAPE_AWARE = ("adafactor", "muon")  # need whole matrices: not yet mapped onto DeepSpeed's flat partitions
+SHAPE_AWARE: tuple[str, ...] = ()  # optimizers that need whole matrices and are not mapped onto flat partitions
 
 
 def check_zero_optimizer(cfg: RunConfig) -> None:
@@ -189,4 +189,27 @@ def deepspeed_parallel(
     if hasattr(optimizer, "swap_weights"):
         optimizer.swap_weights = False  # DeepSpeed keeps views of its partitions: perturb by copy, in place
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    _shape_aware_on_partitions(optimizer, engine, model)
     return DeepSpeedParallel(cfg.parallel.backend, model, engine), optimizer
+
+
+def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, model: torch.nn.Module) -> None:
+    """Give Muon and Adafactor the map from DeepSpeed's flat partitions back to whole matrices."""
+    from flatlm.optim.adafactor import Adafactor
+    from flatlm.optim.muon import Muon
+    from flatlm.optim.sharded import inner_optimizers
+    from flatlm.optim.sharded.zero_layout import flat_layouts
+
+    shape_aware = [o for o in inner_optimizers(optimizer) if isinstance(o, Muon | Adafactor)]
+    if not shape_aware:
+        return
+    layouts = flat_layouts(engine, model)
+    for opt in shape_aware:
+        if isinstance(opt, Muon):
+            from flatlm.optim.sharded.zero_muon import on_zero_partitions
+
+            on_zero_partitions(opt, layouts)
+        else:
+            from flatlm.optim.sharded.zero_adafactor import on_zero_partitions as adafactor_on_partitions
+
+            adafactor_on_partitions(opt, layouts)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flatlm.config import ParallelConfig, load_config
+from flatlm.config import ParallelConfig, RunConfig, load_config
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment
 from flatlm.launch.deepspeed import deepspeed_config
@@ -52,7 +52,7 @@ def test_requests_flatlm_cannot_honour_are_errors(environ: dict, kw: dict, messa
         resolve_backend(ParallelConfig(**kw), TWO, environ)
 
 
-def _cfg(**overrides: object):  # noqa: ANN202
+def _cfg(**overrides: object) -> RunConfig:
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     return cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"world_size": 2})})
 

@@ -32,6 +32,9 @@ CASES = [
     ("fsdp2", "adamw", "fsdp2"),
     *[("fsdp2", o, None) for o in ("adafactor", "lion", "muon", "sam", "asam", "ssam", "gsam", "looksam", "esam")],
     *[("fsdp2", o, None) for o in ("adam", "sgd", "adagrad", "rmsprop", "adadelta")],
+    *[(z, "adamw", z) for z in ("zero1", "zero2", "zero3")],
+    *[(z, o, None) for z in ("zero1", "zero2", "zero3") for o in ("adafactor", "lion", "muon", "sam", "asam")],
+    ("zero2", "sgd", None),
 ]
 
 
@@ -88,10 +91,25 @@ def test_two_processes_equal_single(
     saved = yaml.safe_load((out / "config.yaml").read_text())["parallel"]
     assert (saved["backend"], saved["world_size"]) == (backend.removesuffix("-owned"), 2)
     ratio = records[-1]["optim_state_bytes"] / single[-1]["optim_state_bytes"]
-    if backend in SHARDED and optim in ("adamw", "lion", "muon", "sam", "adam"):
+    if backend in SHARDED and optim in ("adamw", "lion", "muon", "sam", "asam", "adam"):
         assert ratio <= 0.55
+    elif optim == "adafactor":  # factored on every backend: O(n + m) per matrix, never a matrix-sized moment
+        param_bytes = single_records(tmp_path_factory, corpus, "lion")[-1]["optim_state_bytes"]  # Lion: 1 moment
+        assert records[-1]["optim_state_bytes"] < 0.05 * param_bytes
     elif backend == "ddp":
         assert ratio == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "zero2"])
+def test_impossible_pair_fails_once_before_writing(tmp_path: Path, corpus: Path, backend: str) -> None:
+    extra = {"parallel.backend": backend, "optim.name": "gsam" if backend == "zero2" else "sam"}
+    if backend == "fsdp2":
+        extra["sam.perturbation"] = "replica"
+    r = launch(tiny_overrides(tmp_path / "r", corpus, **extra))
+    assert r.returncode != 0  # each rank exits 2; torchrun reports the failure as 1
+    assert r.stderr.count("error:") == 1, r.stderr[-2000:]
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow

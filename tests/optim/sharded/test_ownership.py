@@ -38,7 +38,8 @@ def _run(rank: int, world: int, name: str) -> None:
     a = [torch.nn.Parameter(t.clone()) for t in init]
     b = [torch.nn.Parameter(t.clone()) for t in init]
     ref = build_optimizer(name, _groups(a, name == "muon"), lr=1e-2, **HPARAMS.get(name, {}))
-    owned = build_optimizer(name, _groups(b, name == "muon"), lr=1e-2, step_wrapper=OwnedParamsOptimizer, **HPARAMS.get(name, {}))
+    hp = HPARAMS.get(name, {})
+    owned = build_optimizer(name, _groups(b, name == "muon"), lr=1e-2, step_wrapper=OwnedParamsOptimizer, **hp)
     for step in range(3):
         for p, q in zip(a, b, strict=True):
             p.grad = torch.randn(p.shape, generator=gen)

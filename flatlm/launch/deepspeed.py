@@ -15,6 +15,9 @@ SAM family (global perturbation), between the passes, on this rank's flat fp32 p
 global norm (one scalar all-reduce), push them to the model (DeepSpeed's own all-gather / re-partition), drop the
 pass-1 gradients; after pass 2 restore the master partitions exactly and push again. Variants whose final gradient
 differs from g' (SSAM, GSAM, LookSAM) and ESAM's per-tensor subsets are refused under ZeRO.
+Muon and Adafactor need whole matrices: after ``deepspeed.initialize`` they get the map from each flat partition
+back to every rank's pieces of each matrix (``optim.sharded.zero_layout``) and run as ``ZeroMuon`` (gather ->
+Newton-Schulz once per matrix -> scatter) and ``ZeroAdafactor`` (factored, n + m numbers all-reduced per matrix).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from flatlm.errors import FlatlmError
 from flatlm.launch.parallel import Parallel
 
 SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
-SHAPE_AWARE: tuple[str, ...] = ()  # optimizers that need whole matrices and are not mapped onto flat partitions
 
 
 def check_zero_optimizer(cfg: RunConfig) -> None:
@@ -41,17 +43,10 @@ def check_zero_optimizer(cfg: RunConfig) -> None:
     name, backend = cfg.optim.name, cfg.parallel.backend
     from flatlm.optim.registry import get_spec
 
-    base = str(cfg.optim.hparams.get("base", "adamw")) if get_spec(name).wrapper else name
     if get_spec(name).wrapper and name not in SAM_ON_ZERO:
         raise FlatlmError(
             f"optim.name={name} cannot run under {backend}: its final gradient or perturbation is not elementwise on "
             f"DeepSpeed's flat partitions; under ZeRO use {' or '.join(SAM_ON_ZERO)}, or run {name} with fsdp2 or ddp"
-        )
-    if base in SHAPE_AWARE:
-        raise FlatlmError(
-            f"optim.name={name} (base {base}) cannot run under {backend} in this release: {base} needs whole matrices "
-            f"and DeepSpeed hands the optimizer flat partitions; use parallel.backend=fsdp2 or ddp with "
-            "parallel.shard_optimizer_state=true (both shard its state and stay exact)"
         )
     if cfg.sam.perturbation == "replica":
         raise FlatlmError(

@@ -8,14 +8,14 @@ Llama (hidden 128, 2 layers, vocab 512; fp32) on the backend through flatlm's ow
 torch.distributed collective (all-gather and reduce-scatter counted at the full, unsharded size; all-to-all
 at what is sent). It also measures this rank's parameter, gradient and optimizer-state bytes at step time.
 
-The table compares with the minimum a backend needs, in units of P = the model's fp32 parameter bytes:
-DDP all-reduces the gradients once per forward/backward pass (1 P; SAM 2 P); ZeRO-1/2 reduce the gradients
-and all-gather the updated weights (2 P); FSDP2 and ZeRO-3 gather the weights for forward and
-again for backward of every micro-batch and reduce-scatter the gradients once (2 micro-batches: 5 P; SAM 10 P); ownership ZeRO-1 on DDP all-reduces and
-broadcasts (2 P). Beyond that, SAM-global adds one scalar all-reduce, Muon two all-to-alls of its matrices
-(bf16: 2 x 2 bytes per matrix element), Adafactor n + m + 2 numbers per matrix. Memory is compared with the
-ZeRO paper's per-rank formulas for fp32 training, K = optimizer state bytes per parameter (AdamW 8):
-DDP 4+4+K, ZeRO-1 4+4+K/N, ZeRO-2 4+(4+K)/N, ZeRO-3 and FSDP2 (4+4+K)/N bytes per parameter.
+The table compares with the minimum a backend needs, in units of P = the model's fp32 parameter bytes: DDP all-
+reduces the gradients once per forward/backward pass (1 P; SAM 2 P); ZeRO-1/2 reduce the gradients and all-gather
+the updated weights (2 P); FSDP2 and ZeRO-3 gather the weights for the forward and again for the backward of every
+micro-batch and reduce-scatter the gradients once per pass (2 micro-batches: 5 P; SAM 10 P); ownership ZeRO-1 on DDP
+all-reduces and broadcasts (2 P). Beyond that, SAM-global adds one scalar all-reduce, Muon two all-to-alls of its
+matrices (bf16: 2 x 2 bytes per matrix element), Adafactor n + m + 2 numbers per matrix. Memory is compared with the
+ZeRO paper's per-rank formulas for fp32 training, K = optimizer state bytes per parameter (AdamW 8): DDP 4+4+K,
+ZeRO-1 4+4+K/N, ZeRO-2 4+(4+K)/N, ZeRO-3 and FSDP2 (4+4+K)/N bytes per parameter.
 """
 
 from __future__ import annotations

@@ -119,15 +119,10 @@ def worker(backend: str, optim: str, out: Path) -> None:
     muon_elements = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n)
     muon_elements -= model.lm_head.weight.numel()
     parallel, optimizer, groups = setup_parallel(model, cfg, device, accum=MICRO_BATCHES)
-    if parallel.backend == "ddp":  # DDP's reducer calls the process group from C++: count through a comm hook
+    if parallel.backend == "ddp":  # DDP's reducer calls C++ directly; this hook all-reduces through Python
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-        def counting_hook(state, bucket):  # unannotated: DDP checks the bucket annotation
-            if counter.on:
-                counter.bytes["all_reduce"] += _nbytes(bucket.buffer())
-            return allreduce_hook(state, bucket)
-
-        parallel.forward_module.register_comm_hook(None, counting_hook)
+        parallel.forward_module.register_comm_hook(None, allreduce_hook)
     params = [p for g in groups for p in g["params"]]
     memory: dict[str, int] = {}
     step_fn = parallel.step

@@ -10,11 +10,14 @@ One step (the train step drives it through ``Parallel``):
                                already divided by the accumulation count: ``scale_wrt_gas=False``)
     step                       ``engine.step()``: DeepSpeed clips by the global norm (``gradient_clipping``), calls
                                the client optimizer once per flat partition, writes the weights back
-SAM family (global perturbation), between the passes, on this rank's flat fp32 partitions
+SAM family, global perturbation, between the passes, on this rank's flat fp32 partitions
 (``optim.sharded.zero_views``): read the reduced gradient partitions, perturb the master partitions with the
 global norm (one scalar all-reduce), push them to the model (DeepSpeed's own all-gather / re-partition), drop the
 pass-1 gradients; after pass 2 restore the master partitions exactly and push again. Variants whose final gradient
 differs from g' (SSAM, GSAM, LookSAM) and ESAM's per-tensor subsets are refused under ZeRO.
+Replica perturbation (ZeRO-1/2, whose ranks hold whole weights): pass 1 runs through the bare module with
+``torch.autograd.grad`` (DeepSpeed's reduction hooks never fire, nothing is communicated), each rank moves its
+replicated weights by its own eps, pass 2 is a normal reduced pass, then the weights are copied back.
 Muon and Adafactor need whole matrices: after ``deepspeed.initialize`` they get the map from each flat partition
 back to every rank's pieces of each matrix (``optim.sharded.zero_layout``) and run as ``ZeroMuon`` (gather ->
 Newton-Schulz once per matrix -> scatter) and ``ZeroAdafactor`` (factored, n + m numbers all-reduced per matrix).
@@ -47,11 +50,6 @@ def check_zero_optimizer(cfg: RunConfig) -> None:
         raise FlatlmError(
             f"optim.name={name} cannot run under {backend}: its final gradient or perturbation is not elementwise on "
             f"DeepSpeed's flat partitions; under ZeRO use {' or '.join(SAM_ON_ZERO)}, or run {name} with fsdp2 or ddp"
-        )
-    if cfg.sam.perturbation == "replica":
-        raise FlatlmError(
-            f"sam.perturbation=replica is not available under {backend}: ZeRO-2/3 reduce gradients on every backward "
-            "(DeepSpeed's no_sync asserts); use sam.perturbation=global or parallel.backend=ddp"
         )
 
 
@@ -113,6 +111,23 @@ class DeepSpeedParallel(Parallel):
         self.engine = engine
         self._boundary = True
         self._flats: list[torch.Tensor] = []
+        self._local_mode = False  # replica SAM's pass 1: gradients by autograd.grad, never reduced
+        self._local_grads: list[torch.Tensor] | None = None
+        self._replica_params: list[torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def local_pass(self) -> Iterator[None]:
+        """Pass 1 of replica SAM (ZeRO-1/2): ``torch.autograd.grad`` on the bare module keeps this rank's
+        gradient to itself (DeepSpeed reduces through post-accumulate-grad hooks, which autograd.grad never
+        fires, and ``engine.no_sync`` asserts under ZeRO-2/3)."""
+        self._local_mode = True
+        try:
+            yield
+        finally:
+            self._local_mode = False
+
+    def local_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.model
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -124,6 +139,15 @@ class DeepSpeedParallel(Parallel):
             self._boundary = True
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self._local_mode:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if self._local_grads is None:
+                self._local_grads = [torch.zeros_like(p) for p in params]
+            for acc, g in zip(self._local_grads, grads, strict=True):
+                if g is not None:
+                    acc.add_(g)
+            return
         self.engine.set_gradient_accumulation_boundary(self._boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
 
@@ -139,6 +163,13 @@ class DeepSpeedParallel(Parallel):
     def perturb(self, optimizer: Any) -> bool:
         from flatlm.optim.sharded.zero_views import _flats, clear_pending_grads, pending_grads, push_master_to_model
 
+        if self._local_grads is not None:  # replica: this rank's whole weights move by its own gradient
+            self._replica_params = [p.detach() for p in self.model.parameters() if p.requires_grad]
+            with torch.no_grad():
+                second = optimizer.perturb_tensors(self._replica_params, self._local_grads)
+            self._local_grads = None
+            return second
+
         # The same tensor objects must reach restore (SAM keeps w per tensor): detach once, keep them.
         self._flats = [f.detach() for f in _flats(self.engine)]
         grads = [g.clone() for g in pending_grads(self.engine)]
@@ -151,6 +182,12 @@ class DeepSpeedParallel(Parallel):
 
     def restore(self, optimizer: Any) -> None:
         from flatlm.optim.sharded.zero_views import pending_grads, push_master_to_model
+
+        if self._replica_params is not None:  # the master partitions never moved: put the model's w back
+            with torch.no_grad():
+                optimizer.restore_tensors(self._replica_params, [])
+            self._replica_params = None
+            return
 
         with torch.no_grad():
             optimizer.restore_tensors(self._flats, pending_grads(self.engine))

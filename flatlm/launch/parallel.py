@@ -52,6 +52,14 @@ class Parallel:
         else:
             yield
 
+    def local_pass(self) -> contextlib.AbstractContextManager:
+        """A backward whose gradients stay on this rank for the whole pass (replica SAM's first pass)."""
+        return self.no_sync()
+
+    def local_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to run a local pass through (``model``, the one the step would use)."""
+        return model
+
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Average gradients accumulated under ``no_sync`` over the ranks (one flat all-reduce)."""
         grads = [p.grad for p in params if p.grad is not None]

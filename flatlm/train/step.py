@@ -16,7 +16,9 @@ SAM's perturbation (``sam.perturbation``):
              (one scalar all-reduce under sharded gradients), and equals single-process SAM.
     replica  pass 1 never synchronises: each rank perturbs by the gradient of its own share of the batch
              (m-sharpness, google-research/sam's default); pass 2 synchronises as usual, so the base step uses
-             the mean over ranks of grad L_r(w + eps_r). Needs whole weights on every rank (ddp, zero1/2).
+             the mean over ranks of grad L_r(w + eps_r). Needs whole weights on every rank (ddp, zero1/2);
+             ``parallel.local_pass`` says how a backend keeps pass 1 local (DDP ``no_sync``; DeepSpeed
+             ``torch.autograd.grad`` on the bare module, which DeepSpeed's reduction hooks never see).
 """
 
 from __future__ import annotations
@@ -69,8 +71,14 @@ def _accumulate(
     Gradients are synchronised on the last micro-batch only (never when ``sync`` is False)."""
     per_batch = []
     for i, (x, y) in enumerate(batches):
-        with contextlib.nullcontext() if sync and i == len(batches) - 1 else parallel.no_sync():
-            per_seq = per_sequence_loss(model, x, y, bf16)
+        if not sync:
+            context, module = parallel.local_pass(), parallel.local_module(model)
+        elif i < len(batches) - 1:
+            context, module = parallel.no_sync(), model
+        else:
+            context, module = contextlib.nullcontext(), model
+        with context:
+            per_seq = per_sequence_loss(module, x, y, bf16)
             parallel.backward(reduce(i, per_seq) / len(batches))
         per_batch.append(per_seq.detach())
     return per_batch

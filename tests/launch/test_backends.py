@@ -64,7 +64,7 @@ def _cfg(**overrides: object) -> RunConfig:
         ({"parallel.backend": "zero1", "optim.name": "esam"}, "optim.name=esam cannot run under zero1"),
         ({"parallel.backend": "zero2", "optim.name": "gsam"}, "optim.name=gsam cannot run under zero2"),
         ({"parallel.backend": "fsdp2", "optim.name": "sam", "sam.perturbation": "replica"}, "fsdp2 shards the weights"),
-        ({"parallel.backend": "zero2", "optim.name": "sam", "sam.perturbation": "replica"}, "replica is not available"),
+        ({"parallel.backend": "zero3", "optim.name": "sam", "sam.perturbation": "replica"}, "zero3 shards the weights"),
     ],
 )
 def test_impossible_pairs_are_named(overrides: dict, message: str) -> None:

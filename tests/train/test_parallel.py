@@ -119,3 +119,22 @@ def test_bad_batch_layout_fails_once_cleanly(tmp_path: Path, corpus: Path) -> No
     assert r.returncode != 0
     assert r.stderr.count("is not divisible by train.micro_batch_size=3 x world size 2") == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_replica_sam_same_on_ddp_and_zero(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, corpus: Path
+) -> None:
+    """Replica SAM on ZeRO-1/2 (pass 1 by autograd.grad on the bare module) equals replica SAM on DDP, which
+    tests/train/test_sam_replica.py checks against a per-replica reference; and it is not global SAM."""
+    losses = {}
+    for backend in ("ddp", "zero1", "zero2"):
+        out = tmp_path / backend
+        extra = {"parallel.backend": backend, "sam.perturbation": "replica"}
+        r = launch(_overrides(out, corpus, "sam", **extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[backend] = [x["loss"] for x in read_jsonl(out / "metrics.jsonl")]
+    assert losses["zero1"] == pytest.approx(losses["ddp"], rel=1e-5)
+    assert losses["zero2"] == pytest.approx(losses["ddp"], rel=1e-5)
+    single = [x["loss"] for x in single_records(tmp_path_factory, corpus, "sam")]
+    assert max(abs(a - b) / b for a, b in zip(losses["ddp"], single, strict=True)) > 1e-4

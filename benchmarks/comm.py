@@ -13,9 +13,10 @@ reduces the gradients once per forward/backward pass (1 P; SAM 2 P); ZeRO-1/2 re
 the updated weights (2 P); FSDP2 and ZeRO-3 gather the weights for the forward and again for the backward of every
 micro-batch and reduce-scatter the gradients once per pass (2 micro-batches: 5 P; SAM 10 P); ownership ZeRO-1 on DDP
 all-reduces and broadcasts (2 P). Beyond that, SAM-global adds one scalar all-reduce, Muon two all-to-alls of its
-matrices (bf16: 2 x 2 bytes per matrix element), Adafactor n + m + 2 numbers per matrix. Memory is compared with the
-ZeRO paper's per-rank formulas for fp32 training, K = optimizer state bytes per parameter (AdamW 8): DDP 4+4+K,
-ZeRO-1 4+4+K/N, ZeRO-2 4+(4+K)/N, ZeRO-3 and FSDP2 (4+4+K)/N bytes per parameter.
+matrices (this rank's 1/N of each, in bf16, out and back: 4/N bytes per matrix element), Adafactor n + m + 2 numbers
+per matrix. Memory is compared with the ZeRO paper's per-rank formulas for fp32 training, K = optimizer state bytes
+per parameter (AdamW 8): DDP 4+4+K, ZeRO-1 4+4+K/N, ZeRO-2 4+(4+K)/N, ZeRO-3 and FSDP2 (4+4+K)/N bytes per
+parameter.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["ddp", "ddp-owned", "fsdp2", "zero1", "zero2", "zero3"]
 OPTIMS = ["adamw", "sam", "lion", "muon", "adafactor"]
 MICRO_BATCHES = 2  # per rank and step
+WORLD = 2
 GRAD_PASSES = {"ddp": 1, "ddp-owned": 1, "fsdp2": 1, "zero1": 1, "zero2": 1, "zero3": 1}
 WEIGHT_MOVES = {"ddp": 0, "ddp-owned": 1, "fsdp2": 2, "zero1": 1, "zero2": 1, "zero3": 2}
 COLLECTIVES = (
@@ -42,6 +44,9 @@ COLLECTIVES = (
     "reduce_scatter_tensor",
     "all_gather_single",  # FSDP2 (torch 2.13)
     "reduce_scatter_single",
+    "_all_gather_base_coalesced",  # DeepSpeed ZeRO-3's coalesced parameter gathers
+    "all_gather_coalesced",
+    "all_reduce_coalesced",
     "all_to_all_single",
     "broadcast",
     "all_gather",
@@ -66,19 +71,27 @@ class Counter:
 
     def __init__(self) -> None:
         import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
 
         self.on = False
         self.bytes: dict[str, int] = defaultdict(int)
         for name in COLLECTIVES:
-            fn = getattr(dist, name, None)
-            if fn is not None:
-                setattr(dist, name, self._wrap(name, fn))
+            fn = getattr(c10d, name, None) or getattr(dist, name, None)
+            if fn is None:
+                continue
+            wrapped = self._wrap(name, fn)
+            for namespace in (dist, c10d):
+                if getattr(namespace, name, None) is fn:
+                    setattr(namespace, name, wrapped)
 
     def _wrap(self, name: str, fn: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
             if self.on:
-                sizes = [_nbytes(a) for a in (*args[:2], *kwargs.values())]
-                self.bytes[name.strip("_").replace("_base", "")] += max(sizes) if sizes else 0
+                if name == "all_to_all_single":  # (output, input, ...): what this rank sends
+                    size = _nbytes(args[1] if len(args) > 1 else kwargs.get("input"))
+                else:  # gathers and reduce-scatters at their full size, all-reduce and broadcast as given
+                    size = max([_nbytes(a) for a in (*args[:2], *kwargs.values())] or [0])
+                self.bytes[name.strip("_").replace("_base", "").replace("_coalesced", "")] += size
             return fn(*args, **kwargs)
 
         return counted
@@ -178,7 +191,7 @@ def expected_bytes(backend: str, optim: str, param_bytes: int, muon_elements: in
     weights = param_bytes * WEIGHT_MOVES[backend] * (passes * MICRO_BATCHES if backend in ("fsdp2", "zero3") else 1)
     extra = 8 if optim == "sam" and backend != "ddp" and backend != "ddp-owned" else 0
     if optim == "muon" and backend in ("fsdp2", "zero1", "zero2", "zero3"):
-        extra += 2 * 2 * muon_elements
+        extra += 2 * 2 * muon_elements / WORLD  # this rank's 1/N of each matrix, in bf16, out and back
     return grads + weights + extra
 
 

@@ -158,10 +158,21 @@ def _single_tensor_muon(
     ns_dtype: torch.dtype,
     orthogonalize_fn: OrthogonalizeFn = orthogonalize,
 ) -> None:
+    ns = {"steps": ns_steps, "coefficients": ns_coefficients, "eps": eps, "dtype": ns_dtype}
+    if orthogonalize_fn is not orthogonalize:  # a sharded orthogonalize_fn gets every matrix in one call,
+        updates = []  # so that it can batch its communication (one gather and one scatter per step)
+        for grad, buf in zip(grads, momentum_buffers, strict=True):
+            buf.lerp_(grad, 1 - momentum)
+            updates.append(grad.lerp(buf, momentum) if nesterov else buf)
+        orths = orthogonalize_fn(updates, **ns)
+        for param, orth in zip(params, orths, strict=True):
+            param.mul_(1 - lr * weight_decay)
+            param.add_(orth, alpha=-lr * update_scale(param.shape, adjust_lr))
+        return
     for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
         buf.lerp_(grad, 1 - momentum)  # B <- mu B + (1 - mu) G
         update = grad.lerp(buf, momentum) if nesterov else buf  # (1 - mu) G + mu B
-        (orth,) = orthogonalize_fn([update], steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+        (orth,) = orthogonalize_fn([update], **ns)  # one matrix at a time: the least memory
         param.mul_(1 - lr * weight_decay)  # decoupled weight decay, unscaled lr
         param.add_(orth, alpha=-lr * update_scale(param.shape, adjust_lr))
 

@@ -478,6 +478,13 @@ class SAM(torch.optim.Optimizer):
                 p.grad = torch.zeros_like(p)
         self.restore_tensors(params, [p.grad for p in params])
 
+    def forget_perturbation(self) -> None:
+        """End a perturbation whose tensors were temporary copies (FSDP2's unsharded weights in replica SAM):
+        nothing to put back, the final gradient is g' as it is (SAM and ASAM)."""
+        if self._perturbed is None:
+            raise RuntimeError("forget_perturbation() called without a perturb() that returned True")
+        self._perturbed = None
+
     @torch.no_grad()
     def restore_tensors(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """``restore`` on the tensors ``perturb_tensors`` moved, with pass 2's gradients ``grads`` (final

@@ -63,7 +63,7 @@ def _cfg(**overrides: object) -> RunConfig:
         ({"parallel.backend": "zero3", "optim.name": "looksam"}, "optim.name=looksam cannot run under zero3"),
         ({"parallel.backend": "zero1", "optim.name": "esam"}, "optim.name=esam cannot run under zero1"),
         ({"parallel.backend": "zero2", "optim.name": "gsam"}, "optim.name=gsam cannot run under zero2"),
-        ({"parallel.backend": "fsdp2", "optim.name": "sam", "sam.perturbation": "replica"}, "fsdp2 shards the weights"),
+        ({"parallel.backend": "fsdp2", "optim.name": "gsam", "sam.perturbation": "replica"}, "under fsdp2 runs sam"),
         ({"parallel.backend": "zero3", "optim.name": "sam", "sam.perturbation": "replica"}, "zero3 shards the weights"),
     ],
 )

@@ -103,7 +103,7 @@ def test_two_processes_equal_single(
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp2", "zero2"])
 def test_impossible_pair_fails_once_before_writing(tmp_path: Path, corpus: Path, backend: str) -> None:
-    extra = {"parallel.backend": backend, "optim.name": "gsam" if backend == "zero2" else "sam"}
+    extra = {"parallel.backend": backend, "optim.name": "gsam" if backend == "zero2" else "looksam"}
     if backend == "fsdp2":
         extra["sam.perturbation"] = "replica"
     r = launch(tiny_overrides(tmp_path / "r", corpus, **extra))
@@ -125,10 +125,11 @@ def test_bad_batch_layout_fails_once_cleanly(tmp_path: Path, corpus: Path) -> No
 def test_replica_sam_same_on_ddp_and_zero(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, corpus: Path
 ) -> None:
-    """Replica SAM on ZeRO-1/2 (pass 1 by autograd.grad on the bare module) equals replica SAM on DDP, which
-    tests/train/test_sam_replica.py checks against a per-replica reference; and it is not global SAM."""
+    """Replica SAM on ZeRO-1/2 (pass 1 by autograd.grad on the bare module) and FSDP2 (unsharded for the step)
+    equals replica SAM on DDP, which tests/train/test_sam_replica.py checks against a per-replica reference;
+    and it is not global SAM."""
     losses = {}
-    for backend in ("ddp", "zero1", "zero2"):
+    for backend in ("ddp", "zero1", "zero2", "fsdp2"):
         out = tmp_path / backend
         extra = {"parallel.backend": backend, "sam.perturbation": "replica"}
         r = launch(_overrides(out, corpus, "sam", **extra))
@@ -136,5 +137,6 @@ def test_replica_sam_same_on_ddp_and_zero(
         losses[backend] = [x["loss"] for x in read_jsonl(out / "metrics.jsonl")]
     assert losses["zero1"] == pytest.approx(losses["ddp"], rel=1e-5)
     assert losses["zero2"] == pytest.approx(losses["ddp"], rel=1e-5)
+    assert losses["fsdp2"] == pytest.approx(losses["ddp"], rel=1e-5)
     single = [x["loss"] for x in single_records(tmp_path_factory, corpus, "sam")]
     assert max(abs(a - b) / b for a, b in zip(losses["ddp"], single, strict=True)) > 1e-4

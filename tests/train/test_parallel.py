@@ -90,7 +90,7 @@ def test_two_processes_equal_single(
     assert lrs == pytest.approx([x["lr"] for x in single]) and len(set(lrs)) > 3  # the schedule moved the lr
     saved = yaml.safe_load((out / "config.yaml").read_text())["parallel"]
     assert (saved["backend"], saved["world_size"]) == (backend.removesuffix("-owned"), 2)
-    ratio = records[-1]["optim_state_bytes"] / single[-1]["optim_state_bytes"]
+    ratio = records[-1]["optim_state_bytes"] / max(1, single[-1]["optim_state_bytes"])  # sgd: no state
     if backend in SHARDED and optim in ("adamw", "lion", "muon", "sam", "asam", "adam"):
         assert ratio <= 0.55
     elif optim == "adafactor":  # factored on every backend: O(n + m) per matrix, never a matrix-sized moment

@@ -74,6 +74,7 @@ class Counter:
         import torch.distributed.distributed_c10d as c10d
 
         self.on = False
+        self.inside = 0
         self.bytes: dict[str, int] = defaultdict(int)
         for name in COLLECTIVES:
             fn = getattr(c10d, name, None) or getattr(dist, name, None)
@@ -86,13 +87,17 @@ class Counter:
 
     def _wrap(self, name: str, fn: Any) -> Any:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            if self.on:
+            if self.on and not self.inside:  # count the outermost call (aliases call each other)
                 if name == "all_to_all_single":  # (output, input, ...): what this rank sends
                     size = _nbytes(args[1] if len(args) > 1 else kwargs.get("input"))
                 else:  # gathers and reduce-scatters at their full size, all-reduce and broadcast as given
                     size = max([_nbytes(a) for a in (*args[:2], *kwargs.values())] or [0])
                 self.bytes[name.strip("_").replace("_base", "").replace("_coalesced", "")] += size
-            return fn(*args, **kwargs)
+            self.inside += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.inside -= 1
 
         return counted
 

@@ -87,7 +87,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, accum: int, environ: dict[
             raise FlatlmError(
                 f"the DeepSpeed config sets {key}={user[key]} but flatlm's settings give {ours[key]} "
                 f"(train.global_batch_size={cfg.train.global_batch_size}, train.micro_batch_size="
-                f"{cfg.train.micro_batch_size}, {world_size} processes); "
+                f"{cfg.train.micro_batch_size}, {world_size} processes, train.grad_clip={cfg.train.grad_clip}); "
                 "remove it from the DeepSpeed config (flatlm derives it) or change the train.* keys"
             )
     zero = {**user.get("zero_optimization", {}), "stage": stage}

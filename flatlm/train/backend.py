@@ -66,5 +66,6 @@ def setup_parallel(
             optimizer.swap_weights = False  # perturb the unsharded copies in place
     else:
         parallel = Parallel(backend, model, model)
-    install_hooks(optimizer, grads_sharded=parallel.grads_sharded, replica_perturbation=replica)
+    replicated = backend == "ddp" and not cfg.parallel.shard_optimizer_state  # whole state on every rank
+    install_hooks(optimizer, grads_sharded=parallel.grads_sharded, replica_perturbation=replica, replicated=replicated)
     return parallel, optimizer, groups

@@ -14,11 +14,12 @@ from torch.distributed.tensor import DTensor
 
 from flatlm.optim.sharded.adafactor import RowShardedReductions
 from flatlm.optim.sharded.collectives import all_reduce_sum, clip_grad_norm_, global_grad_norm, local, world
-from flatlm.optim.sharded.muon import ShardedOrthogonalize
+from flatlm.optim.sharded.muon import ReplicatedOrthogonalize, ShardedOrthogonalize
 from flatlm.optim.sharded.ownership import OwnedParamsOptimizer, assign_owners
 
 __all__ = [
     "OwnedParamsOptimizer",
+    "ReplicatedOrthogonalize",
     "ShardedOrthogonalize",
     "all_reduce_sum",
     "assign_owners",
@@ -44,11 +45,15 @@ def inner_optimizers(optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.O
         stack.extend(o for o in (getattr(opt, "base_optimizer", None), getattr(opt, "inner", None)) if o is not None)
 
 
-def install_hooks(optimizer: torch.optim.Optimizer, *, grads_sharded: bool, replica_perturbation: bool) -> None:
+def install_hooks(
+    optimizer: torch.optim.Optimizer, *, grads_sharded: bool, replica_perturbation: bool, replicated: bool = False
+) -> None:
     """Point the optimizers' reduction hooks at the collectives this backend needs.
 
     SAM family: global norms over every shard (``grads_sharded``, global perturbation), else local.
     Muon on DTensor (FSDP2) matrices: gather -> Newton-Schulz once per matrix -> scatter.
+    Muon on whole matrices replicated on every rank (``replicated``: plain DDP): Newton-Schulz on each matrix's
+    owner, then a broadcast (no rank repeats another's work).
     Adafactor on DTensor (FSDP2) parameters: column statistics and RMS values summed over the ranks' rows.
     """
     from flatlm.optim.adafactor import Adafactor
@@ -61,5 +66,7 @@ def install_hooks(optimizer: torch.optim.Optimizer, *, grads_sharded: bool, repl
         on_dtensors = any(isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
         if isinstance(opt, Muon) and on_dtensors:
             opt.orthogonalize_fn = ShardedOrthogonalize()
+        elif isinstance(opt, Muon) and replicated and world()[1] > 1:
+            opt.orthogonalize_fn = ReplicatedOrthogonalize()
         if isinstance(opt, Adafactor) and on_dtensors:
             opt.reductions = RowShardedReductions()

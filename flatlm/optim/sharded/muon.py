@@ -155,3 +155,39 @@ class ShardedOrthogonalize:
             )
             for p, u in zip(local_pieces, updates, strict=True)
         ]
+
+
+class ReplicatedOrthogonalize:
+    """``Muon.orthogonalize_fn`` under plain DDP, where every rank holds the same whole matrices.
+
+    Instead of every rank running Newton-Schulz on every matrix, each matrix's owner (``owners_by_shape``)
+    orthogonalises it and broadcasts the result: one broadcast per rank of its results in the NS dtype
+    (every matrix sent once), Newton-Schulz once per matrix across all ranks (KellerJordan/Muon's DDP
+    scheme). The results are bit-identical to the single process (same inputs, same ``orthogonalize``).
+    """
+
+    def __init__(self) -> None:
+        self.ns_matrices = 0
+
+    def __call__(self, updates: Sequence[Tensor], **ns_kwargs: Any) -> list[Tensor]:
+        rank, size = world()
+        if size == 1 or not updates:
+            return orthogonalize(updates, **ns_kwargs)
+        dtype = ns_kwargs.get("dtype", torch.bfloat16)
+        owner = owners_by_shape([tuple(u.shape) for u in updates], size)
+        mine = [i for i in range(len(updates)) if owner[i] == rank]
+        results = orthogonalize([updates[i] for i in mine], **ns_kwargs)
+        self.ns_matrices += len(mine)
+        out: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
+        for r in range(size):
+            idx = [i for i in range(len(updates)) if owner[i] == r]
+            if not idx:
+                continue
+            if r == rank:
+                flat = torch.cat([res.reshape(-1) for res in results])
+            else:
+                flat = torch.empty(sum(updates[i].numel() for i in idx), dtype=dtype, device=updates[0].device)
+            dist.broadcast(flat, src=r)
+            for i, piece in zip(idx, flat.split([updates[i].numel() for i in idx]), strict=True):
+                out[i] = piece.view(updates[i].shape)
+        return out

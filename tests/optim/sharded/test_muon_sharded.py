@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from flatlm.optim.muon import orthogonalize
-from flatlm.optim.sharded.muon import ShardedOrthogonalize, owners_by_shape, row_chunks
+from flatlm.optim.sharded.muon import ReplicatedOrthogonalize, ShardedOrthogonalize, owners_by_shape, row_chunks
 from tests.ranks import run_ranks
 
 # Uneven rows (7, 5), fewer rows than ranks would give (1), repeated shapes (batched), wide and tall.
@@ -55,3 +55,19 @@ def test_sharded_orthogonalize_bit_equal_float32() -> None:
 
 def test_sharded_orthogonalize_bit_equal_bfloat16() -> None:
     run_ranks(_sharded_equals_single, torch.bfloat16)
+
+
+def _replicated_equals_single(rank: int, world: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=gen) for s in SHAPES]  # the same on every rank, as under DDP
+    fn = ReplicatedOrthogonalize()
+    out = fn(full, steps=5, eps=1e-7, dtype=torch.bfloat16)
+    for o, e in zip(out, orthogonalize(full, steps=5, eps=1e-7, dtype=torch.bfloat16), strict=True):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    count = torch.tensor([fn.ns_matrices])
+    dist.all_reduce(count)
+    assert count.item() == len(SHAPES)
+
+
+def test_replicated_orthogonalize_once_per_matrix_bit_equal() -> None:
+    run_ranks(_replicated_equals_single)

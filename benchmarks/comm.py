@@ -12,11 +12,11 @@ The table compares with the minimum a backend needs, in units of P = the model's
 reduces the gradients once per forward/backward pass (1 P; SAM 2 P); ZeRO-1/2 reduce the gradients and all-gather
 the updated weights (2 P); FSDP2 and ZeRO-3 gather the weights for the forward and again for the backward of every
 micro-batch and reduce-scatter the gradients once per pass (2 micro-batches: 5 P; SAM 10 P); ownership ZeRO-1 on DDP
-all-reduces and broadcasts (2 P). Beyond that, SAM-global adds one scalar all-reduce, Muon two all-to-alls of its
-matrices (this rank's 1/N of each, in bf16, out and back: 4/N bytes per matrix element), Adafactor n + m + 2 numbers
-per matrix. Memory is compared with the ZeRO paper's per-rank formulas for fp32 training, K = optimizer state bytes
-per parameter (AdamW 8): DDP 4+4+K, ZeRO-1 4+4+K/N, ZeRO-2 4+(4+K)/N, ZeRO-3 and FSDP2 (4+4+K)/N bytes per
-parameter.
+all-reduces and broadcasts (2 P). Beyond that, SAM-global adds one scalar all-reduce, Muon (sharded) two all-to-alls
+of its matrices (this rank's 1/N of each, in bf16, out and back: 4/N bytes per matrix element; under DDP one bf16
+broadcast of each result by its owner), Adafactor n + m + 2 numbers per matrix. Memory is compared with the ZeRO
+paper's per-rank formulas for fp32 training, K = optimizer state bytes per parameter (AdamW 8): DDP 4+4+K, ZeRO-1
+4+4+K/N, ZeRO-2 4+(4+K)/N, ZeRO-3 and FSDP2 (4+4+K)/N bytes per parameter.
 """
 
 from __future__ import annotations
@@ -186,6 +186,7 @@ def worker(backend: str, optim: str, out: Path) -> None:
         out.write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads occasionally abort it after the work is done
 
 
 def expected_bytes(backend: str, optim: str, param_bytes: int, muon_elements: int) -> float:
@@ -197,6 +198,8 @@ def expected_bytes(backend: str, optim: str, param_bytes: int, muon_elements: in
     extra = 8 if optim == "sam" and backend != "ddp" and backend != "ddp-owned" else 0
     if optim == "muon" and backend in ("fsdp2", "zero1", "zero2", "zero3"):
         extra += 2 * 2 * muon_elements / WORLD  # this rank's 1/N of each matrix, in bf16, out and back
+    if optim == "muon" and backend == "ddp":
+        extra += 2 * muon_elements  # each result broadcast once by its owner, in bf16
     return grads + weights + extra
 
 

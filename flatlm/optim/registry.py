@@ -35,6 +35,8 @@ class OptimizerSpec:
     """Parameters are split into Muon (2-D hidden matrices) and AdamW groups."""
     wrapper: bool = False
     """A SAM-family wrapper around a ``base`` optimizer."""
+    with_lr: dict[str, Any] = field(default_factory=dict)
+    """Defaults that apply when an ``lr`` is given (Adafactor: the lr and its schedule set the step size)."""
 
     def cls(self) -> type[torch.optim.Optimizer]:
         module, name = self.target.split(":")
@@ -56,7 +58,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "rmsprop": OptimizerSpec(f"{_TORCH}:RMSprop"),
     "adadelta": OptimizerSpec(f"{_TORCH}:Adadelta"),
     # flatlm's own.
-    "adafactor": OptimizerSpec("flatlm.optim.adafactor:Adafactor"),
+    "adafactor": OptimizerSpec(
+        "flatlm.optim.adafactor:Adafactor", with_lr={"relative_step": False, "scale_parameter": False}
+    ),
     "lion": OptimizerSpec("flatlm.optim.lion:Lion"),
     "muon": OptimizerSpec("flatlm.optim.muon:Muon", muon_groups=True),
     # The SAM family around any of the above.
@@ -102,7 +106,7 @@ def _plain_tensors(params: Any) -> bool:
 
 def _instantiate(name: str, spec: OptimizerSpec, params: Any, hparams: dict[str, Any]) -> torch.optim.Optimizer:
     cls = spec.cls()
-    kw = {**spec.defaults, **hparams}
+    kw = {**spec.defaults, **(spec.with_lr if "lr" in hparams else {}), **hparams}
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     try:

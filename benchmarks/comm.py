@@ -169,9 +169,9 @@ def worker(backend: str, optim: str, out: Path) -> None:
     else:
         weights = sum(_nbytes(local(p)) for p in model.parameters())
     if parallel.backend.startswith("zero"):
-        from flatlm.optim.sharded.zero_views import _flats
+        from flatlm.optim.sharded.zero_views import flat_partitions
 
-        memory["fp32_master"] = sum(_nbytes(f) for f in _flats(parallel.engine))
+        memory["fp32_master"] = sum(_nbytes(f) for f in flat_partitions(parallel.engine))
     memory["weights"] = weights
     memory["optimizer_state"] = optimizer_state_bytes(optimizer)
     if env.rank == 0:

@@ -140,13 +140,7 @@ class DeepSpeedParallel(Parallel):
 
     def backward(self, loss: torch.Tensor) -> None:
         if self._local_mode:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            if self._local_grads is None:
-                self._local_grads = [torch.zeros_like(p) for p in params]
-            for acc, g in zip(self._local_grads, grads, strict=True):
-                if g is not None:
-                    acc.add_(g)
+            self._accumulate_local(loss, [p for p in self.model.parameters() if p.requires_grad])
             return
         self.engine.set_gradient_accumulation_boundary(self._boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -161,7 +155,12 @@ class DeepSpeedParallel(Parallel):
     # -- SAM between the passes, on flat partitions -------------------------------------------------------------
 
     def perturb(self, optimizer: Any) -> bool:
-        from flatlm.optim.sharded.zero_views import _flats, clear_pending_grads, pending_grads, push_master_to_model
+        from flatlm.optim.sharded.zero_views import (
+            clear_pending_grads,
+            flat_partitions,
+            pending_grads,
+            push_master_to_model,
+        )
 
         if self._local_grads is not None:  # replica: this rank's whole weights move by its own gradient
             self._replica_params = [p.detach() for p in self.model.parameters() if p.requires_grad]
@@ -171,7 +170,7 @@ class DeepSpeedParallel(Parallel):
             return second
 
         # The same tensor objects must reach restore (SAM keeps w per tensor): detach once, keep them.
-        self._flats = [f.detach() for f in _flats(self.engine)]
+        self._flats = [f.detach() for f in flat_partitions(self.engine)]
         grads = [g.clone() for g in pending_grads(self.engine)]
         with torch.no_grad():
             second = optimizer.perturb_tensors(self._flats, grads)
@@ -195,10 +194,10 @@ class DeepSpeedParallel(Parallel):
 
     def optimizer_shard(self, optimizer: torch.optim.Optimizer, rank: int, sharded_state: bool) -> tuple[Any, str]:
         """This rank's client-optimizer state, one entry per flat partition (DeepSpeed's own layout)."""
-        from flatlm.optim.sharded.zero_views import _flats
+        from flatlm.optim.sharded.zero_views import flat_partitions
 
         state = optimizer.state
-        shard = {i: dict(state[f]) for i, f in enumerate(_flats(self.engine)) if f in state}
+        shard = {i: dict(state[f]) for i, f in enumerate(flat_partitions(self.engine)) if f in state}
         return {"flat_partitions": shard}, f"optimizer.rank{rank}.pt"
 
     def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:

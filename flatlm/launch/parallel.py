@@ -74,6 +74,16 @@ class Parallel:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def _accumulate_local(self, loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+        """Add d loss / d params to ``self._local_grads`` with ``torch.autograd.grad``: no ``.grad`` is written,
+        so no backend's reduction hook fires (replica SAM's local first pass)."""
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if getattr(self, "_local_grads", None) is None:
+            self._local_grads = [torch.zeros_like(p) for p in params]
+        for acc, g in zip(self._local_grads, grads, strict=True):
+            if g is not None:
+                acc.add_(g)
+
     def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
         """Clip to ``max_norm`` by the global norm over every shard, step, zero the gradients; returns the norm
         before clipping."""
@@ -189,13 +199,7 @@ class FSDP2Parallel(Parallel):
         if not self._local_mode:
             loss.backward()
             return
-        params = [p for p in self.model.parameters() if p.requires_grad]  # the unsharded weights now
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        if self._local_grads is None:
-            self._local_grads = [torch.zeros_like(p) for p in params]
-        for acc, g in zip(self._local_grads, grads, strict=True):
-            if g is not None:
-                acc.add_(g)
+        self._accumulate_local(loss, [p for p in self.model.parameters() if p.requires_grad])  # unsharded now
 
     def perturb(self, optimizer: Any) -> bool:
         if self._local_grads is None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flatlm.optim.sharded.muon import Piece
-from flatlm.optim.sharded.zero_views import _flats, zero_fragments
+from flatlm.optim.sharded.zero_views import flat_partitions, zero_fragments
 
 
 @dataclass
@@ -44,7 +44,7 @@ def flat_layouts(engine: Any, model: torch.nn.Module) -> dict[int, FlatLayout]:
     dist.all_gather_object(everyone, mine)
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict[int, FlatLayout] = {}
-    for k, flat in enumerate(_flats(engine)):
+    for k, flat in enumerate(flat_partitions(engine)):
         order: dict[str, tuple[int, ...]] = {}
         for r in range(world):
             for name, shape, *_ in everyone[r][k]:

@@ -163,7 +163,7 @@ def pending_grads(engine: Any) -> list[Tensor]:
     zero = _zero_optimizer(engine)
     stage3 = int(engine.zero_optimization_stage()) == 3
     out, offset = [], 0
-    for k, flat in enumerate(_flats(engine)):
+    for k, flat in enumerate(flat_partitions(engine)):
         if zero.averaged_gradients.get(k) is None:
             raise RuntimeError("no reduced gradients: call after engine.backward on the accumulation boundary")
         if stage3:  # one buffer, the sub-groups' ds_tensor partitions back to back (_setup_for_real_optimizer)
@@ -216,7 +216,9 @@ def push_master_to_model(engine: Any) -> None:
         zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
 
 
-def _flats(engine: Any) -> list[Tensor]:
+def flat_partitions(engine: Any) -> list[Tensor]:
+    """This rank's flat fp32 master partitions, the tensors the client optimizer steps (stage 1/2: one per
+    param group; stage 3: one per sub-group), in the order of ``zero_fragments``."""
     zero = _zero_optimizer(engine)
     if int(engine.zero_optimization_stage()) == 3:
         return list(zero.fp32_partitioned_groups_flat)

@@ -61,6 +61,20 @@ def launcher_options(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+def launcher_bf16(environ: dict[str, str] | None = None) -> bool | None:
+    """The launcher's mixed precision: True for bf16, None when it sets none; fp16/fp8 are refused."""
+    environ = dict(os.environ if environ is None else environ)
+    value = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if value == "bf16":
+        return True
+    if value not in ("no", ""):
+        raise FlatlmError(
+            f"the launcher asked for mixed_precision={value}; flatlm trains in fp32 or bf16 (fp32 master weights "
+            "and optimizer state): set mixed_precision: bf16 or 'no' in the accelerate config"
+        )
+    return None
+
+
 def resolve_backend(
     parallel: ParallelConfig, env: Environment, environ: dict[str, str] | None = None
 ) -> ParallelConfig:

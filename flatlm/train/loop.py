@@ -34,6 +34,7 @@ from flatlm.launch.distributed import (
     barrier,
     destroy_process_group,
     init_process_group,
+    launcher_bf16,
     local_main_first,
     mean_across_ranks,
     resolve_backend,
@@ -139,6 +140,8 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     env = env or environment()
     parallel_cfg = resolve_backend(cfg.parallel, env)
     cfg = cfg.model_copy(update={"parallel": parallel_cfg})
+    if launcher_bf16():  # accelerate's mixed_precision: bf16 (recorded in config.yaml as train.bf16)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": True})})
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     init_process_group(env, device)
     try:

@@ -11,7 +11,7 @@ from flatlm.config import ParallelConfig, RunConfig, load_config
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment
 from flatlm.launch.deepspeed import deepspeed_config
-from flatlm.launch.distributed import resolve_backend
+from flatlm.launch.distributed import launcher_bf16, resolve_backend
 from flatlm.train.backend import check_parallel
 from flatlm.train.loop import grad_accumulation
 
@@ -50,6 +50,14 @@ def test_requests_flatlm_cannot_honour_are_errors(environ: dict, kw: dict, messa
     kw = {"backend": "single", **kw}
     with pytest.raises(FlatlmError, match=message):
         resolve_backend(ParallelConfig(**kw), TWO, environ)
+
+
+def test_launcher_mixed_precision() -> None:
+    assert launcher_bf16({"ACCELERATE_MIXED_PRECISION": "bf16"}) is True
+    assert launcher_bf16({"ACCELERATE_MIXED_PRECISION": "no"}) is None
+    assert launcher_bf16({}) is None
+    with pytest.raises(FlatlmError, match="mixed_precision=fp16; flatlm trains in fp32 or bf16"):
+        launcher_bf16({"ACCELERATE_MIXED_PRECISION": "fp16"})
 
 
 def _cfg(**overrides: object) -> RunConfig:

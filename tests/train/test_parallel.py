@@ -27,7 +27,7 @@ SHARDED = {"fsdp2", "zero1", "zero2", "zero3", "ddp-owned"}
 # parallel.shard_optimizer_state=true. At least one case per backend goes through accelerate launch.
 CASES = [
     ("ddp", "adamw", "ddp"),
-    *[("ddp", o, None) for o in ("adafactor", "lion", "muon", "sam")],
+    *[("ddp", o, None) for o in ("adafactor", "lion", "muon", "sam", "asam", "ssam", "gsam", "looksam", "esam")],
     *[("ddp-owned", o, None) for o in ("adamw", "adafactor", "lion", "muon", "sam")],
     ("fsdp2", "adamw", "fsdp2"),
     *[("fsdp2", o, None) for o in ("adafactor", "lion", "muon", "sam", "asam", "ssam", "gsam", "looksam", "esam")],

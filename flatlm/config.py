@@ -166,6 +166,7 @@ class RunConfig(Section):
 # Keys that may change between invocations on one output_dir without making it a different run.
 NOT_RUN_IDENTITY = (
     "overwrite",
+    "output_dir",  # a run directory that was moved or copied is still that run
     "parallel.world_size",
     "train.max_steps",
     "train.eval_every",

@@ -192,21 +192,29 @@ class DeepSpeedParallel(Parallel):
             optimizer.restore_tensors(self._flats, pending_grads(self.engine))
         push_master_to_model(self.engine)
 
-    def optimizer_shard(self, optimizer: torch.optim.Optimizer, rank: int, sharded_state: bool) -> tuple[Any, str]:
-        """This rank's client-optimizer state, one entry per flat partition (DeepSpeed's own layout)."""
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        return None  # not resumable yet: see legacy_files
+
+    def legacy_files(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
+        """The whole model (rank 0, gathered under ZeRO-3) and this rank's client-optimizer state, one entry per
+        flat partition (DeepSpeed's own layout)."""
         from flatlm.optim.sharded.zero_views import flat_partitions
 
+        files: dict[str, Any] = {}
+        params = list(self.model.parameters())
+        if self.backend == "zero3":
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                model = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if rank == 0 else None
+        else:
+            model = self.model.state_dict() if rank == 0 else None
+        if model is not None:
+            files["model.safetensors"] = model
         state = optimizer.state
         shard = {i: dict(state[f]) for i, f in enumerate(flat_partitions(self.engine)) if f in state}
-        return {"flat_partitions": shard}, f"optimizer.rank{rank}.pt"
-
-    def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:
-        if self.backend != "zero3":
-            return super().full_model_state(rank)
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()} if rank == 0 else None
+        files[f"optimizer.rank{rank}.pt"] = {"flat_partitions": shard}
+        return files
 
 
 def deepspeed_parallel(

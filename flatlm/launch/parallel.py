@@ -100,31 +100,17 @@ class Parallel:
         """SAM family after pass 2: w back, the final gradient in place."""
         optimizer.restore()
 
-    def full_model_state(self, rank: int) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict on rank 0 (None on the others); collective under FSDP2."""
-        if self.backend == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Model and optimizer state keyed by parameter name for torch.distributed.checkpoint (each rank its
+        shards); None where the backend checkpoints differently (DeepSpeed)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return state if rank == 0 else None
-        return self.model.state_dict() if rank == 0 else None
+        model_sd, optim_sd = get_state_dict(self.model, optimizer)
+        return {"model": model_sd, "optim": optim_sd}
 
-    def optimizer_shard(self, optimizer: torch.optim.Optimizer, rank: int, sharded_state: bool) -> tuple[Any, str]:
-        """(state to write, file name) for this rank: replicated state once (rank 0), else each rank's shard."""
-        if not sharded_state:
-            return (optimizer.state_dict() if rank == 0 else None), "optimizer.pt"
-        return _local_tensors(optimizer.state_dict()), f"optimizer.rank{rank}.pt"
-
-
-def _local_tensors(value: Any) -> Any:
-    """``value`` with every DTensor replaced by this rank's local shard (plain tensors save with torch.save)."""
-    if isinstance(value, torch.Tensor):
-        return value.to_local() if hasattr(value, "to_local") else value
-    if isinstance(value, dict):
-        return {k: _local_tensors(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_local_tensors(v) for v in value)
-    return value
+    def legacy_files(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
+        """Files a backend without DCP support writes instead ({name: tensors}); none here."""
+        return {}
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

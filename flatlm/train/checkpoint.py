@@ -1,29 +1,46 @@
-"""Checkpoints under ``output_dir/checkpoints/step-N/`` (resumable sharded checkpoints come with issue 6).
+"""Checkpoints under ``output_dir/checkpoints/step-N/``, written sharded by every rank, and resuming from them.
 
-A checkpoint holds ``model.safetensors`` (the full model, written by rank 0), the optimizer state
-(``optimizer.pt`` when it is replicated, else ``optimizer.rank<R>.pt`` from each rank: tensors only,
-loadable with ``weights_only=True``), ``trainer_state.json`` (step, tokens, scheduler) and the resolved
-``config.yaml``. It is written into a hidden temporary directory and renamed into place by rank 0 after
-every rank has written its part, then the ``latest`` file is replaced atomically, so a crash never
-leaves ``latest`` naming a partial save.
+Layout of one checkpoint (single process, DDP and FSDP2):
+
+    state/              torch.distributed.checkpoint: {"model": ..., "optim": ...} keyed by parameter name
+                        (``get_state_dict``); each rank writes its own shards, DTensors reshard on load
+    rng-rank<R>.json    python, numpy and torch RNG states of rank R
+    trainer_state.json  step, tokens, scheduler, backend and world size (written last: marks it complete)
+    config.yaml         the resolved config
+
+DeepSpeed ZeRO runs write ``model.safetensors`` (the whole model, rank 0) and ``optimizer.rank<R>.pt`` (each
+rank's flat-partition state) instead; resuming them is not supported yet.
+
+Atomicity: everything goes into ``.step-N.tmp`` and rank 0 renames it into place after every rank has
+written its part, then replaces the ``latest`` file (a rename too), then deletes checkpoints beyond
+``keep_last``. A crash at any point leaves ``latest`` naming a complete checkpoint (or none). Loading reads
+tensors through DCP and metadata from JSON: no pickled code is ever executed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+STATE_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -32,24 +49,44 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch RNG states as JSON-able values."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *[float(x) if isinstance(x, float) else x for x in np_state[2:]]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model_state: dict[str, torch.Tensor] | None,
-    optimizer_state: dict[str, Any] | None,
+    state: dict[str, Any] | None,
     trainer_state: dict[str, Any],
     config_yaml: str,
     keep_last: int,
     *,
-    optimizer_file: str = "optimizer.pt",
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    legacy_files: dict[str, Any] | None = None,
 ) -> Path:
-    """Write step ``step``; every rank calls this (``barrier`` synchronises them).
+    """Write step ``step``; every rank calls this.
 
-    ``model_state``: the full model state dict on rank 0 (None elsewhere). ``optimizer_state``: written to
-    ``optimizer_file`` by each rank that passes one.
+    ``state``: the DCP state ({"model": ..., "optim": ...}, collective save), or None for DeepSpeed runs, whose
+    ``legacy_files`` ({file name: tensors}) each rank writes with safetensors / torch.save.
     """
+    import torch.distributed.checkpoint as dcp
+
     root = output_dir / CHECKPOINT_DIR
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
@@ -58,34 +95,71 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    if model_state is not None:
-        save_file({k: v.detach().contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / optimizer_file)
+    if state is not None:
+        dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
+    for name, value in (legacy_files or {}).items():
+        if name.endswith(".safetensors"):
+            save_file({k: v.detach().contiguous().clone() for k, v in value.items()}, tmp / name)
+        else:
+            torch.save(value, tmp / name)
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
     barrier()
-    if rank != 0:
-        return final
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    (tmp / "config.yaml").write_text(config_yaml)
-    if final.exists():  # the same step saved again: swap, then drop the old copy
-        old = root / f".step-{step}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _write_text_atomic(root / LATEST, final.name + "\n")
-    _rotate(root, keep_last)
+    if rank == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        if final.exists():  # the same step saved again: swap, then drop the old copy
+            old = root / f".step-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _write_text_atomic(root / LATEST, final.name + "\n")
+        _rotate(root, keep_last)
+    barrier()
     return final
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with their trainer state), oldest first."""
     root = output_dir / CHECKPOINT_DIR
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The checkpoint a rerun resumes from: the one ``latest`` names, else the newest complete one (DCP only)."""
+    root = output_dir / CHECKPOINT_DIR
+    candidates = list(reversed(list_checkpoints(output_dir)))
+    latest = root / LATEST
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for path in candidates:
+        if (path / STATE_DIR / ".metadata").is_file():
+            return path
+    return None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
+    """Load model and optimizer state (collective under FSDP2), this rank's RNG states; returns the trainer
+    state (step, tokens, scheduler)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = path / f"rng-rank{rank}.json"
+    if rng.is_file():  # a checkpoint written with fewer ranks has none for this one: keep the seeded state
+        set_rng_state(json.loads(rng.read_text()))
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def _rotate(root: Path, keep_last: int) -> None:

@@ -44,10 +44,10 @@ from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
-from flatlm.train.checkpoint import save_checkpoint
+from flatlm.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
-from flatlm.train.rundir import PLOT_FILE, check_output_dir, start_run_dir
+from flatlm.train.rundir import PLOT_FILE, check_output_dir, continue_run_dir, start_run_dir
 from flatlm.train.step import evaluate_loss, train_step
 
 log = logging.getLogger("flatlm")
@@ -155,6 +155,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     _validate(cfg, env)
     accum = grad_accumulation(cfg.train, env.world_size)
     out = check_output_dir(cfg)
+    resume_from = None if cfg.overwrite else resumable_checkpoint(out)
     with local_main_first(env):  # one process per node builds the token cache
         data = load_data(cfg)
 
@@ -173,9 +174,18 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     # 3. Outputs (rank 0 writes).
     config_yaml = dump_yaml(cfg)
     metrics = None
+    start_step = 0
+    if resume_from is not None:
+        trainer_state = load_checkpoint(resume_from, parallel.model, optimizer, env.rank)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        start_step = trainer_state["step"]
+        log.info(f"resuming from {resume_from} (step {start_step})")
     if env.is_main:
-        start_run_dir(out, config_yaml)
-        metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
+        if resume_from is not None:
+            continue_run_dir(out, config_yaml, start_step)
+        else:
+            start_run_dir(out, config_yaml)
+        metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
     sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -186,10 +196,10 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     )
     result = RunResult(out)
     show_bar = cfg.train.progress_bar and env.is_main
-    bar = tqdm(total=cfg.train.max_steps, desc="train", disable=not show_bar, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not show_bar, dynamic_ncols=True)
     model.train()
     try:
-        for step in range(cfg.train.max_steps):
+        for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             micro = sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
@@ -236,22 +246,23 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                     metrics.log_eval(ev)
                 log.info(f"step {step + 1}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
             if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                state = {"tokens": (step + 1) * tokens_per_step, "scheduler": scheduler.state_dict()}
-                sharded_state = parallel.backend not in ("single", "ddp") or cfg.parallel.shard_optimizer_state
-                opt_state, opt_file = parallel.optimizer_shard(optimizer, env.rank, sharded_state)
+                trainer_state = {
+                    "tokens": (step + 1) * tokens_per_step,
+                    "scheduler": scheduler.state_dict(),
+                    "backend": cfg.parallel.backend,
+                    "world_size": env.world_size,
+                }
                 result.checkpoint = save_checkpoint(
                     out,
                     step + 1,
-                    parallel.full_model_state(env.rank),
-                    opt_state,
-                    state,
+                    parallel.checkpoint_state(optimizer),
+                    trainer_state,
                     config_yaml,
                     cfg.checkpoint.keep_last,
-                    optimizer_file=opt_file,
                     rank=env.rank,
                     barrier=barrier,
+                    legacy_files=parallel.legacy_files(optimizer, env.rank),
                 )
-                barrier()
     finally:
         bar.close()
         if metrics is not None:
@@ -264,10 +275,13 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                 out / PLOT_FILE,
                 f"{cfg.model.name} · {cfg.optim.name} lr={cfg.optim.lr:g} · {out.name}",
             )
-        log.info(
-            f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
-            f"outputs in {out}"
-        )
+        if result.losses:
+            log.info(
+                f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
+                f"outputs in {out}"
+            )
+        else:
+            log.info(f"nothing to do: the run is at step {start_step} of train.max_steps={cfg.train.max_steps}")
     return result
 
 

@@ -20,9 +20,10 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, tensorboard: bool = True):
-        self.train_file = open(output_dir / METRICS_FILE, "w")  # noqa: SIM115 - closed in close()
-        self.eval_file = open(output_dir / EVAL_FILE, "w")  # noqa: SIM115
+    def __init__(self, output_dir: Path, tensorboard: bool = True, append: bool = False):
+        mode = "a" if append else "w"  # append: a resumed run continues the records
+        self.train_file = open(output_dir / METRICS_FILE, mode)  # noqa: SIM115 - closed in close()
+        self.eval_file = open(output_dir / EVAL_FILE, mode)  # noqa: SIM115
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -59,6 +60,21 @@ def start_run_dir(out: Path, config_yaml: str) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    tmp = out / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(config_yaml)
+    os.replace(tmp, out / CONFIG_FILE)
+
+
+def continue_run_dir(out: Path, config_yaml: str, step: int) -> None:
+    """Resuming at ``step``: keep the run's files, drop metric records beyond ``step`` (they are replaced, not
+    duplicated) and write the (possibly longer) run's ``config.yaml``."""
+    for name in (METRICS_FILE, EVAL_FILE):
+        path = out / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
     tmp = out / f".{CONFIG_FILE}.tmp"
     tmp.write_text(config_yaml)
     os.replace(tmp, out / CONFIG_FILE)

@@ -64,5 +64,5 @@ def test_default_job_30_steps(tmp_path: Path) -> None:
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
     assert records[0]["loss"] - records[-1]["loss"] > 0.5
-    assert (out / "checkpoints" / "step-30" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "step-30" / "state" / ".metadata").is_file()
     assert (out / "loss.png").is_file()

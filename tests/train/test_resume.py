@@ -1,0 +1,79 @@
+"""Auto-resume from sharded (DCP) checkpoints: an interrupted run continues bit-identically."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flatlm.config import load_config
+from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST
+from flatlm.train.loop import train
+from flatlm.train.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+from tests.train.launching import launch
+
+EXTRA = {"adafactor": {"optim.hparams.relative_step": False}}
+
+
+def _overrides(out: Path, corpus: Path, optim: str, **extra: object) -> list[str]:
+    base = {"optim.name": optim, "train.max_steps": 6, "checkpoint.every": 3, "train.eval_every": 3}
+    return tiny_overrides(out, corpus, **{**base, **EXTRA.get(optim, {}), **extra})
+
+
+def interrupt_after(out: Path, step: int) -> None:
+    """Make ``out`` look like a run killed after saving step ``step``: later checkpoints gone, ``latest`` at
+    ``step``; the metrics of the later steps stay (a resume must replace them, not duplicate them)."""
+    root = out / CHECKPOINT_DIR
+    for path in root.glob("step-*"):
+        if int(path.name.split("-")[1]) > step:
+            shutil.rmtree(path)
+    (root / LATEST).write_text(f"step-{step}\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["adamw", "adafactor", "lion", "muon", "sam"])
+def test_interrupted_run_resumes_bit_identical(tmp_path: Path, text_corpus: Path, optim: str) -> None:
+    full = tmp_path / "full"
+    train(load_config(None, _overrides(full, text_corpus, optim)))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    interrupt_after(resumed, 3)
+    result = train(load_config(None, _overrides(resumed, text_corpus, optim)))
+    assert len(result.losses) == 3  # steps 4-6 only
+    expected, got = read_jsonl(full / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]  # replaced, not duplicated
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]  # bit-identical
+    assert [r["lr"] for r in got] == [r["lr"] for r in expected]
+    assert [r["step"] for r in read_jsonl(resumed / "eval.jsonl")] == [3, 6]
+
+
+@pytest.mark.slow
+def test_raising_max_steps_continues_a_finished_run(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 3})))
+    result = train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 5})))
+    assert len(result.losses) == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    again = train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 5})))
+    assert again.losses == []  # already done: nothing to run, nothing rewritten
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "optim"), [("ddp", "muon"), ("fsdp2", "adamw"), ("fsdp2", "sam")])
+def test_two_process_run_resumes_bit_identical(tmp_path: Path, text_corpus: Path, backend: str, optim: str) -> None:
+    args = {"parallel.backend": backend, "train.micro_batch_size": 2}
+    full = tmp_path / "full"
+    r = launch(_overrides(full, text_corpus, optim, **args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    interrupt_after(resumed, 3)
+    r = launch(_overrides(resumed, text_corpus, optim, **args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    expected, got = read_jsonl(full / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]

@@ -167,7 +167,7 @@ class RunConfig(Section):
 NOT_RUN_IDENTITY = (
     "overwrite",
     "output_dir",  # a run directory that was moved or copied is still that run
-    "parallel.world_size",
+    "parallel.",  # the same math on every backend and world size: a checkpoint resumes on any of them
     "train.max_steps",
     "train.eval_every",
     "train.eval_batches",

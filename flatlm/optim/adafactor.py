@@ -104,6 +104,22 @@ def _local(x: Tensor) -> Tensor:
     return x.to_local() if hasattr(x, "to_local") else x
 
 
+def _local_or_none(x: Tensor | None) -> Tensor | None:
+    return None if x is None else _local(x)
+
+
+def _like_rows(local: Tensor, param: Tensor, shape: torch.Size, replicated: bool = False) -> Tensor:
+    """State for ``param``: a plain tensor, or for a DTensor parameter a DTensor on its mesh, sharded by rows
+    like it (or replicated: column statistics), so checkpoints key and reshard it like the parameter."""
+    if not hasattr(param, "to_local"):
+        return local
+    from torch.distributed.tensor import DTensor, Replicate
+
+    placements = [Replicate()] * len(param.placements) if replicated else param.placements
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, param.device_mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
 def _relative_step(t: float, *, lr: float | None, relative_step: bool, warmup_init: bool) -> float:
     """rho_t: the step size before the parameter scale."""
     if not relative_step:
@@ -387,18 +403,20 @@ class Adafactor(torch.optim.Optimizer):
                 zeros = dict(device=p.device, dtype=state_dtype)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if p.ndim >= 2:
-                    state["exp_avg_sq_row"] = torch.zeros(x.shape[:-1], **zeros)  # [..., n] (this rank's rows)
-                    state["exp_avg_sq_col"] = torch.zeros(x.shape[:-2] + x.shape[-1:], **zeros)  # [..., m]
+                    row = torch.zeros(x.shape[:-1], **zeros)  # [..., n] (this rank's rows)
+                    state["exp_avg_sq_row"] = _like_rows(row, p, p.shape[:-1])
+                    col = torch.zeros(x.shape[:-2] + x.shape[-1:], **zeros)  # [..., m]
+                    state["exp_avg_sq_col"] = _like_rows(col, p, p.shape[:-2] + p.shape[-1:], replicated=True)
                 else:
-                    state["exp_avg_sq"] = torch.zeros(x.shape, **zeros)
+                    state["exp_avg_sq"] = _like_rows(torch.zeros(x.shape, **zeros), p, p.shape)
                 if group["beta1"] is not None:
-                    state["exp_avg"] = torch.zeros(x.shape, **zeros)
+                    state["exp_avg"] = _like_rows(torch.zeros(x.shape, **zeros), p, p.shape)
             params.append(x)
             grads.append(_local(p.grad))
-            rows.append(state.get("exp_avg_sq_row"))
-            cols.append(state.get("exp_avg_sq_col"))
-            sqs.append(state.get("exp_avg_sq"))
-            exp_avgs.append(state.get("exp_avg") if group["beta1"] is not None else None)
+            rows.append(_local_or_none(state.get("exp_avg_sq_row")))
+            cols.append(_local_or_none(state.get("exp_avg_sq_col")))
+            sqs.append(_local_or_none(state.get("exp_avg_sq")))
+            exp_avgs.append(_local_or_none(state.get("exp_avg")) if group["beta1"] is not None else None)
             steps.append(state["step"])
         return params, grads, rows, cols, sqs, exp_avgs, steps
 

@@ -77,3 +77,32 @@ def test_two_process_run_resumes_bit_identical(tmp_path: Path, text_corpus: Path
     expected, got = read_jsonl(full / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+
+def _run_on(backend: str, out: Path, corpus: Path, optim: str) -> None:
+    args = {"train.micro_batch_size": 2}
+    if backend == "single":
+        train(load_config(None, _overrides(out, corpus, optim, **args)))
+        return
+    r = launch(_overrides(out, corpus, optim, **args, **{"parallel.backend": backend}))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("first", "then", "optim"),
+    [("fsdp2", "single", "adafactor"), ("single", "fsdp2", "muon"), ("ddp", "single", "sam")],
+)
+def test_checkpoint_resumes_on_another_world_size(
+    tmp_path: Path, text_corpus: Path, first: str, then: str, optim: str
+) -> None:
+    """Written by N processes, resumed by M: same model and optimizer state, so the continuation matches."""
+    full = tmp_path / "full"
+    _run_on(first, full, text_corpus, optim)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    interrupt_after(resumed, 3)
+    _run_on(then, resumed, text_corpus, optim)
+    expected, got = read_jsonl(full / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-3)

@@ -37,10 +37,12 @@ def _run(rank: int, world: int, hparams: dict) -> None:
     for p, s in zip(full, sharded, strict=True):
         torch.testing.assert_close(s.full_tensor(), p.detach(), rtol=1e-6, atol=1e-7)
         state = opt.state[s]
-        if p.ndim == 2:  # factored: this rank's rows + every column, never a matrix
-            assert state["exp_avg_sq_row"].shape == s.to_local().shape[:1]
-            assert state["exp_avg_sq_col"].shape == p.shape[1:]
-            torch.testing.assert_close(state["exp_avg_sq_col"], ref.state[p]["exp_avg_sq_col"])
+        if p.ndim == 2:  # factored: this rank's rows + every column, never a matrix; DTensors like the parameter
+            assert state["exp_avg_sq_row"].to_local().shape == s.to_local().shape[:1]
+            assert state["exp_avg_sq_row"].shape == p.shape[:1] and state["exp_avg_sq_row"].placements == s.placements
+            assert state["exp_avg_sq_col"].to_local().shape == p.shape[1:]
+            torch.testing.assert_close(state["exp_avg_sq_col"].to_local(), ref.state[p]["exp_avg_sq_col"])
+            torch.testing.assert_close(state["exp_avg_sq_row"].full_tensor(), ref.state[p]["exp_avg_sq_row"])
             assert "exp_avg_sq" not in state
 
 

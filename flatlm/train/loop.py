@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
+from flatlm.train.preemption import Preemption
 from flatlm.train.rundir import PLOT_FILE, check_output_dir, continue_run_dir, start_run_dir
 from flatlm.train.step import evaluate_loss, train_step
 
@@ -198,6 +200,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     show_bar = cfg.train.progress_bar and env.is_main
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not show_bar, dynamic_ncols=True)
     model.train()
+    preemption = Preemption().__enter__()
     try:
         for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
@@ -237,6 +240,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                 raise FlatlmError(
                     f"the loss became {loss_value} at step {step + 1}; lower optim.lr or enable train.grad_clip"
                 )
+            stop = preemption.should_stop()
             last = step + 1 == cfg.train.max_steps
             if data.val is not None and ((cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or last):
                 # Every rank evaluates the same batches on its (replicated) module: no collective needed.
@@ -245,7 +249,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                 if metrics is not None:
                     metrics.log_eval(ev)
                 log.info(f"step {step + 1}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
-            if last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+            if last or stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 trainer_state = {
                     "tokens": (step + 1) * tokens_per_step,
                     "scheduler": scheduler.state_dict(),
@@ -263,7 +267,12 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                     barrier=barrier,
                     legacy_files=parallel.legacy_files(optimizer, env.rank),
                 )
+            if stop:
+                name = signal.Signals(preemption.signal).name if preemption.signal else "a signal on another rank"
+                log.info(f"stopped by {name} after step {step + 1}; checkpoint saved, rerun to resume")
+                break
     finally:
+        preemption.__exit__()
         bar.close()
         if metrics is not None:
             metrics.close()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST
 from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
 from tests.conftest import tiny_overrides
-from tests.train.launching import launch
+from tests.train.launching import ROOT, launch
 
 EXTRA = {"adafactor": {"optim.hparams.relative_step": False}}
 
@@ -106,3 +110,24 @@ def test_checkpoint_resumes_on_another_world_size(
     expected, got = read_jsonl(full / "metrics.jsonl"), read_jsonl(resumed / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_exits_zero_and_rerun_resumes(tmp_path: Path, text_corpus: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "run"
+    args = _overrides(out, text_corpus, "adamw", **{"train.max_steps": 500, "checkpoint.every": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "flatlm.train", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(read_jsonl(metrics)) >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    done = len(read_jsonl(metrics))
+    assert f"stopped by {sig.name} after step {done}" in err
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{done}"
+    result = train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": done + 2})))
+    assert len(result.losses) == 2
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, done + 3))

@@ -1,0 +1,46 @@
+"""Preemption: SIGTERM or SIGINT (how SLURM and schedulers preempt, or Ctrl-C) finishes the current step,
+saves a checkpoint and exits 0; rerunning the same command resumes from it.
+
+The handler only records the request. After every step the loop asks ``should_stop()``; with several
+processes the ranks agree through one scalar all-reduce (any rank signalled -> all stop after the same step).
+A second signal restores the default handler, so a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preemption:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal acts at once
+
+    def should_stop(self) -> bool:
+        """Whether any rank was asked to stop (collective when several processes run)."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

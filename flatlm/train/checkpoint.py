@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,9 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     if state is not None:
-        dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
     for name, value in (legacy_files or {}).items():
         if name.endswith(".safetensors"):
             save_file({k: v.detach().contiguous().clone() for k, v in value.items()}, tmp / name)
@@ -130,8 +133,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
 
 
-def resumable_checkpoint(output_dir: Path) -> Path | None:
-    """The checkpoint a rerun resumes from: the one ``latest`` names, else the newest complete one (DCP only)."""
+def resumable_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints a rerun may resume from, best first: the one ``latest`` names, then the other complete ones
+    (DCP format), newest first; the loop falls back along this list when one cannot be read."""
     root = output_dir / CHECKPOINT_DIR
     candidates = list(reversed(list_checkpoints(output_dir)))
     latest = root / LATEST
@@ -140,10 +144,7 @@ def resumable_checkpoint(output_dir: Path) -> Path | None:
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    for path in candidates:
-        if (path / STATE_DIR / ".metadata").is_file():
-            return path
-    return None
+    return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file()]
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
@@ -154,7 +155,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not _distributed())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-rank{rank}.json"
     if rng.is_file():  # a checkpoint written with fewer ranks has none for this one: keep the seeded state

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
@@ -45,7 +46,7 @@ from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
-from flatlm.train.checkpoint import load_checkpoint, resumable_checkpoint, save_checkpoint
+from flatlm.train.checkpoint import load_checkpoint, resumable_checkpoints, save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
@@ -157,7 +158,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     _validate(cfg, env)
     accum = grad_accumulation(cfg.train, env.world_size)
     out = check_output_dir(cfg)
-    resume_from = None if cfg.overwrite else resumable_checkpoint(out)
+    resume_candidates = [] if cfg.overwrite else resumable_checkpoints(out)
     with local_main_first(env):  # one process per node builds the token cache
         data = load_data(cfg)
 
@@ -176,12 +177,22 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     # 3. Outputs (rank 0 writes).
     config_yaml = dump_yaml(cfg)
     metrics = None
-    start_step = 0
-    if resume_from is not None:
-        trainer_state = load_checkpoint(resume_from, parallel.model, optimizer, env.rank)
+    start_step, resume_from = 0, None
+    for candidate in resume_candidates:
+        try:
+            trainer_state = load_checkpoint(candidate, parallel.model, optimizer, env.rank)
+        except (Exception, CheckpointException) as exc:  # corrupt or partial: say so, use the previous one
+            log.warning(f"cannot resume from {candidate} ({type(exc).__name__}: {str(exc)[:200]}); trying an older one")
+            continue
         scheduler.load_state_dict(trainer_state["scheduler"])
-        start_step = trainer_state["step"]
+        start_step, resume_from = trainer_state["step"], candidate
         log.info(f"resuming from {resume_from} (step {start_step})")
+        break
+    if resume_candidates and resume_from is None:
+        raise FlatlmError(
+            f"no checkpoint in {out / 'checkpoints'} can be read ({', '.join(p.name for p in resume_candidates)}); "
+            "pass overwrite=true to start the run over"
+        )
     if env.is_main:
         if resume_from is not None:
             continue_run_dir(out, config_yaml, start_step)

@@ -131,3 +131,18 @@ def test_signal_saves_exits_zero_and_rerun_resumes(tmp_path: Path, text_corpus: 
     result = train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": done + 2})))
     assert len(result.losses) == 2
     assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, done + 3))
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path: Path, text_corpus: Path) -> None:
+    full = tmp_path / "full"
+    train(load_config(None, _overrides(full, text_corpus, "adamw")))
+    broken = tmp_path / "broken"
+    shutil.copytree(full, broken)
+    for shard in (broken / "checkpoints" / "step-6" / "state").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated, as a full disk leaves it
+    result = train(load_config(None, _overrides(broken, text_corpus, "adamw")))
+    assert len(result.losses) == 3  # resumed at step 3, the newest readable checkpoint
+    got, expected = read_jsonl(broken / "metrics.jsonl"), read_jsonl(full / "metrics.jsonl")
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+    assert (broken / "checkpoints" / "latest").read_text().strip() == "step-6"  # rewritten, readable again

@@ -14,13 +14,15 @@ rank's flat-partition state) instead; resuming them is not supported yet.
 Atomicity: everything goes into ``.step-N.tmp`` and rank 0 renames it into place after every rank has
 written its part, then replaces the ``latest`` file (a rename too), then deletes checkpoints beyond
 ``keep_last``. A crash at any point leaves ``latest`` naming a complete checkpoint (or none). Loading reads
-tensors through DCP and metadata from JSON: no pickled code is ever executed.
+tensors through DCP (torch's weights-only unpickler), DCP's ``.metadata`` through an unpickler that allows only
+DCP's own metadata classes, everything else from JSON: no pickled code is ever executed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -33,11 +35,56 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from flatlm.errors import FlatlmError
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 STATE_DIR = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` (a pickle) allowing only the classes DCP writes there: a checkpoint can
+    never make loading run code (the tensor files themselves go through torch's weights-only unpickler)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo")
+            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.serialization" and name == "_get_layout")
+            or (module == "collections" and name == "OrderedDict")
+        )
+        if not allowed:
+            raise UnsafeCheckpointError(
+                f"the checkpoint's metadata asks to load {module}.{name}, which a DCP checkpoint never contains; "
+                "refusing to unpickle it (it could run code)"
+            )
+        return super().find_class(module, name)
+
+
+class UnsafeCheckpointError(FlatlmError):
+    """A checkpoint file that would need arbitrary code to load."""
+
+
+def _safe_reader(path: Path) -> Any:
+    """A DCP FileSystemReader whose metadata goes through ``_MetadataUnpickler``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(str(path))
 
 
 def _distributed() -> bool:
@@ -157,7 +204,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not _distributed())
+        dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-rank{rank}.json"
     if rng.is_file():  # a checkpoint written with fewer ranks has none for this one: keep the seeded state

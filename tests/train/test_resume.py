@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from flatlm.config import load_config
+from flatlm.errors import FlatlmError
 from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST
 from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
@@ -146,3 +150,22 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(tmp_path: Path, text_corp
     got, expected = read_jsonl(broken / "metrics.jsonl"), read_jsonl(full / "metrics.jsonl")
     assert [r["loss"] for r in got] == [r["loss"] for r in expected]
     assert (broken / "checkpoints" / "latest").read_text().strip() == "step-6"  # rewritten, readable again
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path(tempfile.gettempdir()) / "flatlm-pickle-ran"
+
+
+@pytest.mark.slow
+def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 3})))
+    MARKER.unlink(missing_ok=True)
+    (out / "checkpoints" / "step-3" / "state" / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(FlatlmError, match="no checkpoint in .* can be read"):
+        train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 5})))
+    assert not MARKER.exists()  # the pickle never ran

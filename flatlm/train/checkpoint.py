@@ -212,6 +212,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return json.loads((path / TRAINER_STATE).read_text())
 
 
+def remove_partial_saves(output_dir: Path) -> list[str]:
+    """Delete what a save killed midway left behind (``.step-N.tmp`` / ``.step-N.old``); returns their names."""
+    root = output_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    partial = [p for p in root.iterdir() if p.name.startswith(".step-") and p.name.endswith((".tmp", ".old"))]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return sorted(p.name for p in partial)
+
+
 def _rotate(root: Path, keep_last: int) -> None:
     for path in list_checkpoints(root.parent)[:-keep_last]:
         shutil.rmtree(path)

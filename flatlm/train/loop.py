@@ -46,7 +46,7 @@ from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
-from flatlm.train.checkpoint import load_checkpoint, resumable_checkpoints, save_checkpoint
+from flatlm.train.checkpoint import load_checkpoint, remove_partial_saves, resumable_checkpoints, save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
@@ -195,6 +195,9 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
         )
     if env.is_main:
         if resume_from is not None:
+            dropped = remove_partial_saves(out)
+            if dropped:
+                log.warning(f"removed the partial checkpoint(s) {', '.join(dropped)} an interrupted save left")
             continue_run_dir(out, config_yaml, start_step)
         else:
             start_run_dir(out, config_yaml)

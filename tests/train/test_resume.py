@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import subprocess
@@ -169,3 +171,33 @@ def test_checkpoint_with_a_malicious_pickle_is_refused(tmp_path: Path, text_corp
     with pytest.raises(FlatlmError, match="no checkpoint in .* can be read"):
         train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 5})))
     assert not MARKER.exists()  # the pickle never ran
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_never_breaks_latest(tmp_path: Path, text_corpus: Path) -> None:
+    """Kill -9 a run that checkpoints every step at random moments: ``latest`` always names a complete,
+    loadable checkpoint, and the rerun resumes from it."""
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 100_000, "checkpoint.every": 1, "checkpoint.keep_last": 2, "train.eval_every": 0}
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flatlm.train", *_overrides(out, text_corpus, "adamw", **extra)],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        proc.wait()
+        latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+        assert (latest / "trainer_state.json").is_file() and (latest / "state" / ".metadata").is_file()
+        step = json.loads((latest / "trainer_state.json").read_text())["step"]
+        assert step >= 1
+    done = json.loads((latest / "trainer_state.json").read_text())["step"]
+    result = train(load_config(None, _overrides(out, text_corpus, "adamw", **{**extra, "train.max_steps": done + 1})))
+    assert len(result.losses) == 1
+    assert not list((out / "checkpoints").glob(".step-*"))  # partial saves cleaned up
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, done + 2))

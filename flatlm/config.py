@@ -124,6 +124,8 @@ class CheckpointConfig(Section):
     """Save every N steps (0: only at the end)."""
     keep_last: int = Field(default=3, ge=1)
     """Keep this many newest checkpoints."""
+    load_optimizer: bool = True
+    """On resume, load the optimizer state too; false resumes weights, step and schedule only (switch optimizer)."""
 
 
 BACKENDS = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
@@ -220,10 +222,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two resolved configs, ignoring NOT_RUN_IDENTITY."""
+    """Keys whose values differ between two resolved configs, ignoring NOT_RUN_IDENTITY (and the optimizer's
+    keys when the new config resumes without its state: ``checkpoint.load_optimizer=false``)."""
     a, b = flatten(old), flatten(new)
+    ignored = (*NOT_RUN_IDENTITY, "checkpoint.load_optimizer")
+    if b.get("checkpoint.load_optimizer") is False:
+        ignored += ("optim.", "sam.")
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(NOT_RUN_IDENTITY)]
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(ignored)]
 
 
 def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

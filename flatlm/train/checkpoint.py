@@ -194,12 +194,26 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file()]
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
-    """Load model and optimizer state (collective under FSDP2), this rank's RNG states; returns the trainer
-    state (step, tokens, scheduler)."""
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool = True
+) -> dict[str, Any]:
+    """Load model and (unless ``load_optimizer`` is False) optimizer state (collective under FSDP2) and this
+    rank's RNG states; returns the trainer state (step, tokens, scheduler)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
+    if not load_optimizer:
+        state = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
+        set_model_state_dict(model, state["model"])
+        return json.loads((path / TRAINER_STATE).read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():

@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,11 +181,13 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     start_step, resume_from = 0, None
     for candidate in resume_candidates:
         try:
-            trainer_state = load_checkpoint(candidate, parallel.model, optimizer, env.rank)
+            trainer_state = load_checkpoint(
+                candidate, parallel.model, optimizer, env.rank, load_optimizer=cfg.checkpoint.load_optimizer
+            )
         except (Exception, CheckpointException) as exc:  # corrupt or partial: say so, use the previous one
             log.warning(f"cannot resume from {candidate} ({type(exc).__name__}: {str(exc)[:200]}); trying an older one")
             continue
-        scheduler.load_state_dict(trainer_state["scheduler"])
+        restore_schedule(scheduler, trainer_state["scheduler"], cfg.checkpoint.load_optimizer)
         start_step, resume_from = trainer_state["step"], candidate
         log.info(f"resuming from {resume_from} (step {start_step})")
         break
@@ -306,6 +309,18 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
         else:
             log.info(f"nothing to do: the run is at step {start_step} of train.max_steps={cfg.train.max_steps}")
     return result
+
+
+def restore_schedule(scheduler: Any, saved: dict[str, Any], same_optimizer: bool) -> None:
+    """Put the schedule at the saved step. With a new optimizer (``checkpoint.load_optimizer=false``) only the
+    position is kept: the learning rates come from the new optimizer's lr, not the saved base lrs."""
+    if same_optimizer:
+        scheduler.load_state_dict(saved)
+        return
+    scheduler.last_epoch = saved["last_epoch"] - 1
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
 
 def _schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:

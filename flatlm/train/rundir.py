@@ -39,7 +39,8 @@ def check_output_dir(cfg: RunConfig) -> Path:
             more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
             raise FlatlmError(
                 f"output_dir {str(out)!r} holds a different run ({shown}{more}); choose another "
-                "output_dir, or pass overwrite=true to replace that run's outputs"
+                "output_dir, pass overwrite=true to replace that run's outputs, or (to switch optimizer) "
+                "checkpoint.load_optimizer=false to continue from its weights"
             )
         return out
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)

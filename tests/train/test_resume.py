@@ -201,3 +201,19 @@ def test_sigkill_during_saves_never_breaks_latest(tmp_path: Path, text_corpus: P
     assert len(result.losses) == 1
     assert not list((out / "checkpoints").glob(".step-*"))  # partial saves cleaned up
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, done + 2))
+
+
+@pytest.mark.slow
+def test_switching_optimizer_needs_load_optimizer_false(tmp_path: Path, text_corpus: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(out, text_corpus, "adamw", **{"train.max_steps": 3})))
+    with pytest.raises(FlatlmError, match=r"holds a different run \(optim.name: 'adamw' -> 'lion'\).*load_optimizer"):
+        train(load_config(None, _overrides(out, text_corpus, "lion", **{"train.max_steps": 5})))
+    with pytest.raises(FlatlmError, match=r"model.overrides.hidden_size: 64 -> 32"):
+        train(load_config(None, _overrides(out, text_corpus, "adamw", **{"model.overrides.hidden_size": 32})))
+    extra = {"train.max_steps": 5, "checkpoint.load_optimizer": False, "optim.lr": 3e-4}
+    result = train(load_config(None, _overrides(out, text_corpus, "lion", **extra)))
+    assert len(result.losses) == 2  # continued from step 3's weights with a fresh Lion
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[3]["lr"] < 3e-4  # the new optimizer's lr on the resumed schedule, not AdamW's 3e-3

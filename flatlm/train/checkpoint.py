@@ -194,6 +194,18 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file()]
 
 
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load only the model's weights of checkpoint ``path`` into ``model`` (resharded to its layout)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
+    set_model_state_dict(model, state["model"])
+
+
 def load_checkpoint(
     path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool = True
 ) -> dict[str, Any]:
@@ -220,10 +232,14 @@ def load_checkpoint(
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _restore_rng(path, rank)
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _restore_rng(path: Path, rank: int) -> None:
     rng = path / f"rng-rank{rank}.json"
     if rng.is_file():  # a checkpoint written with fewer ranks has none for this one: keep the seeded state
         set_rng_state(json.loads(rng.read_text()))
-    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def remove_partial_saves(output_dir: Path) -> list[str]:

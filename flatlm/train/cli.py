@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from flatlm.config import describe_keys, load_config
 from flatlm.errors import FlatlmError
@@ -70,13 +71,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flatlm", description="flatlm: LM training with sharded optimizers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("train", help="train a model (flatlm train --help lists every config key)", add_help=False)
+    sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
     if argv[0] == "train":
         return run_train(argv[1:], "flatlm train")
-    parser.error(f"unknown command {argv[0]!r}; commands: train")
+    if argv[0] == "export":
+        return run_export(argv[1:], "flatlm export")
+    parser.error(f"unknown command {argv[0]!r}; commands: train, export")
     return 2
+
+
+def run_export(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Write a flatlm checkpoint as a Hugging Face model.")
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or checkpoints/step-N")
+    parser.add_argument("out", type=Path, help="a new directory for config.json, weights and tokenizer files")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from flatlm.train.export import export
+
+    try:
+        out = export(args.source, args.out)
+    except FlatlmError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
 
 
 if __name__ == "__main__":

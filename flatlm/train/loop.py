@@ -31,6 +31,7 @@ from flatlm.data import (
     require_sequences,
     split_documents,
 )
+from flatlm.data.tokenizer import Tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment, environment
 from flatlm.launch.distributed import (
@@ -51,7 +52,7 @@ from flatlm.train.checkpoint import load_checkpoint, remove_partial_saves, resum
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
-from flatlm.train.rundir import PLOT_FILE, check_output_dir, continue_run_dir, start_run_dir
+from flatlm.train.rundir import PLOT_FILE, TOKENIZER_FILE, check_output_dir, continue_run_dir, start_run_dir
 from flatlm.train.step import evaluate_loss, train_step
 
 log = logging.getLogger("flatlm")
@@ -102,6 +103,7 @@ class Data:
     vocab_size: int
     bos_id: int
     eos_id: int
+    tokenizer: Tokenizer
 
 
 def load_data(cfg: RunConfig) -> Data:
@@ -114,7 +116,7 @@ def load_data(cfg: RunConfig) -> Data:
         log.warning("the validation split is shorter than one sequence; evaluation is skipped")
         val = None
     tok = cache.tokenizer
-    return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id)
+    return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id, tok)
 
 
 def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, device: torch.device) -> dict[str, float]:
@@ -204,6 +206,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             continue_run_dir(out, config_yaml, start_step)
         else:
             start_run_dir(out, config_yaml)
+        data.tokenizer.save(out / TOKENIZER_FILE)  # the run's tokenizer, for export and inspection
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
     sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed)

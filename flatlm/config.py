@@ -29,6 +29,8 @@ class ModelConfig(Section):
     """A preset (tiny, llama-60m, llama-125m, llama-350m, llama-1b), an HF config name or a local path."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Fields of the transformers config to override, e.g. model.overrides.num_hidden_layers=2."""
+    init_from: str | None = None
+    """Start from these weights: a Hugging Face model directory (e.g. from flatlm export) or hub name."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in the backward pass (saves memory)."""
     compile: bool = False

@@ -64,3 +64,27 @@ def build_model(config: PretrainedConfig, *, seed: int | None = None) -> torch.n
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy the weights of the Hugging Face model at ``path`` into ``model``; every tensor must match."""
+    from flatlm.errors import FlatlmError
+
+    try:
+        source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    except (OSError, ValueError) as exc:
+        raise FlatlmError(f"model.init_from={path!r} is not a loadable Hugging Face model: {exc}") from None
+    target = model.state_dict()
+    missing = sorted(set(target) - set(source))
+    wrong = [k for k in target if k in source and source[k].shape != target[k].shape]
+    if missing or wrong:
+        detail = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"{wrong[0]} is {tuple(source[wrong[0]].shape)} there, {tuple(target[wrong[0]].shape)} here"
+        )
+        raise FlatlmError(
+            f"model.init_from={path!r} does not fit this model ({detail}); use its architecture and tokenizer: "
+            f"model.name={path} data.tokenizer={path}/tokenizer.model"
+        )
+    model.load_state_dict({k: source[k] for k in target})

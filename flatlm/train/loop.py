@@ -43,7 +43,7 @@ from flatlm.launch.distributed import (
     mean_across_ranks,
     resolve_backend,
 )
-from flatlm.models import build_model, count_parameters, max_positions, model_config
+from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
 from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
@@ -168,7 +168,10 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     # 2. Model, optimizer, schedule.
     seed_everything(cfg.seed, cfg.train.deterministic)
     config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
-    model = build_model(config, seed=cfg.seed).to(device)
+    model = build_model(config, seed=cfg.seed)
+    if cfg.model.init_from:
+        load_pretrained_weights(model, cfg.model.init_from)
+    model = model.to(device)
     if cfg.model.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()

@@ -56,3 +56,19 @@ def test_export_fsdp2_sharded_checkpoint(tmp_path: Path, text_corpus: Path) -> N
 def test_export_cli_bad_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "is neither a flatlm checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_starts_from_an_export(tmp_path: Path, text_corpus: Path) -> None:
+    run = tmp_path / "run"
+    first = train(load_config(None, tiny_overrides(run, text_corpus, **{"train.max_steps": 6})))
+    hf = export(run, tmp_path / "hf")
+    extra = {"model.name": str(hf), "model.init_from": str(hf), "data.tokenizer": str(hf / "tokenizer.model")}
+    extra["train.max_steps"] = 2
+    again = train(load_config(None, tiny_overrides(tmp_path / "ft", text_corpus, **extra)))
+    # starts where the first run ended (its last losses), far below a fresh model's first loss
+    assert again.losses[0] < first.losses[0] - 0.5
+    assert abs(again.losses[0] - first.losses[-1]) < 0.3
+    wrong = {"model.init_from": str(hf), "model.overrides.hidden_size": 32, "train.max_steps": 1}
+    with pytest.raises(FlatlmError, match="does not fit this model .* is \\(.*\\) there"):
+        train(load_config(None, tiny_overrides(tmp_path / "bad", text_corpus, **wrong)))

@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
 from flatlm.launch.parallel import Parallel
 
+ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"  # checkpoints/step-N/deepspeed/state/*.pt
 SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
 
 
@@ -193,13 +195,37 @@ class DeepSpeedParallel(Parallel):
         push_master_to_model(self.engine)
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        return None  # not resumable yet: see legacy_files
+        return None  # DeepSpeed's own engine checkpoint instead (save_engine)
+
+    def save_engine(self, directory: Path) -> None:
+        """DeepSpeed's engine checkpoint: each rank its partitions of weights, gradients' fp32 master and the
+        client optimizer's state (resumable with the same ZeRO stage and number of processes)."""
+        self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+
+    def load(self, path: Path, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool) -> dict[str, Any]:
+        import json
+
+        from flatlm.train.checkpoint import TRAINER_STATE, check_weights_only, restore_rng
+
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if (state.get("backend"), state.get("world_size")) != (self.backend, dist.get_world_size()):
+            raise FlatlmError(
+                f"{path} was written by {state.get('backend')} with {state.get('world_size')} processes; a DeepSpeed "
+                f"checkpoint resumes only with the same ZeRO stage and number of processes ({self.backend} x "
+                f"{dist.get_world_size()} here)"
+            )
+        engine_dir = path / ENGINE_DIR
+        check_weights_only(sorted((engine_dir / ENGINE_TAG).glob("*.pt")))
+        loaded, _ = self.engine.load_checkpoint(
+            str(engine_dir), tag=ENGINE_TAG, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
+        )
+        if loaded is None:
+            raise FlatlmError(f"DeepSpeed could not load {engine_dir}")
+        restore_rng(path, rank)
+        return state
 
     def legacy_files(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
-        """The whole model (rank 0, gathered under ZeRO-3) and this rank's client-optimizer state, one entry per
-        flat partition (DeepSpeed's own layout)."""
-        from flatlm.optim.sharded.zero_views import flat_partitions
-
+        """The whole model for export (rank 0, gathered under ZeRO-3)."""
         files: dict[str, Any] = {}
         params = list(self.model.parameters())
         if self.backend == "zero3":
@@ -211,9 +237,6 @@ class DeepSpeedParallel(Parallel):
             model = self.model.state_dict() if rank == 0 else None
         if model is not None:
             files["model.safetensors"] = model
-        state = optimizer.state
-        shard = {i: dict(state[f]) for i, f in enumerate(flat_partitions(self.engine)) if f in state}
-        files[f"optimizer.rank{rank}.pt"] = {"flat_partitions": shard}
         return files
 
 

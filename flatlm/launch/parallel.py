@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,8 +110,17 @@ class Parallel:
         return {"model": model_sd, "optim": optim_sd}
 
     def legacy_files(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
-        """Files a backend without DCP support writes instead ({name: tensors}); none here."""
+        """Files a backend without DCP support writes beside its own checkpoint ({name: tensors}); none here."""
         return {}
+
+    def save_engine(self, directory: Path) -> None:
+        """Write a backend's own checkpoint into ``directory`` (DeepSpeed); nothing here. Collective."""
+
+    def load(self, path: Path, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool) -> dict[str, Any]:
+        """Load checkpoint ``path`` into the model and optimizer; returns its trainer state. Collective."""
+        from flatlm.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, self.model, optimizer, rank, load_optimizer=load_optimizer)
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

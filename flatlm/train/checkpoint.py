@@ -127,6 +127,7 @@ def save_checkpoint(
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
     legacy_files: dict[str, Any] | None = None,
+    save_engine: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write step ``step``; every rank calls this.
 
@@ -143,6 +144,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
+    if save_engine is not None:
+        save_engine(tmp)
     if state is not None:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -191,7 +194,24 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file()]
+    return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file() or (path / "deepspeed").is_dir()]
+
+
+def check_weights_only(files: list[Path]) -> None:
+    """Refuse files that need more than tensors and plain containers to unpickle (they could run code)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]  # plain data classes DeepSpeed pickles
+    for path in files:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"{path} needs more than tensors to load ({str(exc).splitlines()[0][:200]}); refusing to unpickle it"
+            ) from None
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
@@ -232,11 +252,11 @@ def load_checkpoint(
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    _restore_rng(path, rank)
+    restore_rng(path, rank)
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def _restore_rng(path: Path, rank: int) -> None:
+def restore_rng(path: Path, rank: int) -> None:
     rng = path / f"rng-rank{rank}.json"
     if rng.is_file():  # a checkpoint written with fewer ranks has none for this one: keep the seeded state
         set_rng_state(json.loads(rng.read_text()))

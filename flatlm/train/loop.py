@@ -48,7 +48,7 @@ from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
-from flatlm.train.checkpoint import load_checkpoint, remove_partial_saves, resumable_checkpoints, save_checkpoint
+from flatlm.train.checkpoint import remove_partial_saves, resumable_checkpoints, save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
@@ -186,9 +186,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     start_step, resume_from = 0, None
     for candidate in resume_candidates:
         try:
-            trainer_state = load_checkpoint(
-                candidate, parallel.model, optimizer, env.rank, load_optimizer=cfg.checkpoint.load_optimizer
-            )
+            trainer_state = parallel.load(candidate, optimizer, env.rank, cfg.checkpoint.load_optimizer)
         except (Exception, CheckpointException) as exc:  # corrupt or partial: say so, use the previous one
             log.warning(f"cannot resume from {candidate} ({type(exc).__name__}: {str(exc)[:200]}); trying an older one")
             continue
@@ -289,6 +287,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                     rank=env.rank,
                     barrier=barrier,
                     legacy_files=parallel.legacy_files(optimizer, env.rank),
+                    save_engine=parallel.save_engine,
                 )
             if stop:
                 name = signal.Signals(preemption.signal).name if preemption.signal else "a signal on another rank"

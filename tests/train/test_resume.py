@@ -72,7 +72,15 @@ def test_raising_max_steps_continues_a_finished_run(tmp_path: Path, text_corpus:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("backend", "optim"), [("ddp", "muon"), ("fsdp2", "adamw"), ("fsdp2", "sam")])
+@pytest.mark.parametrize(
+    ("backend", "optim"),
+    [
+        ("ddp", "muon"),
+        ("fsdp2", "adamw"),
+        ("fsdp2", "sam"),
+        *[("zero2", o) for o in ("adamw", "adafactor", "lion", "muon", "sam")],
+    ],
+)
 def test_two_process_run_resumes_bit_identical(tmp_path: Path, text_corpus: Path, backend: str, optim: str) -> None:
     args = {"parallel.backend": backend, "train.micro_batch_size": 2}
     full = tmp_path / "full"

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from flatlm.errors import FlatlmError
 
@@ -134,7 +135,6 @@ def save_checkpoint(
     ``state``: the DCP state ({"model": ..., "optim": ...}, collective save), or None for DeepSpeed runs, whose
     ``legacy_files`` ({file name: tensors}) each rank writes with safetensors / torch.save.
     """
-    import torch.distributed.checkpoint as dcp
 
     root = output_dir / CHECKPOINT_DIR
     final = root / f"step-{step}"
@@ -144,18 +144,14 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    if save_engine is not None:
-        save_engine(tmp)
-    if state is not None:
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
-    for name, value in (legacy_files or {}).items():
-        if name.endswith(".safetensors"):
-            save_file({k: v.detach().contiguous().clone() for k, v in value.items()}, tmp / name)
-        else:
-            torch.save(value, tmp / name)
-    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
+    try:
+        _write_parts(tmp, state, legacy_files, save_engine, rank)
+    except (OSError, CheckpointException) as exc:  # disk full, permissions: previous checkpoints untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FlatlmError(
+            f"saving checkpoint step-{step} into {root} failed ({exc}); the previous checkpoints and "
+            f"{LATEST} are intact; free space or fix permissions and rerun to resume"
+        ) from None
     barrier()
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
@@ -172,6 +168,30 @@ def save_checkpoint(
         _rotate(root, keep_last)
     barrier()
     return final
+
+
+def _write_parts(
+    tmp: Path,
+    state: dict[str, Any] | None,
+    legacy_files: dict[str, Any] | None,
+    save_engine: Callable[[Path], None] | None,
+    rank: int,
+) -> None:
+    """This rank's part of a checkpoint: the backend's own files, the DCP shards, extra files, RNG states."""
+    import torch.distributed.checkpoint as dcp
+
+    if save_engine is not None:
+        save_engine(tmp)
+    if state is not None:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not _distributed())
+    for name, value in (legacy_files or {}).items():
+        if name.endswith(".safetensors"):
+            save_file({k: v.detach().contiguous().clone() for k, v in value.items()}, tmp / name)
+        else:
+            torch.save(value, tmp / name)
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_state()))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -225,3 +225,28 @@ def test_switching_optimizer_needs_load_optimizer_false(tmp_path: Path, text_cor
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert records[3]["lr"] < 3e-4  # the new optimizer's lr on the resumed schedule, not AdamW's 3e-3
+
+
+@pytest.mark.slow
+def test_failed_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, text_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    real_save, calls = dcp.save, []
+
+    def save_until_disk_full(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", save_until_disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(FlatlmError, match="saving checkpoint step-6 .* failed .*No space left.* are intact"):
+        train(load_config(None, _overrides(out, text_corpus, "adamw")))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-3"
+    assert not list((out / "checkpoints").glob(".step-*"))  # nothing half-written left behind
+    monkeypatch.setattr(dcp, "save", real_save)
+    result = train(load_config(None, _overrides(out, text_corpus, "adamw")))
+    assert len(result.losses) == 3  # resumed from the intact step 3

@@ -273,6 +273,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             if last or stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
                 trainer_state = {
                     "tokens": (step + 1) * tokens_per_step,
+                    "epoch": sampler.epoch_of(step + 1),  # the data position is a function of (seed, step)
                     "scheduler": scheduler.state_dict(),
                     "backend": cfg.parallel.backend,
                     "world_size": env.world_size,

@@ -76,8 +76,7 @@ def test_raising_max_steps_continues_a_finished_run(tmp_path: Path, text_corpus:
     ("backend", "optim"),
     [
         ("ddp", "muon"),
-        ("fsdp2", "adamw"),
-        ("fsdp2", "sam"),
+        *[("fsdp2", o) for o in ("adamw", "adafactor", "lion", "muon", "sam")],
         *[("zero2", o) for o in ("adamw", "adafactor", "lion", "muon", "sam")],
     ],
 )

@@ -266,6 +266,13 @@ def load_checkpoint(
             dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
         set_model_state_dict(model, state["model"])
         return json.loads((path / TRAINER_STATE).read_text())
+    from flatlm.optim.sharded import OwnedParamsOptimizer, inner_optimizers
+
+    if any(isinstance(o, OwnedParamsOptimizer) for o in inner_optimizers(optimizer)):
+        raise FlatlmError(
+            "resuming with parallel.shard_optimizer_state=true is not supported yet; resume this checkpoint with "
+            "parallel.shard_optimizer_state=false (or another backend): its optimizer state is complete"
+        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():

@@ -48,7 +48,7 @@ from flatlm.optim import build_optimizer, build_scheduler
 from flatlm.optim.schedules import schedule_arguments
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
-from flatlm.train.checkpoint import remove_partial_saves, resumable_checkpoints, save_checkpoint
+from flatlm.train.checkpoint import UnsafeCheckpointError, remove_partial_saves, resumable_checkpoints, save_checkpoint
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
@@ -187,6 +187,11 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     for candidate in resume_candidates:
         try:
             trainer_state = parallel.load(candidate, optimizer, env.rank, cfg.checkpoint.load_optimizer)
+        except FlatlmError as exc:  # a request flatlm refuses is said once; an unsafe file is a broken checkpoint
+            if not isinstance(exc, UnsafeCheckpointError):
+                raise
+            log.warning(f"cannot resume from {candidate} ({exc}); trying an older one")
+            continue
         except (Exception, CheckpointException) as exc:  # corrupt or partial: say so, use the previous one
             log.warning(f"cannot resume from {candidate} ({type(exc).__name__}: {str(exc)[:200]}); trying an older one")
             continue

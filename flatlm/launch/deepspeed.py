@@ -250,9 +250,21 @@ def deepspeed_parallel(
     config = deepspeed_config(cfg, cfg.parallel.world_size, accum)
     if hasattr(optimizer, "swap_weights"):
         optimizer.swap_weights = False  # DeepSpeed keeps views of its partitions: perturb by copy, in place
+    _skip_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     _shape_aware_on_partitions(optimizer, engine, model)
     return DeepSpeedParallel(cfg.parallel.backend, model, engine), optimizer
+
+
+def _skip_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed compiles its shared-memory all-reduce extension (``deepspeed_shm_comm``,
+    one to two minutes of g++ in every fresh environment) when its communication backend starts. That kernel only
+    serves ``inference_all_reduce``, which training never calls (ZeRO's reductions go through torch.distributed),
+    so flatlm marks it unavailable instead of compiling it."""
+    import deepspeed.ops
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, model: torch.nn.Module) -> None:

@@ -116,3 +116,19 @@ def test_contradicting_deepspeed_config_is_refused(tmp_path: Path, user: dict, m
     path.write_text(json.dumps(user))
     with pytest.raises(FlatlmError, match=message):
         deepspeed_config(cfg, 2, 2, {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
+
+
+def test_deepspeed_never_compiles_its_shm_kernel_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deepspeed.comm builds ``deepspeed_shm_comm`` (1-2 min of g++) unless flatlm marks it unavailable first;
+    with the flag left on, ``build_shm_op`` would return the compiled module instead of None."""
+    import importlib
+
+    import deepspeed.ops
+
+    from flatlm.launch.deepspeed import _skip_shm_comm_build
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    _skip_shm_comm_build()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None

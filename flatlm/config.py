@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flatlm.errors import FlatlmError, did_you_mean
 
@@ -42,6 +42,13 @@ class DataConfig(Section):
     """stdlib: this Python's own standard-library sources; files: data.paths; hf: a datasets dataset."""
     paths: list[str] = Field(default_factory=list)
     """Files or globs for source=files: .txt (one document per file), .jsonl/.json, .parquet."""
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        """``data.paths=corpus/*.txt`` (no brackets) means a list of one."""
+        return [value] if isinstance(value, str | Path) else value
+
     name: str | None = None
     """Dataset name or local dataset directory for source=hf (datasets.load_dataset's path)."""
     config_name: str | None = None

@@ -1,10 +1,19 @@
-"""The tokenized corpus on disk: a memory-mapped token array with document offsets.
+"""The tokenized corpus on disk: a memory-mapped token array with document offsets, checked on every open.
 
-Layout of ``<cache_dir>/<key>/``: ``tokenizer.model``, ``tokens.bin`` (every document followed by
-EOS, uint16 or uint32), ``offsets.npy`` (int64, document i is ``tokens[offsets[i]:offsets[i+1]]``,
-EOS included) and ``meta.json``. The key hashes the source's fingerprint and the tokenizer options,
-so a changed corpus or vocabulary builds a new cache. A cache is built in a temporary directory and
-renamed into place: readers never see a half-written one.
+Layout of the cache directory (``data.cache_dir``, or ``FLATLM_CACHE``):
+
+- ``tokenizers/<tkey>.model`` (+ ``.json``): a tokenizer trained on a corpus; ``tkey`` hashes the source's
+  fingerprint and the tokenizer options, so a rerun on the same data reuses it instead of training again.
+- ``<key>/``: ``tokenizer.model``, ``tokens.bin`` (every document followed by EOS, uint16 or uint32),
+  ``offsets.npy`` (int64, document i is ``tokens[offsets[i]:offsets[i+1]]``, EOS included) and ``meta.json``.
+  ``key`` hashes the source's fingerprint and the tokenizer's bytes: the same corpus tokenized by two
+  tokenizers (a resumed run keeps its own) is two caches, never one mixed up with the other.
+
+Integrity: ``meta.json`` records the blake2b digests of ``tokens.bin`` and ``offsets.npy`` and the range of
+token ids. Every open checks sizes, offsets and digests (about 20 ms for the 10.5M-token stdlib corpus on
+this project's CPU); a damaged cache is reported in one line and rebuilt. Caches are built in a temporary
+directory and renamed into place (readers never see a half-written one), under a file lock per key
+(concurrent builders never race: the second waits, then uses the first one's cache).
 """
 
 from __future__ import annotations
@@ -14,19 +23,25 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from flatlm.config import DataConfig
-from flatlm.data.sources import SourceStats, iter_documents, source_fingerprint
+from flatlm.data.sources import SourceStats, check_text, iter_documents, source_fingerprint
 from flatlm.data.tokenizer import TOKENIZER_VERSION, Tokenizer, sample_lines, train_tokenizer
 from flatlm.errors import FlatlmError
 
 ENCODE_CHUNK = 512  # documents per sentencepiece batch call
+CACHE_FORMAT = 2  # bump when the layout or meta.json changes
+TOKENIZER_DIR = "tokenizers"
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -50,74 +65,263 @@ def default_cache_dir(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser()
 
 
-def cache_key(cfg: DataConfig) -> str:
-    h = hashlib.sha256()
-    parts = {
-        "source": source_fingerprint(cfg),
-        "vocab_size": cfg.vocab_size,
-        "tokenizer_sample_lines": cfg.tokenizer_sample_lines,
-        "tokenizer_version": TOKENIZER_VERSION,
-        "tokenizer": hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()
-        if cfg.tokenizer
-        else None,
-    }
-    h.update(json.dumps(parts, sort_keys=True).encode())
-    return h.hexdigest()[:20]
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def load_or_build(cfg: DataConfig, log: Any = print) -> TokenCache:
-    """Open the cache for ``cfg``, building it first when it does not exist yet."""
-    tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+def tokenizer_key(cfg: DataConfig, fingerprint: str) -> str:
+    """Names a tokenizer trained on this corpus with these options."""
+    return _digest(
+        {
+            "source": fingerprint,
+            "vocab_size": cfg.vocab_size,
+            "tokenizer_sample_lines": cfg.tokenizer_sample_lines,
+            "tokenizer_version": TOKENIZER_VERSION,
+        }
+    )
+
+
+def cache_key(cfg: DataConfig, tokenizer: Tokenizer, fingerprint: str | None = None) -> str:
+    """Names the token cache of this corpus encoded by exactly this tokenizer (its bytes)."""
+    return _digest(
+        {
+            "source": fingerprint or source_fingerprint(cfg),
+            "tokenizer_sha256": tokenizer.sha256,
+            "format": CACHE_FORMAT,
+        }
+    )
+
+
+def load_or_build(
+    cfg: DataConfig, log: Log = print, tokenizer: Tokenizer | None = None, warn: Log | None = None
+) -> TokenCache:
+    """Open the cache for ``cfg``, building it first when it does not exist yet or is damaged.
+
+    ``tokenizer``: encode with this one (a resumed run's own); by default ``data.tokenizer`` or one trained
+    on the corpus (and cached). ``log`` gets progress lines, ``warn`` (default ``log``) what went wrong.
+    """
+    warn = warn or log
     root = default_cache_dir(cfg)
-    path = root / cache_key(cfg)
-    if not (path / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=root))
+    fingerprint = source_fingerprint(cfg)
+    if tokenizer is None:
+        tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else _trained_tokenizer(cfg, root, fingerprint, log)
+    key = cache_key(cfg, tokenizer, fingerprint)
+    path = root / key
+    cache, problem = _open_checked(path, tokenizer)
+    if cache is not None:
+        return cache
+    with _locked(root, key, log):
+        cache, problem = _open_checked(path, tokenizer)  # another process may have built it meanwhile
+        if cache is not None:
+            return cache
+        if problem != "missing":
+            warn(f"the token cache {path} is damaged ({problem}); rebuilding it")
+        _remove_stale(root, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
         try:
-            _build(cfg, tmp, tokenizer, log)
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process finished the same cache first: use theirs
-                if not (path / "meta.json").is_file():
-                    raise
+            _build(cfg, tmp, tokenizer, fingerprint, log, warn)
+            if path.exists():  # the damaged one: move it aside first (rename is atomic, rmtree is not)
+                os.rename(path, root / f".{key}.damaged-{os.getpid()}")
+                _remove_stale(root, key)
+            os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _open(path)
+    cache, problem = _open_checked(path, tokenizer)
+    if cache is None:
+        raise RuntimeError(f"the token cache {path} just built does not verify: {problem}")
+    return cache
 
 
-def _open(path: Path) -> TokenCache:
-    meta = json.loads((path / "meta.json").read_text())
-    tokens = np.memmap(path / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["num_tokens"],))
-    offsets = np.load(path / "offsets.npy")
-    return TokenCache(path, Tokenizer.load(path / "tokenizer.model"), tokens, offsets, meta)
+def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> Tokenizer:
+    """A resumed run's own tokenizer, and a warning when the data would now give another one.
+
+    The model's embedding rows mean that tokenizer's pieces: resuming with a new one would silently
+    train the old model on renumbered text. So the run keeps its tokenizer, whatever the corpus.
+    """
+    try:
+        tokenizer = Tokenizer(run_tokenizer.read_bytes())
+    except (OSError, RuntimeError) as exc:
+        raise FlatlmError(
+            f"the run's tokenizer {str(run_tokenizer)!r} cannot be read ({exc}); restore it from a copy, or pass "
+            "overwrite=true to start the run over with a new one"
+        ) from None
+    if cfg.tokenizer:
+        configured = Tokenizer.load(cfg.tokenizer)
+        if configured.sha256 != tokenizer.sha256:
+            warn(
+                f"data.tokenizer {cfg.tokenizer!r} is not the tokenizer this run started with (its bytes changed); "
+                f"resuming with the run's own {run_tokenizer} ({tokenizer.vocab_size} pieces)"
+            )
+        return tokenizer
+    root = default_cache_dir(cfg)
+    trained = _cached_tokenizer(root / TOKENIZER_DIR / tokenizer_key(cfg, source_fingerprint(cfg)))
+    if trained is None or trained.sha256 != tokenizer.sha256:
+        why = (
+            "a tokenizer trained on the current data differs from it"
+            if trained is not None
+            else f"no tokenizer trained on the current data is in {root} (the data files changed, or the cache moved)"
+        )
+        warn(
+            f"the data are not what this run's tokenizer was trained on ({why}); resuming with the run's own "
+            f"{run_tokenizer} ({tokenizer.vocab_size} pieces) and tokenizing the current data with it"
+        )
+    return tokenizer
 
 
-def _build(cfg: DataConfig, out: Path, tokenizer: Tokenizer | None, log: Any) -> None:
-    stats = SourceStats()
-    if tokenizer is None:
+# --------------------------------------------------------------------------------------------
+def _writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise FlatlmError(
+            f"the data cache directory {str(root)!r} is not writable ({exc.strerror or exc}); set data.cache_dir "
+            "(or FLATLM_CACHE) to a directory this user can write"
+        ) from None
+
+
+@contextmanager
+def _locked(root: Path, key: str, log: Log) -> Iterator[None]:
+    """Hold ``root/.<key>.lock``: one builder per key at a time, on this machine and across processes."""
+    _writable(root)
+    lock = FileLock(root / f".{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"waiting for another process building {root / key}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale(root: Path, key: str) -> None:
+    """Temporary and damaged directories of ``key`` left by killed builders (only run under the key's lock)."""
+    for p in root.glob(f".{key}.*-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_checked(path: Path, tokenizer: Tokenizer) -> tuple[TokenCache | None, str]:
+    """The cache at ``path`` if it is whole, else ``(None, what is wrong)`` ("missing" when absent)."""
+    if not path.exists():
+        return None, "missing"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            return None, f"format {meta.get('format')!r}, expected {CACHE_FORMAT}"
+        if (path / "tokenizer.model").read_bytes() != tokenizer.proto:
+            return None, "tokenizer.model is not the tokenizer it was keyed by"
+        dtype, n = np.dtype(meta["dtype"]), int(meta["num_tokens"])
+        size = (path / "tokens.bin").stat().st_size
+        if size != n * dtype.itemsize:
+            return None, f"tokens.bin has {size:,} bytes, meta.json says {n * dtype.itemsize:,}"
+        if _file_digest(path / "offsets.npy") != meta["offsets_blake2b"]:
+            return None, "offsets.npy does not match its checksum"
+        offsets = np.load(path / "offsets.npy")
+        tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
+        if hashlib.blake2b(memoryview(tokens)).hexdigest() != meta["tokens_blake2b"]:
+            return None, "tokens.bin does not match its checksum"
+        if not (offsets[0] == 0 and offsets[-1] == n and len(offsets) == meta["num_documents"] + 1):
+            return None, "offsets.npy does not fit tokens.bin"
+        if meta["max_id"] >= tokenizer.vocab_size:
+            return None, f"token ids up to {meta['max_id']} for a {tokenizer.vocab_size}-piece tokenizer"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # unreadable, garbled JSON or array
+        return None, f"{type(exc).__name__}: {exc}"
+    return TokenCache(path, tokenizer, tokens, offsets, meta), ""
+
+
+def _cached_tokenizer(stem: Path) -> Tokenizer | None:
+    """The trained tokenizer at ``stem.model`` if it is whole (its digest in ``stem.json``), else None."""
+    try:
+        info = json.loads(stem.with_suffix(".json").read_text())
+        tokenizer = Tokenizer(stem.with_suffix(".model").read_bytes())
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return tokenizer if tokenizer.sha256 == info.get("sha256") else None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _trained_tokenizer(cfg: DataConfig, root: Path, fingerprint: str, log: Log) -> Tokenizer:
+    """The tokenizer trained on this corpus: from the cache, else trained now (once, under a lock) and cached."""
+    key = tokenizer_key(cfg, fingerprint)
+    stem = root / TOKENIZER_DIR / key
+    tokenizer = _cached_tokenizer(stem)
+    if tokenizer is not None:
+        return tokenizer
+    with _locked(root, f"tokenizer-{key}", log):
+        tokenizer = _cached_tokenizer(stem)
+        if tokenizer is not None:
+            return tokenizer
+        stats = SourceStats()
         lines = sample_lines(iter_documents(cfg, stats), cfg.tokenizer_sample_lines, seed=0)
         _check_nonempty(cfg, stats)
+        check_text(stats, lambda _: None)  # refuse binary data before training on it; warnings come when encoding
         log(f"training a {cfg.vocab_size}-piece tokenizer on {len(lines)} lines of {stats.documents} documents")
         tokenizer = Tokenizer(train_tokenizer(lines, cfg.vocab_size))
+        if tokenizer.vocab_size < cfg.vocab_size:
+            more = " or raise data.tokenizer_sample_lines" if len(lines) >= cfg.tokenizer_sample_lines else ""
+            raise FlatlmError(
+                f"data.vocab_size={cfg.vocab_size} is more than this corpus supports: sentencepiece finds at most "
+                f"{tokenizer.vocab_size} pieces in its {len(lines):,} sampled lines; set data.vocab_size="
+                f"{tokenizer.vocab_size} or less (or add data{more})"
+            )
+        stem.parent.mkdir(exist_ok=True)
+        _atomic_write(stem.with_suffix(".model"), tokenizer.proto)
+        info = {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size, "lines": len(lines)}
+        _atomic_write(stem.with_suffix(".json"), json.dumps(info, indent=2).encode())  # last: marks it whole
+    return tokenizer
+
+
+def _build(cfg: DataConfig, out: Path, tokenizer: Tokenizer, fingerprint: str, log: Log, warn: Log) -> None:
     tokenizer.save(out / "tokenizer.model")
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
-
-    stats = SourceStats()  # count again on the encoding pass (the first may have been skipped)
+    stats = SourceStats()
     offsets = [0]
+    low, high = tokenizer.vocab_size, -1
+    digest = hashlib.blake2b()
     docs = iter_documents(cfg, stats)
     with open(out / "tokens.bin", "wb") as f:
         while chunk := list(islice(docs, ENCODE_CHUNK)):
             for ids in tokenizer.encode(chunk):
                 ids.append(tokenizer.eos_id)
-                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                data = np.asarray(ids, dtype=dtype)
+                low, high = min(low, int(data.min())), max(high, int(data.max()))
+                f.write(data.tobytes())
+                digest.update(data.tobytes())
                 offsets.append(offsets[-1] + len(ids))
     _check_nonempty(cfg, stats)
+    check_text(stats, warn)
+    if high >= tokenizer.vocab_size:  # sentencepiece never does this; a wrong dtype would
+        raise RuntimeError(f"token id {high} is outside the {tokenizer.vocab_size}-piece vocabulary")
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     meta = {
+        "format": CACHE_FORMAT,
+        "source_fingerprint": fingerprint,
+        "tokenizer_sha256": tokenizer.sha256,
         "dtype": np.dtype(dtype).name,
         "num_tokens": offsets[-1],
         "num_documents": len(offsets) - 1,
         "vocab_size": tokenizer.vocab_size,
+        "min_id": low,
+        "max_id": high,
+        "tokens_blake2b": digest.hexdigest(),
+        "offsets_blake2b": _file_digest(out / "offsets.npy"),
         "stats": asdict(stats),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -1,17 +1,22 @@
 """Document sources: this Python's standard library, local files, or a ``datasets`` dataset.
 
 Each source yields documents (str) in a deterministic order and fills a :class:`SourceStats`.
-Text files are decoded as UTF-8; bytes that do not decode are dropped and counted, never fatal.
+Text files are decoded as UTF-8; bytes that do not decode are dropped and counted. A few are normal
+(a stray Latin-1 byte); a corpus where more than ``MAX_BINARY_FRACTION`` of the bytes are not text
+(undecodable or NUL) is a directory of binary files, and :func:`check_text` refuses it, naming the
+worst files. Malformed JSON lines and unreachable datasets are one clear error each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
+import logging
 import sysconfig
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,11 @@ from flatlm.config import DataConfig
 from flatlm.errors import FlatlmError
 
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_BINARY_FRACTION = 0.01
+"""Refuse a corpus whose text files hold more than this fraction of non-text bytes (undecodable or NUL)."""
+BINARY_FILE_FRACTION = 0.3
+"""A file with more than this fraction of non-text bytes is named as binary (a warning below the threshold)."""
+WORST_FILES = 5
 
 
 @dataclass
@@ -31,6 +41,26 @@ class SourceStats:
     """Bytes skipped because they were not valid UTF-8."""
     files_with_undecodable: int = 0
     """Files that held at least one such byte."""
+    text_files: int = 0
+    """Text files read (not .jsonl/.json/.parquet)."""
+    text_bytes: int = 0
+    """Bytes of those files."""
+    binary_bytes: int = 0
+    """Bytes of those files that are not text: undecodable, or NUL."""
+    worst_files: list[tuple[str, int, int]] = field(default_factory=list)
+    """The files with the most non-text bytes: (path, non-text bytes, size), most first."""
+
+    def add_file(self, path: Path, size: int, undecodable: int, nul: int) -> None:
+        self.text_files += 1
+        self.text_bytes += size
+        self.undecodable_bytes += undecodable
+        self.files_with_undecodable += undecodable > 0
+        bad = undecodable + nul
+        self.binary_bytes += bad
+        if bad:
+            self.worst_files.append((str(path), bad, size))
+            self.worst_files.sort(key=lambda t: (-t[1] / max(t[2], 1), -t[1]))
+            del self.worst_files[WORST_FILES:]
 
 
 def stdlib_files() -> list[Path]:
@@ -77,11 +107,30 @@ def decode_utf8(raw: bytes) -> tuple[str, int]:
 
 def _text_files(files: list[Path], stats: SourceStats) -> Iterator[str]:
     for path in files:
-        text, bad = decode_utf8(path.read_bytes())
-        if bad:
-            stats.undecodable_bytes += bad
-            stats.files_with_undecodable += 1
+        raw = path.read_bytes()
+        text, bad = decode_utf8(raw)
+        stats.add_file(path, len(raw), bad, raw.count(0))
         yield text
+
+
+def check_text(stats: SourceStats, warn: Callable[[str], None]) -> None:
+    """Refuse a corpus that is mostly not text (binary files); warn about binary files in a text corpus."""
+    if not stats.binary_bytes:
+        return
+    worst = ", ".join(f"{p} ({bad / max(size, 1):.0%})" for p, bad, size in stats.worst_files)
+    fraction = stats.binary_bytes / max(stats.text_bytes, 1)
+    if fraction > MAX_BINARY_FRACTION:
+        raise FlatlmError(
+            f"the data files are not text: {stats.binary_bytes:,} of their {stats.text_bytes:,} bytes "
+            f"({fraction:.1%}, more than {MAX_BINARY_FRACTION:.0%}) are not UTF-8 text (undecodable or NUL), most "
+            f"in {worst}; point data.paths at text files (e.g. a glob such as 'corpus/*.txt') or convert them to UTF-8"
+        )
+    binary = [p for p, bad, size in stats.worst_files if bad / max(size, 1) > BINARY_FILE_FRACTION]
+    if binary:
+        warn(
+            f"{len(binary)} data file(s) look binary, not text, and are trained on as text: {', '.join(binary)}; "
+            "narrow data.paths to text files"
+        )
 
 
 def _table_rows(dataset: Any, field: str, where: str) -> Iterator[str]:
@@ -93,13 +142,67 @@ def _table_rows(dataset: Any, field: str, where: str) -> Iterator[str]:
             yield str(value)
 
 
-def _table_files(files: list[Path], field: str) -> Iterator[str]:
-    import datasets
+def _jsonl_rows(path: Path, field: str, stats: SourceStats) -> Iterator[str]:
+    """The ``field`` of each line of a JSON-lines file (stdlib json: a bad line is named by its number)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line, bad = decode_utf8(raw)
+            stats.undecodable_bytes += bad
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FlatlmError(
+                    f"{path}:{number}: line {number} is not valid JSON ({exc.msg}, column {exc.colno}); "
+                    "fix or remove that line (each line of a .jsonl file is one JSON object)"
+                ) from None
+            if not isinstance(row, dict):
+                raise FlatlmError(
+                    f"{path}:{number}: line {number} is a JSON {type(row).__name__}, not an object with a "
+                    f"{field!r} field; each line of a .jsonl file must be one JSON object"
+                )
+            yield from _table_rows([row], field, f"{path}:{number}")
 
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence libraries' own logging inside the block: their failures reach the user as one FlatlmError."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _table_files(files: list[Path], field: str, stats: SourceStats) -> Iterator[str]:
     for path in files:
+        if path.suffix.lower() == ".jsonl":
+            yield from _jsonl_rows(path, field, stats)
+            continue
+        import datasets
+        import pyarrow as pa
+
         builder = TABLE_SUFFIXES[path.suffix.lower()]
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-        yield from _table_rows(ds, field, str(path))
+        try:
+            with _quiet("datasets"):  # datasets logs its own "Failed to load JSON" before raising
+                for row in datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True):
+                    yield from _table_rows([row], field, str(path))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            kind = "JSON (a list of objects, or one object per line)" if builder == "json" else "parquet"
+            raise FlatlmError(f"{path} is not valid {kind} ({exc}); fix or remove the file") from None
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What datasets raises when the Hub cannot be reached or has no such dataset."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    return ConnectionError, TimeoutError, DatasetNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 
 
 def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
@@ -108,13 +211,25 @@ def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
     if not cfg.name:
         raise FlatlmError("data.source=hf needs data.name (a dataset name or a local dataset directory)")
     try:
-        ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
+        # huggingface_hub logs every retry of an unreachable Hub (twice, through flatlm's handler too): the
+        # failure reaches the user as one line instead. Streaming datasets may fail later, while iterating.
+        with _quiet("huggingface_hub", "datasets"):
+            ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
+            yield from _table_rows(ds, cfg.text_field, f"dataset {cfg.name!r}")
     except FileNotFoundError as exc:
         raise FlatlmError(
             f"data path {cfg.name!r} does not exist or holds no dataset ({exc}); set data.name to a "
             "local dataset directory or a dataset id this machine can reach"
         ) from None
-    yield from _table_rows(ds, cfg.text_field, f"dataset {cfg.name!r}")
+    except _hub_errors() as exc:
+        if Path(cfg.name).expanduser().exists():
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise FlatlmError(
+            f"could not reach dataset {cfg.name!r} on the Hugging Face Hub ({type(exc).__name__}: {detail}); "
+            "without network, set data.name to a local dataset directory, or load the dataset once where the Hub "
+            "is reachable and rerun with HF_DATASETS_OFFLINE=1 to read it from the datasets cache"
+        ) from None
 
 
 def _raw_documents(cfg: DataConfig, stats: SourceStats) -> Iterator[str]:
@@ -125,7 +240,7 @@ def _raw_documents(cfg: DataConfig, stats: SourceStats) -> Iterator[str]:
         text = [p for p in files if p.suffix.lower() not in TABLE_SUFFIXES]
         tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
         yield from _text_files(text, stats)
-        yield from _table_files(tables, cfg.text_field)
+        yield from _table_files(tables, cfg.text_field, stats)
     else:
         yield from _hf_dataset(cfg)
 

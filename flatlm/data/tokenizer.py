@@ -6,7 +6,9 @@ its own, so source code and prose round-trip: ``decode(encode(text)) == text``.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -83,6 +85,8 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        """The tokenizer's identity (of its serialized model): part of every token cache's key."""
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -95,7 +99,11 @@ class Tokenizer:
             raise FlatlmError(f"{str(path)!r} is not a sentencepiece model; fix data.tokenizer") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.proto)
+        """Write the model file whole or not at all (a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(self.proto)
+        os.replace(tmp, path)
 
     @property
     def vocab_size(self) -> int:
@@ -114,3 +122,13 @@ class Tokenizer:
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+def save_run_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
+    """Write a run's ``tokenizer.model`` once. A resumed run encodes with the file that is there, so it is
+    never replaced: different bytes there would mean the run's data went through another tokenizer."""
+    if path.is_file():
+        if path.read_bytes() != tokenizer.proto:
+            raise RuntimeError(f"{path} is not the tokenizer this run encoded its data with; not replacing it")
+        return
+    tokenizer.save(path)

@@ -31,7 +31,8 @@ from flatlm.data import (
     require_sequences,
     split_documents,
 )
-from flatlm.data.tokenizer import Tokenizer
+from flatlm.data.cache import resume_tokenizer
+from flatlm.data.tokenizer import Tokenizer, save_run_tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.launch import Environment, environment
 from flatlm.launch.distributed import (
@@ -106,8 +107,15 @@ class Data:
     tokenizer: Tokenizer
 
 
-def load_data(cfg: RunConfig) -> Data:
-    cache = load_or_build(cfg.data, log=log.info)
+def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
+    """The token cache of ``cfg.data``. ``run_tokenizer``: a resumed run's own tokenizer.model; the data are
+    encoded with it (a new one would renumber the pieces under the model's embedding), whatever the corpus."""
+    tokenizer = None
+    if run_tokenizer is not None and run_tokenizer.is_file():
+        tokenizer = resume_tokenizer(cfg.data, run_tokenizer, warn=log.warning)
+    elif run_tokenizer is not None:
+        log.warning(f"resuming a run without its {run_tokenizer.name}; the data's tokenizer is used and saved there")
+    cache = load_or_build(cfg.data, log=log.info, tokenizer=tokenizer, warn=log.warning)
     train_ids, val_ids = split_documents(cache.num_documents, cfg.data.val_fraction, cfg.seed)
     train = PackedSequences(cache.tokens, cache.offsets, train_ids, cfg.data.seq_len)
     require_sequences(train, "training", 1)
@@ -163,7 +171,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     out = check_output_dir(cfg)
     resume_candidates = [] if cfg.overwrite else resumable_checkpoints(out)
     with local_main_first(env):  # one process per node builds the token cache
-        data = load_data(cfg)
+        data = load_data(cfg, out / TOKENIZER_FILE if resume_candidates else None)
 
     # 2. Model, optimizer, schedule.
     seed_everything(cfg.seed, cfg.train.deterministic)
@@ -212,7 +220,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             continue_run_dir(out, config_yaml, start_step)
         else:
             start_run_dir(out, config_yaml)
-        data.tokenizer.save(out / TOKENIZER_FILE)  # the run's tokenizer, for export and inspection
+        save_run_tokenizer(out / TOKENIZER_FILE, data.tokenizer)  # the run's own, never replaced on resume
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
     sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed)

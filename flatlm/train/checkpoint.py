@@ -253,6 +253,7 @@ def load_checkpoint(
     rank's RNG states; returns the trainer state (step, tokens, scheduler)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_state_dict,
         set_model_state_dict,
@@ -268,17 +269,21 @@ def load_checkpoint(
         return json.loads((path / TRAINER_STATE).read_text())
     from flatlm.optim.sharded import OwnedParamsOptimizer, inner_optimizers
 
-    if any(isinstance(o, OwnedParamsOptimizer) for o in inner_optimizers(optimizer)):
-        raise FlatlmError(
-            "resuming with parallel.shard_optimizer_state=true is not supported yet; resume this checkpoint with "
-            "parallel.shard_optimizer_state=false (or another backend): its optimizer state is complete"
-        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": model_sd, "optim": optim_sd}  # what this rank holds: DCP reads exactly these keys
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # Ownership (parallel.shard_optimizer_state): a rank holds state for the parameters it owns only, so torch's
+    # check that every parameter has state cannot hold; DCP has already refused a checkpoint missing an owned one.
+    owned = any(isinstance(o, OwnedParamsOptimizer) for o in inner_optimizers(optimizer))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=not owned),
+    )
     restore_rng(path, rank)
     return json.loads((path / TRAINER_STATE).read_text())
 

@@ -116,11 +116,15 @@ class OwnedParamsOptimizer(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a ``state_dict()`` of this rank (or any with the same groups: only owned entries are kept)."""
+        """Load a ``state_dict()`` of this rank (or any with the same groups: only owned entries are kept).
+
+        Saved keys are matched to parameters by position in the saved groups' ``params`` lists, as torch does, so
+        index keys (``state_dict()``) and parameter names (torch.distributed.checkpoint) both work."""
         index = self._full_index()
         inner_params = [p for g in self.inner.param_groups for p in g["params"]]
         full_to_inner = {index[id(p)]: k for k, p in enumerate(inner_params)}
-        state = {full_to_inner[i]: v for i, v in state_dict["state"].items() if i in full_to_inner}
+        position = {key: i for i, key in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
+        state = {full_to_inner[position[k]]: v for k, v in state_dict["state"].items() if position[k] in full_to_inner}
         saved_groups = state_dict["param_groups"]
         groups = []
         for j, i in enumerate(self._inner_group_of):

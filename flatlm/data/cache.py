@@ -121,8 +121,9 @@ def load_or_build(
         try:
             _build(cfg, tmp, tokenizer, fingerprint, log, warn)
             if path.exists():  # the damaged one: move it aside first (rename is atomic, rmtree is not)
-                os.rename(path, root / f".{key}.damaged-{os.getpid()}")
-                _remove_stale(root, key)
+                aside = root / f".{key}.damaged-{os.getpid()}"
+                os.rename(path, aside)
+                shutil.rmtree(aside, ignore_errors=True)
             os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,8 +235,12 @@ def _open_checked(path: Path, tokenizer: Tokenizer) -> tuple[TokenCache | None, 
             return None, "tokens.bin does not match its checksum"
         if not (offsets[0] == 0 and offsets[-1] == n and len(offsets) == meta["num_documents"] + 1):
             return None, "offsets.npy does not fit tokens.bin"
-        if meta["max_id"] >= tokenizer.vocab_size:
-            return None, f"token ids up to {meta['max_id']} for a {tokenizer.vocab_size}-piece tokenizer"
+        low, high = int(tokens.min()), int(tokens.max())  # one more pass at memory speed (~1 ms per 20 MB)
+        if (low, high) != (meta["min_id"], meta["max_id"]) or high >= tokenizer.vocab_size:
+            return None, (
+                f"token ids {low}..{high}, meta.json says {meta['min_id']}..{meta['max_id']}, "
+                f"for a {tokenizer.vocab_size}-piece tokenizer"
+            )
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:  # unreadable, garbled JSON or array
         return None, f"{type(exc).__name__}: {exc}"
     return TokenCache(path, tokenizer, tokens, offsets, meta), ""

@@ -1,0 +1,240 @@
+"""Look inside the training loop's steps: what the options under test really did, recorded from the running loop.
+
+``probing(...)`` wraps ``flatlm.train.loop.train_step`` (the function the loop calls once per optimizer step) so a
+test sees every step as users get it, from the loop's own config handling: the parameters before and after, the
+accumulated gradient before clipping, the dtypes of every matmul, how often the decoder sublayers ran, the bytes
+autograd saved, the optimizer's state dtypes, and the training model's own logits after the last step. Nothing in
+the loop is replaced: the wrapper calls the real step with the real arguments.
+
+Run as a module under torchrun (``launch_probed``), each rank records its steps into
+``output_dir/probe-rank<R>.pt``, so the same observations work for 2-process backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE_IDS = torch.arange(3, 3 + 2 * 16).remainder(300).view(2, 16)  # fixed token ids, [2, 16], below any vocab used
+
+_aten = torch.ops.aten
+MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.linear.default}
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the floating dtypes of the inputs of every matmul that reaches the kernels (after autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple[torch.dtype, ...]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in MATMULS:
+            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+            self.calls.append((str(func), dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A detached fp32-preserving copy of the whole tensor (a DTensor is gathered: collective)."""
+    t = t.detach()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the loop ran it."""
+
+    before: dict[str, torch.Tensor]
+    """Every parameter (whole, by name) before the step."""
+    after: dict[str, torch.Tensor]
+    """Every parameter after the step."""
+    grads: dict[str, torch.Tensor]
+    """The accumulated gradient before clipping (single process and DDP; empty where gradients arrive by
+    reduce-scatter, FSDP2)."""
+    grad_norm: float
+    """What the step returned (the loop logs it)."""
+    lr: float
+    sublayer_calls: dict[str, int]
+    """Forward calls of each kind of decoder-block sublayer (``self_attn``, ``mlp``, ...), summed over blocks."""
+    saved_bytes: int
+    """Bytes autograd saved for backward outside any checkpointed region."""
+    matmuls: list[tuple[str, tuple[torch.dtype, ...]]]
+    param_dtypes: set[torch.dtype]
+    """Dtypes of the parameters (local shards) after the step."""
+    grad_dtypes: set[torch.dtype]
+    """Dtypes of the gradients the optimizer stepped with."""
+    state_dtypes: set[torch.dtype]
+    """Dtypes of the optimizer's floating state tensors after the step."""
+    optimizer_defaults: dict[str, Any]
+    model_type: str
+    """Class of the module the step ran forward through (``OptimizedModule`` when compiled)."""
+    compiles_forward_module: bool
+    """That module is ``torch.compile`` of the backend's forward module (``_orig_mod``)."""
+    num_micro_batches: int
+    logits: torch.Tensor | None = None
+    """The training model's own logits on ``PROBE_IDS`` after the last step (eval mode, no autocast)."""
+
+
+@dataclass
+class Probe:
+    dispatch: bool = False
+    """Record matmul dtypes (a dispatch mode around the step; slower)."""
+    grads: bool = True
+    saved: bool = True
+    sublayers: bool = True
+    """Count decoder sublayer calls (forward hooks; off under torch.compile, where new hooks force recompiles)."""
+    """Count the bytes autograd saves (a saved-tensors hook around the step; off under torch.compile)."""
+    logits_after_step: int | None = None
+    """After this step (1-based) record the model's logits on ``PROBE_IDS``."""
+    steps: list[StepRecord] = field(default_factory=list)
+
+
+def _sublayers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    from flatlm.launch.parallel import transformer_blocks
+
+    return [item for block in transformer_blocks(model) for item in block.named_children()]
+
+
+def _float_state(optimizer: torch.optim.Optimizer) -> set[torch.dtype]:
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed/wrappers keep the real one inside
+    return {
+        v.dtype
+        for s in inner.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim > 0
+    }
+
+
+def _wrap(real: Any, probe: Probe) -> Any:
+    def probed_train_step(parallel: Any, optimizer: Any, batches: list, params: list, **kwargs: Any) -> Any:
+        named = list(parallel.model.named_parameters())
+        before = {n: full(p) for n, p in named}
+        grads: dict[str, torch.Tensor] = {}
+        hooks = []
+        if probe.grads:
+            for n, p in named:  # the last accumulation of a step leaves the whole micro-batch sum
+                hooks.append(p.register_post_accumulate_grad_hook(lambda q, n=n: grads.__setitem__(n, full(q.grad))))
+        calls: dict[str, int] = {}
+        for name, m in _sublayers(parallel.model) if probe.sublayers else []:
+            hooks.append(m.register_forward_hook(lambda *_, k=name: calls.__setitem__(k, calls.get(k, 0) + 1)))
+        grad_dtypes: set[torch.dtype] = set()
+
+        def pre_step(opt: Any, *_: Any) -> None:
+            grad_dtypes.update(full(p.grad).dtype for g in opt.param_groups for p in g["params"] if p.grad is not None)
+
+        step_hook = getattr(optimizer, "optimizer", optimizer).register_step_pre_hook(pre_step)
+        saved = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        mode = MatmulDtypes()
+        model = kwargs["model"] if kwargs.get("model") is not None else parallel.forward_module
+        lr = optimizer.param_groups[0]["lr"]
+        try:
+            saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if probe.saved else _null()
+            with saving, mode if probe.dispatch else _null():
+                stats = real(parallel, optimizer, batches, params, **kwargs)
+        finally:
+            for h in [*hooks, step_hook]:
+                h.remove()
+        record = StepRecord(
+            before=before,
+            after={n: full(p) for n, p in named},
+            grads=grads,
+            grad_norm=stats.grad_norm,
+            lr=lr,
+            sublayer_calls=calls,
+            saved_bytes=saved[0],
+            matmuls=mode.calls,
+            param_dtypes={(p.to_local() if isinstance(p, DTensor) else p).dtype for _, p in named},
+            grad_dtypes=grad_dtypes,
+            state_dtypes=_float_state(optimizer),
+            optimizer_defaults={k: v for k, v in getattr(optimizer, "defaults", {}).items() if _plain(v)},
+            model_type=type(model).__name__,
+            compiles_forward_module=getattr(model, "_orig_mod", None) is parallel.forward_module,
+            num_micro_batches=len(batches),
+        )
+        if probe.logits_after_step == len(probe.steps) + 1:
+            was_training = parallel.forward_module.training
+            parallel.forward_module.eval()
+            with torch.no_grad():
+                record.logits = parallel.forward_module(input_ids=PROBE_IDS.to(batches[0][0].device)).logits.detach()
+            parallel.forward_module.train(was_training)
+        probe.steps.append(record)
+        return stats
+
+    return probed_train_step
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str, tuple))
+
+
+@contextlib.contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def probing(probe: Probe) -> Iterator[Probe]:
+    """While active, every training step the loop runs is recorded into ``probe.steps``."""
+    import flatlm.train.loop as loop
+
+    real = loop.train_step
+    loop.train_step = _wrap(real, probe)
+    try:
+        yield probe
+    finally:
+        loop.train_step = real
+
+
+def launch_probed(overrides: list[str], probe_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run the loop on ``nproc`` gloo processes under torchrun with a probe; each rank saves its records to
+    ``output_dir/probe-rank<R>.pt``. ``probe_args``: ``dispatch``, ``logits=<step>``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "tests.train.step_probe", ",".join(probe_args) or "-", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+
+
+def load_records(output_dir: Path, rank: int = 0) -> list[StepRecord]:
+    """The steps rank ``rank`` recorded under ``launch_probed``."""
+    saved = torch.load(output_dir / f"probe-rank{rank}.pt", weights_only=False)  # written by this test suite
+    return [StepRecord(**fields) for fields in saved]
+
+
+def _main(argv: list[str]) -> int:
+    from flatlm.config import load_config
+    from flatlm.train.loop import train
+
+    opts = [a for a in argv[0].split(",") if a and a != "-"]
+    probe = Probe(dispatch="dispatch" in opts, grads=False)
+    for opt in opts:
+        if opt.startswith("logits="):
+            probe.logits_after_step = int(opt.split("=", 1)[1])
+    cfg = load_config(None, argv[1:])
+    with probing(probe):
+        result = train(cfg)
+    torch.save(
+        [dataclasses.asdict(s) for s in probe.steps], result.output_dir / f"probe-rank{os.environ.get('RANK', '0')}.pt"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

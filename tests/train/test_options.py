@@ -1,0 +1,277 @@
+"""The training options that could silently do nothing, each observed from inside the loop as users run it.
+
+Every test drives ``flatlm.train.loop.train`` from a config (the user's path) and looks at the real steps through
+``tests.train.step_probe`` (parameters before/after, the pre-clip gradient, matmul dtypes, sublayer calls, saved
+activations, optimizer state). Each docstring names the bug it catches; each was checked by planting that bug
+(the option made a no-op) and seeing the test fail.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from flatlm.config import load_config
+from flatlm.errors import FlatlmError
+from flatlm.train.loop import RunResult, train
+from flatlm.train.metrics import read_jsonl
+from tests.conftest import make_documents, tiny_overrides
+from tests.train.step_probe import Probe, StepRecord, launch_probed, load_records, probing
+
+ONE_STEP = {"train.max_steps": 1, "train.eval_every": 0}
+# One SGD step without momentum or weight decay at a constant lr: the update is exactly -lr * (clipped) gradient,
+# so clipping is visible in it. (Adam's first step is lr * g / |g|: invariant to any rescaling of g, clipping
+# included, so AdamW cannot show whether clipping ran.)
+SGD = {
+    "optim.name": "sgd",
+    "optim.lr": 0.1,
+    "optim.weight_decay": 0.0,
+    "schedule.name": "constant",
+    "schedule.warmup_steps": 0,
+    "train.max_steps": 1,
+    "train.eval_every": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One corpus for the module, so its runs share one tokenizer and token cache."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_documents(60)):
+        (root / f"doc{i:03d}.txt").write_text(doc)
+    return root
+
+
+def _run(out: Path, corpus: Path, probe: Probe, **extra: object) -> tuple[RunResult, list[StepRecord]]:
+    """``train`` from config overrides (one step, evaluation only at the end, unless ``extra`` says otherwise)."""
+    with probing(probe):
+        result = train(load_config(None, tiny_overrides(out, corpus, **{**ONE_STEP, **extra})))
+    return result, probe.steps
+
+
+def _delta(step: StepRecord) -> dict[str, torch.Tensor]:
+    return {n: step.after[n] - step.before[n] for n in step.before}
+
+
+def _global_norm(grads: dict[str, torch.Tensor]) -> float:
+    """The L2 norm over every gradient, in float64 (independent of flatlm's foreach norm)."""
+    return math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+
+
+def _assert_update(delta: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
+    assert delta.keys() == expected.keys()
+    for name in delta:
+        torch.testing.assert_close(delta[name], expected[name].float(), rtol=1e-4, atol=atol, msg=name)
+
+
+def _differs(delta: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> bool:
+    try:
+        _assert_update(delta, expected, atol)
+    except AssertionError:
+        return True
+    return False
+
+
+# An SGD update is p - lr g rounded to fp32: the difference after - before carries up to ~1 ulp of |p| <= ~1.
+UPDATE_ATOL = 3e-7
+
+
+# ---- gradient clipping --------------------------------------------------------------------------------------
+def test_grad_clip_scales_the_update_by_limit_over_global_norm(tmp_path: Path, corpus: Path) -> None:
+    """Catches: clipping that does nothing (or clips per tensor, or logs the post-clip norm).
+
+    With ``train.grad_clip`` below the measured global norm n, one SGD step moves every parameter by
+    -lr * (c / (n + 1e-6)) * g, with n computed here in float64 from the step's own pre-clip gradient; the
+    logged grad_norm is n; a limit above n leaves the update bit-identical to no clipping at all.
+    """
+    _, (free,) = _run(tmp_path / "free", corpus, Probe(), **SGD, **{"train.grad_clip": 0})
+    norm = _global_norm(free.grads)
+    assert free.grad_norm == pytest.approx(norm, rel=1e-6)
+    g, lr = free.grads, SGD["optim.lr"]
+    _assert_update(_delta(free), {n: -lr * g[n] for n in g}, UPDATE_ATOL)  # the baseline: SGD is -lr g
+
+    limit = norm / 8
+    _, (clipped,) = _run(tmp_path / "clipped", corpus, Probe(), **SGD, **{"train.grad_clip": limit})
+    for name in g:  # same weights, same batch: the same gradient before clipping
+        torch.testing.assert_close(clipped.grads[name], g[name], rtol=0, atol=0)
+    coef = limit / (norm + 1e-6)
+    expected = {n: -lr * coef * g[n].double() for n in g}
+    _assert_update(_delta(clipped), expected, UPDATE_ATOL)
+    assert _differs(_delta(free), expected, UPDATE_ATOL)  # the comparison tells clipped from unclipped
+    logged = read_jsonl(tmp_path / "clipped" / "metrics.jsonl")[0]["grad_norm"]
+    assert logged == pytest.approx(norm, rel=1e-6) and logged > 7 * limit  # the pre-clip norm
+
+    _, (loose,) = _run(tmp_path / "loose", corpus, Probe(), **SGD, **{"train.grad_clip": 8 * norm})
+    for name in g:
+        assert torch.equal(loose.after[name], free.after[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_grad_clip_uses_the_global_norm_under_fsdp2(tmp_path: Path, corpus: Path) -> None:
+    """Catches: clipping by each rank's own shard norm (or not at all) when FSDP2 shards the gradients.
+
+    2 gloo processes, each holding half of every gradient: the step must still scale every shard by
+    c / (n + 1e-6) with n the norm of the whole global-batch gradient, which one process measures on the same
+    global batch; both ranks log that n.
+    """
+    _, (single,) = _run(tmp_path / "single", corpus, Probe(), **SGD, **{"train.grad_clip": 0})
+    norm, g, lr = _global_norm(single.grads), single.grads, SGD["optim.lr"]
+    limit = norm / 8
+    out = tmp_path / "fsdp2"
+    args = {**SGD, "train.grad_clip": limit, "parallel.backend": "fsdp2", "train.micro_batch_size": 2}
+    r = launch_probed(tiny_overrides(out, corpus, **args), [])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [load_records(out, rank)[0] for rank in (0, 1)]
+    for step in ranks:
+        assert step.grad_norm == pytest.approx(norm, rel=1e-5)  # a per-shard norm is ~n / sqrt(2)
+    expected = {n: -lr * (limit / (norm + 1e-6)) * g[n].double() for n in g}
+    _assert_update(_delta(ranks[0]), expected, UPDATE_ATOL)  # gathered whole: both ranks' shards
+    assert _differs({n: -lr * g[n] for n in g}, expected, UPDATE_ATOL)
+    assert read_jsonl(out / "metrics.jsonl")[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
+
+
+# ---- bf16 autocast ------------------------------------------------------------------------------------------
+def _matmul_dtypes(step: StepRecord) -> set[torch.dtype]:
+    return {d for _, dtypes in step.matmuls for d in dtypes}
+
+
+def _min_matmuls(step: StepRecord, layers: int = 2) -> int:
+    """Forward matmuls per step at least: 7 projections per block and the head, per micro-batch."""
+    return step.num_micro_batches * (7 * layers + 1)
+
+
+def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights_and_state(tmp_path: Path, corpus: Path) -> None:
+    """Catches: train.bf16 ignored (matmuls in fp32), or bf16 done by casting the model (weights, gradients or
+    AdamW moments in bf16, also in the checkpoint).
+
+    A dispatch mode records the dtypes every matmul kernel receives during the real step (forward and
+    backward); the fp32 run is the control that shows the recorder sees fp32 when it is there.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    _, (fp32,) = _run(tmp_path / "fp32", corpus, Probe(dispatch=True, grads=False))
+    assert len(fp32.matmuls) >= _min_matmuls(fp32) and _matmul_dtypes(fp32) == {torch.float32}
+    _, (step,) = _run(tmp_path / "bf16", corpus, Probe(dispatch=True, grads=False), **{"train.bf16": True})
+    assert len(step.matmuls) >= _min_matmuls(step)
+    assert _matmul_dtypes(step) == {torch.bfloat16}, [c for c in step.matmuls if torch.bfloat16 not in c[1]][:3]
+    assert step.param_dtypes == {torch.float32}
+    assert step.grad_dtypes == {torch.float32}
+    assert step.state_dtypes == {torch.float32}  # AdamW's exp_avg, exp_avg_sq
+    saved = FileSystemReader(str(tmp_path / "bf16" / "checkpoints" / "step-1" / "state")).read_metadata()
+    dtypes = {m.properties.dtype for k, m in saved.state_dict_metadata.items() if hasattr(m, "properties")}
+    assert dtypes == {torch.float32}, dtypes  # weights and moments (the step counters are fp32 scalars too)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_bf16_under_fsdp2_computes_in_bf16_with_fp32_shards(tmp_path: Path, corpus: Path) -> None:
+    """Catches: fsdp2 with train.bf16 computing in fp32, or keeping bf16 shards / gradients / AdamW state
+    (its MixedPrecisionPolicy must be bf16 compute, fp32 parameters and fp32 reduction)."""
+    out = tmp_path / "run"
+    args = {"train.bf16": True, "parallel.backend": "fsdp2", "train.micro_batch_size": 2, "train.max_steps": 1}
+    r = launch_probed(tiny_overrides(out, corpus, **args), ["dispatch"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        (step,) = load_records(out, rank)
+        assert len(step.matmuls) >= _min_matmuls(step) and _matmul_dtypes(step) == {torch.bfloat16}
+        assert step.param_dtypes == {torch.float32}  # the local shards
+        assert step.grad_dtypes == {torch.float32}  # reduce-scattered in fp32
+        assert step.state_dtypes == {torch.float32}
+
+
+# ---- activation checkpointing -------------------------------------------------------------------------------
+def test_activation_checkpointing_recomputes_blocks_and_keeps_the_gradient(tmp_path: Path, corpus: Path) -> None:
+    """Catches: model.activation_checkpointing that enables nothing (no recomputation, all activations kept),
+    or one that changes the gradient.
+
+    With checkpointing every block's attention runs twice per micro-batch (forward, then again in backward),
+    autograd keeps well under half the activation bytes outside the checkpointed blocks, and the accumulated
+    gradient is bit-identical (recomputation replays the same deterministic CPU kernels).
+    """
+    _, (plain,) = _run(tmp_path / "plain", corpus, Probe())
+    _, (ckpt,) = _run(tmp_path / "ckpt", corpus, Probe(), **{"model.activation_checkpointing": True})
+    layers, micro = 2, plain.num_micro_batches
+    assert plain.sublayer_calls["self_attn"] == layers * micro
+    assert ckpt.sublayer_calls["self_attn"] == 2 * layers * micro
+    assert ckpt.saved_bytes < 0.5 * plain.saved_bytes, (ckpt.saved_bytes, plain.saved_bytes)
+    assert plain.grads.keys() == ckpt.grads.keys() and len(plain.grads) > 0
+    for name in plain.grads:
+        assert torch.equal(ckpt.grads[name], plain.grads[name]), name
+
+
+# ---- torch.compile ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compile_runs_the_steps_through_dynamo_graphs(tmp_path: Path, corpus: Path) -> None:
+    """Catches: model.compile that compiles nothing (an eager forward), compiles a module the step never calls,
+    or recompiles every step; and a compiled forward whose losses leave eager's.
+
+    The step's forward module must be ``torch.compile`` of the backend's module, and dynamo's counters must show
+    its frames traced into one graph that the second step reuses (inductor, as users get it: ~10-20 s on CPU).
+    """
+    probe = dict(grads=False, saved=False, sublayers=False)  # hooks added per step would force recompiles
+    eager, _ = _run(tmp_path / "eager", corpus, Probe(**probe), **{"train.max_steps": 2})
+    counters.clear()
+    compiled, steps = _run(
+        tmp_path / "compiled", corpus, Probe(**probe), **{"train.max_steps": 2, "model.compile": True}
+    )
+    assert [s.model_type for s in steps] == ["OptimizedModule"] * 2
+    assert all(s.compiles_forward_module for s in steps)
+    assert counters["frames"]["ok"] >= 1 and counters["stats"]["calls_captured"] > 0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # step 2 reuses step 1's graph
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+
+
+# ---- Adafactor in the loop ----------------------------------------------------------------------------------
+def _per_lr(step: StepRecord) -> dict[str, torch.Tensor]:
+    return {n: d.double() / step.lr for n, d in _delta(step).items()}
+
+
+def test_adafactor_in_loop_default_steps_by_lr_times_schedule(tmp_path: Path, corpus: Path) -> None:
+    """Catches: optim.name=adafactor in the loop (no optim.hparams, as users get it) ignoring optim.lr and the
+    schedule (a relative step, or a parameter-scaled one).
+
+    flatlm passes optim.lr and a schedule, so Adafactor defaults to relative_step=false, scale_parameter=false:
+    step 1 moves each parameter by lr_1 * U_1, where U_1 (the clipped normalised gradient) does not depend on the
+    lr. Two runs whose first-step lr differ 6x, once through optim.lr and once through the warmup, must give the
+    same update per unit of lr.
+    """
+    base = {"optim.name": "adafactor", "train.max_steps": 1, "train.eval_every": 0, "optim.weight_decay": 0.0}
+    warm = {"optim.lr": 1e-2, "schedule.warmup_steps": 2}  # cosine (the default) warming up: lr_1 = 5e-3
+    _, (a,) = _run(tmp_path / "a", corpus, Probe(grads=False), **base, **warm)
+    flat = {"optim.lr": 3e-2, "schedule.name": "constant", "schedule.warmup_steps": 0}  # lr_1 = 3e-2
+    _, (b,) = _run(tmp_path / "b", corpus, Probe(grads=False), **base, **flat)
+    assert a.optimizer_defaults["relative_step"] is False and a.optimizer_defaults["scale_parameter"] is False
+    assert (a.lr, b.lr) == pytest.approx((5e-3, 3e-2))
+    assert [r["lr"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == pytest.approx([5e-3])
+    per_a, per_b = _per_lr(a), _per_lr(b)
+    for name in per_a:  # atol: 1 ulp of |p| <= ~1, per unit of the smaller lr
+        torch.testing.assert_close(per_a[name], per_b[name], rtol=1e-4, atol=3e-7 / a.lr, msg=name)
+    # U_1 is a normalised update: its RMS is at most clip_threshold = 1 and not far below it.
+    rms = [float(u.square().mean().sqrt()) for u in per_a.values()]
+    assert max(rms) <= 1.0 + 1e-3 and min(rms) > 0.1, rms
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=FlatlmError,
+    reason="README: optim.hparams.relative_step=true gives the paper's relative step, but the loop always passes "
+    "optim.lr and Adafactor refuses lr with relative_step=True (reported to the lead; the fix spans the registry "
+    "and the schedule, which sets group['lr'])",
+)
+def test_adafactor_relative_step_in_loop_ignores_lr(tmp_path: Path, corpus: Path) -> None:
+    """Catches: optim.hparams.relative_step=true not reaching Adafactor (the step would still scale with lr).
+
+    The paper's step size is min(1e-2, 1/sqrt(t)) times RMS(X): the same update for lr 1e-2 and 3e-2."""
+    base = {"optim.name": "adafactor", "train.max_steps": 1, "train.eval_every": 0, "optim.weight_decay": 0.0}
+    relative = {"optim.hparams.relative_step": True, "optim.hparams.scale_parameter": True}
+    _, (a,) = _run(tmp_path / "a", corpus, Probe(grads=False), **base, **relative, **{"optim.lr": 1e-2})
+    _, (b,) = _run(tmp_path / "b", corpus, Probe(grads=False), **base, **relative, **{"optim.lr": 3e-2})
+    assert a.optimizer_defaults["relative_step"] is True
+    for name in a.before:
+        torch.testing.assert_close(_delta(a)[name], _delta(b)[name], msg=name)

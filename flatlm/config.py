@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flatlm.errors import FlatlmError, did_you_mean
 
@@ -95,7 +95,10 @@ class TrainConfig(Section):
     deterministic: bool = True
     """Use deterministic kernels (bit-identical losses for the same config and seed)."""
     progress_bar: bool = True
-    """Show a progress bar with loss, lr and tokens/s."""
+    """Show progress (loss, lr, tokens/s): a bar on a terminal; without one (stderr to a file, as in cluster jobs)
+    a log line every train.log_interval_s seconds and at the first and last step."""
+    log_interval_s: float = Field(default=30.0, ge=0.0)
+    """Seconds between progress lines when stderr is not a terminal (0: a line every step)."""
     tensorboard: bool = True
     """Write TensorBoard event files under output_dir/tensorboard."""
     plot: bool = True
@@ -173,6 +176,15 @@ class RunConfig(Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     sam: SamConfig = Field(default_factory=SamConfig)
 
+    @model_validator(mode="after")
+    def _source_has_its_input(self) -> RunConfig:
+        """Checked with the config, before any data is read: each source needs its own keys."""
+        if self.data.source == "files" and not self.data.paths:
+            raise ValueError("data.source=files needs data.paths, e.g. data.paths='[corpus/*.txt]'")
+        if self.data.source == "hf" and not self.data.name:
+            raise ValueError("data.source=hf needs data.name (a dataset name or a local dataset directory)")
+        return self
+
 
 # Keys that may change between invocations on one output_dir without making it a different run.
 NOT_RUN_IDENTITY = (
@@ -183,6 +195,7 @@ NOT_RUN_IDENTITY = (
     "train.eval_every",
     "train.eval_batches",
     "train.progress_bar",
+    "train.log_interval_s",
     "train.tensorboard",
     "train.plot",
     "checkpoint.every",
@@ -256,6 +269,10 @@ def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[
 
 # --------------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))
+        inside = f" (it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''})" if found else ""
+        raise FlatlmError(f"--config {str(path)!r} is a directory; pass a YAML file{inside}")
     if not path.is_file():
         raise FlatlmError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
     try:
@@ -305,7 +322,9 @@ def _explain(exc: ValidationError, tree: dict[str, Any]) -> str:
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):  # a check across keys says it all
+            lines.append(str(err["ctx"]["error"]))
+        elif err["type"] == "extra_forbidden":
             section = _section_at(loc[:-1])
             valid = sorted(section.model_fields) if section else []
             where = ".".join(str(p) for p in loc[:-1])

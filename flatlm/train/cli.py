@@ -26,7 +26,11 @@ def _keys_help() -> str:
 def _train_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Train a language model. Without --config, runs the default tiny pretraining job.",
+        description=(
+            "Train a language model. Without --config, runs the default tiny pretraining job "
+            "(configs/default.yaml). Progress: a bar on a terminal; with stderr in a file (cluster jobs) a log "
+            "line (step, loss, lr, tokens/s) every train.log_interval_s seconds and at the first and last step."
+        ),
         epilog=_keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -36,14 +40,17 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
-    """INFO from rank 0, warnings and errors from every rank (tagged with the rank when there are several)."""
+    """flatlm's INFO from rank 0, warnings and errors from every rank (tagged with the rank when there are several).
+
+    Other libraries only reach the user with warnings: their INFO lines (matplotlib's "generated new
+    fontManager", torch.distributed's set-up) are noise for someone training a model.
+    """
     from flatlm.launch import environment
 
     env = environment()
     tag = f"[flatlm rank {env.rank}]" if env.world_size > 1 else "[flatlm]"
-    logging.basicConfig(
-        level=logging.INFO if env.is_main else logging.WARNING, format=f"{tag} %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.WARNING, format=f"{tag} %(message)s", stream=sys.stderr)
+    logging.getLogger("flatlm").setLevel(logging.INFO if env.is_main else logging.WARNING)
 
 
 def run_train(argv: list[str], prog: str) -> int:
@@ -51,6 +58,9 @@ def run_train(argv: list[str], prog: str) -> int:
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        from flatlm.train.checks import check_static
+
+        check_static(cfg)  # seconds before the loop's imports (transformers, checkpointing) are done
         from flatlm.train.loop import train  # heavy imports only once the config is valid
 
         train(cfg)

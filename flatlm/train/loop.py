@@ -45,11 +45,12 @@ from flatlm.launch.distributed import (
     resolve_backend,
 )
 from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
-from flatlm.optim import build_optimizer, build_scheduler
-from flatlm.optim.schedules import schedule_arguments
+from flatlm.optim import build_scheduler
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import UnsafeCheckpointError, remove_partial_saves, resumable_checkpoints, save_checkpoint
+from flatlm.train.checks import check_static
+from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
@@ -141,9 +142,12 @@ def _validate(cfg: RunConfig, env: Environment) -> None:
     grad_accumulation(cfg.train, env.world_size)
     check_parallel(cfg)
     _check_positions(cfg, model_config(cfg.model.name, cfg.data.vocab_size, cfg.model.overrides))
-    build_optimizer(cfg.optim.name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=cfg.optim.lr, **cfg.optim.hparams)
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    build_scheduler(cfg.schedule.name, dummy, **_schedule_kwargs(cfg))
+    check_static(cfg)  # optimizer (a probe step), schedule, data paths
+    if cfg.parallel.shard_optimizer_state and cfg.parallel.backend == "single" and env.is_main:
+        log.warning(
+            "parallel.shard_optimizer_state=true does nothing in one process (there is no other rank to shard "
+            "the optimizer state over); it applies to ddp with 2+ processes"
+        )
 
 
 def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
@@ -340,9 +344,3 @@ def restore_schedule(scheduler: Any, saved: dict[str, Any], same_optimizer: bool
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
-
-
-def _schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """The schedule section's values that the chosen schedule takes, plus the run length."""
-    values = {"total_steps": cfg.train.max_steps, **cfg.schedule.model_dump(exclude={"name"})}
-    return {k: values[k] for k in schedule_arguments(cfg.schedule.name)}

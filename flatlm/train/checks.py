@@ -1,0 +1,152 @@
+"""Checks on user input that need neither data nor processes, and the hyperparameters a run really uses.
+
+``check_static`` runs first: the CLI calls it right after reading the config, before importing the training
+loop (transformers, checkpointing: seconds), and ``flatlm.train.loop`` calls it again before anything is read
+or written. A misspelt schedule, a wrong-shaped hyperparameter or a data path that matches nothing therefore
+fails in about a second with one :class:`FlatlmError`, not after the corpus is tokenized or, worse, inside
+torch at the first step.
+
+``resolved_hparams`` fills in the defaults an optimizer gets when a hyperparameter is not written
+(flatlm's registry defaults, then the class's signature): the run identity compares these, so
+``optim.hparams: {}`` and ``optim.hparams.betas=[0.9, 0.95]`` (AdamW's default in flatlm) are one run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from flatlm.config import RunConfig
+from flatlm.errors import FlatlmError
+from flatlm.optim import build_optimizer, build_scheduler, model_param_groups
+from flatlm.optim.registry import OPTIMIZERS, get_spec
+from flatlm.optim.schedules import schedule_arguments
+
+PROBE_STEPS = 2  # two steps: the first creates the state, the second reads it (LookSAM's reuse, moments)
+
+
+def check_static(cfg: RunConfig) -> None:
+    """Every check on ``cfg`` that needs no data, model or process group (each raises one FlatlmError)."""
+    check_schedule(cfg)
+    check_optimizer(cfg)
+    if cfg.data.source == "files":
+        from flatlm.data.sources import expand_paths
+
+        expand_paths(cfg.data.paths)  # every path or glob must match something
+
+
+def schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """The schedule section's values that the chosen schedule takes, plus the run length."""
+    values = {"total_steps": cfg.train.max_steps, **cfg.schedule.model_dump(exclude={"name"})}
+    return {k: values[k] for k in schedule_arguments(cfg.schedule.name)}
+
+
+def check_schedule(cfg: RunConfig) -> None:
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    build_scheduler(cfg.schedule.name, dummy, **schedule_kwargs(cfg))
+
+
+class _Probe(torch.nn.Module):
+    """Every kind of parameter a Llama has, named as in one (the group policy matches names): embeddings, a
+    hidden matrix with a bias, a norm and the LM head, so Muon's AdamW groups and weight decay groups all exist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(8, 4)
+        self.proj = torch.nn.Linear(4, 6)
+        self.norm = torch.nn.LayerNorm(6)
+        self.lm_head = torch.nn.Linear(6, 8, bias=False)
+
+
+def _probe_step(cfg: RunConfig, hparams: dict[str, Any]) -> None:
+    """Build ``cfg``'s optimizer with ``hparams`` on a probe model and take PROBE_STEPS steps (SAM family: perturb,
+    restore, step, as the loop does), so that a hyperparameter torch only reads while stepping fails here."""
+    with torch.random.fork_rng(devices=[]):  # the probe's init and ESAM's sampling leave the run's RNG alone
+        torch.manual_seed(0)
+        probe = _Probe()
+        groups = model_param_groups(cfg.optim.name, probe, cfg.optim.weight_decay, hparams)
+        optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **hparams)
+        params = [p for g in groups for p in g["params"]]
+
+        def fill_grads() -> None:
+            for i, p in enumerate(params):
+                p.grad = torch.linspace(-1.0, 1.0 + i, p.numel()).reshape(p.shape)
+
+        for _ in range(PROBE_STEPS):
+            fill_grads()
+            if hasattr(optimizer, "perturb") and optimizer.perturb():
+                fill_grads()
+                optimizer.restore()
+            optimizer.step()
+        if not all(torch.isfinite(p).all() for p in params):
+            raise FloatingPointError("the probe's weights are not finite after two steps")
+
+
+def check_optimizer(cfg: RunConfig) -> None:
+    """Refuse optimizer settings that cannot step, naming the hyperparameter at fault when one is.
+
+    Names and ranges the optimizers check themselves already fail as FlatlmError; anything else torch raises
+    (``betas=[0.9]``: an IndexError; ``eps="x"``: a TypeError) is turned into one error here. The culprit is
+    found by leaving out one written hyperparameter at a time: the one whose absence makes the probe step work.
+    """
+    hparams = dict(cfg.optim.hparams)
+    try:
+        _probe_step(cfg, hparams)
+        return
+    except FlatlmError:
+        raise
+    except Exception as exc:  # whatever torch raises for a value of the wrong type or shape
+        failure = f"{type(exc).__name__}: {exc}"
+    culprit = None
+    for key in hparams:
+        try:
+            _probe_step(cfg, {k: v for k, v in hparams.items() if k != key})
+        except Exception:
+            continue
+        culprit = key
+        break
+    name = cfg.optim.name
+    if culprit is None:
+        raise FlatlmError(
+            f"optimizer {name!r} cannot step with optim.lr={cfg.optim.lr:g}, optim.weight_decay="
+            f"{cfg.optim.weight_decay:g} and optim.hparams={hparams} ({failure}); check the hyperparameters' types"
+        )
+    default = resolved_hparams(name, {}).get(culprit, "none")
+    raise FlatlmError(
+        f"optim.hparams.{culprit}={hparams[culprit]!r} does not work for optimizer {name!r} ({failure}); "
+        f"give it the type and shape of its default ({default!r})"
+    )
+
+
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    # lr: flatlm always passes optim.lr; weight_decay: every parameter group sets its own from optim.weight_decay
+    skip = {"self", "params", "base_optimizer", "lr", "weight_decay"}
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls).parameters.items()
+        if k not in skip and p.default is not inspect.Parameter.empty
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as they read back from config.yaml."""
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def resolved_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters optimizer ``name`` runs with, given the written ``hparams`` and an lr: the written
+    ones over flatlm's defaults over the class's. An unknown name (a run from another flatlm) resolves to
+    ``hparams`` as written."""
+    if name not in OPTIMIZERS:
+        return dict(hparams)
+    spec = get_spec(name)
+    if spec.wrapper:  # the SAM family: its own arguments, then the base's
+        base = str(hparams.get("base", "adamw"))
+        own = _signature_defaults(spec.cls())
+        rest = {k: v for k, v in hparams.items() if k not in own and k != "base"}
+        written = {k: v for k, v in hparams.items() if k in own}
+        return {**resolved_hparams(base, rest), **own, **{k: _plain(v) for k, v in written.items()}, "base": base}
+    merged = {**_signature_defaults(spec.cls()), **spec.defaults, **spec.with_lr, **hparams}
+    return {k: _plain(v) for k, v in merged.items()}

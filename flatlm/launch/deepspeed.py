@@ -199,8 +199,29 @@ class DeepSpeedParallel(Parallel):
 
     def save_engine(self, directory: Path) -> None:
         """DeepSpeed's engine checkpoint: each rank its partitions of weights, gradients' fp32 master and the
-        client optimizer's state (resumable with the same ZeRO stage and number of processes)."""
-        self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+        client optimizer's state (resumable with the same ZeRO stage and number of processes).
+
+        A file write that fails on this rank (disk full) is recorded and re-raised after DeepSpeed's save returns:
+        raising inside it would leave the other ranks at DeepSpeed's closing barrier; this way every rank reaches
+        it and the checkpoint module's agreement fails the save everywhere."""
+        writer = self.engine.checkpoint_engine
+        real_save, failures = writer.save, []
+
+        def save_or_record(state_dict: Any, path: str) -> None:
+            if failures:  # this rank's save has failed already: skip its remaining files
+                return
+            try:
+                real_save(state_dict, path)
+            except OSError as exc:
+                failures.append(exc)
+
+        writer.save = save_or_record
+        try:
+            self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+        finally:
+            del writer.save  # the class's method again
+        if failures:
+            raise failures[0]
 
     def load(self, path: Path, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool) -> dict[str, Any]:
         import json

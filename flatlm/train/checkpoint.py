@@ -134,40 +134,89 @@ def save_checkpoint(
 
     ``state``: the DCP state ({"model": ..., "optim": ...}, collective save), or None for DeepSpeed runs, whose
     ``legacy_files`` ({file name: tensors}) each rank writes with safetensors / torch.save.
-    """
 
+    A failure on any rank (disk full on one node, an exception) fails the save on every rank with the same
+    one-line error: the ranks agree on success with one ``all_gather_object`` of their errors after each phase
+    (create the directory, write the parts, rename), never a bare barrier that a failed rank would never reach.
+    The temporary directory is removed, the previous checkpoints and ``latest`` are untouched. ``barrier`` is
+    kept for callers' compatibility; the agreement replaces it.
+    """
+    del barrier
     root = output_dir / CHECKPOINT_DIR
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
+
+    def fail(failures: list[tuple[int, str]]) -> FlatlmError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        messages = list(dict.fromkeys(msg for _, msg in failures))
+        if len(messages) == 1 and (len(failures) > 1 or not _distributed()):
+            where = messages[0]  # one error every rank saw (DCP agrees on its own failures)
+        else:
+            where = "; ".join(f"rank {r}: {msg}" for r, msg in failures)
+        return FlatlmError(
+            f"saving checkpoint step-{step} into {root} failed ({where}); the previous checkpoints and "
+            f"{LATEST} are intact; free space or fix permissions and rerun to resume"
+        )
+
+    error = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as exc:
+            error = describe_error(exc)
+    if failures := _agree(error):
+        raise fail(failures)
     try:
         _write_parts(tmp, state, legacy_files, save_engine, rank)
-    except (OSError, CheckpointException) as exc:  # disk full, permissions: previous checkpoints untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FlatlmError(
-            f"saving checkpoint step-{step} into {root} failed ({exc}); the previous checkpoints and "
-            f"{LATEST} are intact; free space or fix permissions and rerun to resume"
-        ) from None
-    barrier()
+    except (Exception, CheckpointException) as exc:  # any failure: every rank must hear of it
+        error = describe_error(exc)
+    if failures := _agree(error):
+        raise fail(failures)
     if rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        if final.exists():  # the same step saved again: swap, then drop the old copy
-            old = root / f".step-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _write_text_atomic(root / LATEST, final.name + "\n")
-        _rotate(root, keep_last)
-    barrier()
+        try:
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+            if final.exists():  # the same step saved again: swap, then drop the old copy
+                old = root / f".step-{step}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, final)
+            _write_text_atomic(root / LATEST, final.name + "\n")
+            _rotate(root, keep_last)
+        except OSError as exc:
+            error = describe_error(exc)
+    if failures := _agree(error):
+        raise fail(failures)
     return final
+
+
+def _agree(error: str | None) -> list[tuple[int, str]]:
+    """Every rank's error of the phase just done, as (rank, message); empty when all succeeded. Collective: the
+    one exchange every rank reaches whether or not its own part failed."""
+    if not _distributed():
+        return [(0, error)] if error else []
+    errors: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    return [(r, e) for r, e in enumerate(errors) if e]
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an exception: ``Type: message`` (the first line only); for DCP's ``CheckpointException``,
+    the original error of the first rank that failed, not its text of tracebacks."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, failure = min(exc.failures.items())
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return f"{describe_error(inner)} (rank {rank})" if _distributed() else describe_error(inner)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _write_parts(

@@ -192,7 +192,7 @@ def _table_files(files: list[Path], field: str, stats: SourceStats) -> Iterator[
             with _quiet("datasets"):  # datasets logs its own "Failed to load JSON" before raising
                 for row in datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True):
                     yield from _table_rows([row], field, str(path))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        except (ValueError, pa.ArrowException) as exc:  # pyarrow's and the json fallback's parse errors
             kind = "JSON (a list of objects, or one object per line)" if builder == "json" else "parquet"
             raise FlatlmError(f"{path} is not valid {kind} ({exc}); fix or remove the file") from None
 

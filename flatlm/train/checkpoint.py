@@ -337,6 +337,33 @@ def load_checkpoint(
     return json.loads((path / TRAINER_STATE).read_text())
 
 
+def unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why checkpoint ``path`` could not be loaded, in one line: the file that is missing or shorter than its
+    metadata says (what a full disk or a killed copy leaves), else the error itself (``describe_error``)."""
+    metadata_file = path / STATE_DIR / ".metadata"
+    if isinstance(exc, UnsafeCheckpointError):
+        return str(exc)
+    try:
+        with metadata_file.open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        needed: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            name = str(info.relative_path)
+            needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    except Exception:  # no usable metadata: report the load's own error
+        needed = {}
+    for name, size in sorted(needed.items()):
+        file = path / STATE_DIR / name
+        if not file.is_file():
+            return f"{STATE_DIR}/{name} is missing"
+        if file.stat().st_size < size:
+            return f"{STATE_DIR}/{name} is truncated ({file.stat().st_size:,} of {size:,} bytes)"
+    for name in (TRAINER_STATE,):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    return describe_error(exc)
+
+
 def restore_rng(path: Path, rank: int) -> None:
     rng = path / f"rng-rank{rank}.json"
     if rng.is_file():  # a checkpoint written with fewer ranks has none for this one: keep the seeded state

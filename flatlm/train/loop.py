@@ -48,7 +48,13 @@ from flatlm.models import build_model, count_parameters, load_pretrained_weights
 from flatlm.optim import build_scheduler
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
-from flatlm.train.checkpoint import UnsafeCheckpointError, remove_partial_saves, resumable_checkpoints, save_checkpoint
+from flatlm.train.checkpoint import (
+    UnsafeCheckpointError,
+    remove_partial_saves,
+    resumable_checkpoints,
+    save_checkpoint,
+    unreadable_reason,
+)
 from flatlm.train.checks import check_static
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
@@ -195,17 +201,16 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     # 3. Outputs (rank 0 writes).
     config_yaml = dump_yaml(cfg)
     metrics = None
-    start_step, resume_from = 0, None
-    for candidate in resume_candidates:
+    start_step, resume_from, unreadable = 0, None, []
+    for i, candidate in enumerate(resume_candidates):
         try:
             trainer_state = parallel.load(candidate, optimizer, env.rank, cfg.checkpoint.load_optimizer)
-        except FlatlmError as exc:  # a request flatlm refuses is said once; an unsafe file is a broken checkpoint
-            if not isinstance(exc, UnsafeCheckpointError):
-                raise
-            log.warning(f"cannot resume from {candidate} ({exc}); trying an older one")
-            continue
-        except (Exception, CheckpointException) as exc:  # corrupt or partial: say so, use the previous one
-            log.warning(f"cannot resume from {candidate} ({type(exc).__name__}: {str(exc)[:200]}); trying an older one")
+        except (Exception, CheckpointException) as exc:  # corrupt, partial or unsafe: say so in one line, go back
+            if isinstance(exc, FlatlmError) and not isinstance(exc, UnsafeCheckpointError):
+                raise  # a request flatlm refuses is said once
+            unreadable.append(f"{candidate.name}: {unreadable_reason(candidate, exc)}")
+            then = f"trying {resume_candidates[i + 1].name}" if i + 1 < len(resume_candidates) else "no older one"
+            log.warning(f"cannot resume from {candidate} ({unreadable[-1].split(': ', 1)[1]}); {then}")
             continue
         restore_schedule(scheduler, trainer_state["scheduler"], cfg.checkpoint.load_optimizer)
         start_step, resume_from = trainer_state["step"], candidate
@@ -213,7 +218,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
         break
     if resume_candidates and resume_from is None:
         raise FlatlmError(
-            f"no checkpoint in {out / 'checkpoints'} can be read ({', '.join(p.name for p in resume_candidates)}); "
+            f"no checkpoint in {out / 'checkpoints'} can be read ({'; '.join(unreadable)}); "
             "pass overwrite=true to start the run over"
         )
     if env.is_main:
@@ -223,6 +228,12 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                 log.warning(f"removed the partial checkpoint(s) {', '.join(dropped)} an interrupted save left")
             continue_run_dir(out, config_yaml, start_step)
         else:
+            dropped = [] if cfg.overwrite else remove_partial_saves(out)
+            if dropped:  # e.g. a second Ctrl-C killed the first save: say that the run starts over
+                log.warning(
+                    f"{out} has no complete checkpoint (removed the partial save(s) {', '.join(dropped)}): "
+                    "starting from step 0"
+                )
             start_run_dir(out, config_yaml)
         save_run_tokenizer(out / TOKENIZER_FILE, data.tokenizer)  # the run's own, never replaced on resume
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)

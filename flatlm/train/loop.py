@@ -229,11 +229,10 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             continue_run_dir(out, config_yaml, start_step)
         else:
             dropped = [] if cfg.overwrite else remove_partial_saves(out)
-            if dropped:  # e.g. a second Ctrl-C killed the first save: say that the run starts over
-                log.warning(
-                    f"{out} has no complete checkpoint (removed the partial save(s) {', '.join(dropped)}): "
-                    "starting from step 0"
-                )
+            logged = not cfg.overwrite and (out / METRICS_FILE).is_file() and (out / METRICS_FILE).stat().st_size > 0
+            if dropped or logged:  # e.g. a second Ctrl-C stopped the run before its first save: say it starts over
+                partial = f" (removed the partial save(s) {', '.join(dropped)})" if dropped else ""
+                log.warning(f"{out} has no complete checkpoint{partial}: starting from step 0")
             start_run_dir(out, config_yaml)
         save_run_tokenizer(out / TOKENIZER_FILE, data.tokenizer)  # the run's own, never replaced on resume
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
@@ -306,18 +305,19 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                     "backend": cfg.parallel.backend,
                     "world_size": env.world_size,
                 }
-                result.checkpoint = save_checkpoint(
-                    out,
-                    step + 1,
-                    parallel.checkpoint_state(optimizer),
-                    trainer_state,
-                    config_yaml,
-                    cfg.checkpoint.keep_last,
-                    rank=env.rank,
-                    barrier=barrier,
-                    legacy_files=parallel.legacy_files(optimizer, env.rank),
-                    save_engine=parallel.save_engine,
-                )
+                with preemption.saving():  # a second Ctrl-C now would kill the save it asked for: ignored
+                    result.checkpoint = save_checkpoint(
+                        out,
+                        step + 1,
+                        parallel.checkpoint_state(optimizer),
+                        trainer_state,
+                        config_yaml,
+                        cfg.checkpoint.keep_last,
+                        rank=env.rank,
+                        barrier=barrier,
+                        legacy_files=parallel.legacy_files(optimizer, env.rank),
+                        save_engine=parallel.save_engine,
+                    )
             if stop:
                 name = signal.Signals(preemption.signal).name if preemption.signal else "a signal on another rank"
                 log.info(f"stopped by {name} after step {step + 1}; checkpoint saved, rerun to resume")

@@ -3,13 +3,18 @@ saves a checkpoint and exits 0; rerunning the same command resumes from it.
 
 The handler only records the request. After every step the loop asks ``should_stop()``; with several
 processes the ranks agree through one scalar all-reduce (any rank signalled -> all stop after the same step).
-A second signal restores the default handler, so a second Ctrl-C stops at once.
+A second signal stops at once (the default action), except while a checkpoint is being written
+(``saving()``): then it is ignored with a message, so a double Ctrl-C never kills the save it asked for. A run
+stopped at once before any checkpoint exists says so when rerun (it starts from step 0, with a warning).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 import torch
@@ -22,6 +27,7 @@ class Preemption:
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
+        self._saving = False
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -35,8 +41,23 @@ class Preemption:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
-        self.signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second signal acts at once
+        if self.signal is None:
+            self.signal = signum
+            return
+        if self._saving:  # the checkpoint the first signal asked for is being written: let it finish
+            os.write(2, b"[flatlm] still writing the checkpoint; the run stops as soon as it is complete\n")
+            return
+        signal.signal(signum, signal.SIG_DFL)  # a second signal outside a save acts at once
+        os.kill(os.getpid(), signum)
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """While the body runs (a checkpoint save), repeated signals are recorded, never acted on."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def should_stop(self) -> bool:
         """Whether any rank was asked to stop (collective when several processes run)."""

@@ -33,17 +33,23 @@ _aten = torch.ops.aten
 MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.linear.default}
 
 
-class MatmulDtypes(TorchDispatchMode):
-    """Records the floating dtypes of the inputs of every matmul that reaches the kernels (after autocast)."""
+class KernelDtypes(TorchDispatchMode):
+    """Records the floating dtypes that every matmul and every gradient reduce-scatter receives (after autocast
+    and FSDP2's casts: what the kernels and the collectives really get)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[str, tuple[torch.dtype, ...]]] = []
+        self.matmuls: list[tuple[str, tuple[torch.dtype, ...]]] = []
+        self.reductions: list[tuple[str, tuple[torch.dtype, ...]]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func in MATMULS:
-            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
-            self.calls.append((str(func), dtypes))
+        name = str(func)
+        calls = self.matmuls if func in MATMULS else self.reductions if "reduce_scatter" in name else None
+        if calls is not None:
+            tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+            calls.append(
+                (name, tuple(t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()))
+            )
         return func(*args, **(kwargs or {}))
 
 
@@ -72,6 +78,9 @@ class StepRecord:
     saved_bytes: int
     """Bytes autograd saved for backward outside any checkpointed region."""
     matmuls: list[tuple[str, tuple[torch.dtype, ...]]]
+    """(op, input dtypes) of every matmul in the step, forward and backward (``Probe.dispatch``)."""
+    reductions: list[tuple[str, tuple[torch.dtype, ...]]]
+    """(op, dtypes) of every gradient reduce-scatter (FSDP2; ``Probe.dispatch``)."""
     param_dtypes: set[torch.dtype]
     """Dtypes of the parameters (local shards) after the step."""
     grad_dtypes: set[torch.dtype]
@@ -91,7 +100,7 @@ class StepRecord:
 @dataclass
 class Probe:
     dispatch: bool = False
-    """Record matmul dtypes (a dispatch mode around the step; slower)."""
+    """Record matmul and reduce-scatter dtypes (a dispatch mode around the step; slower)."""
     grads: bool = True
     saved: bool = True
     sublayers: bool = True
@@ -142,7 +151,7 @@ def _wrap(real: Any, probe: Probe) -> Any:
             saved[0] += t.numel() * t.element_size()
             return t
 
-        mode = MatmulDtypes()
+        mode = KernelDtypes()
         model = kwargs["model"] if kwargs.get("model") is not None else parallel.forward_module
         lr = optimizer.param_groups[0]["lr"]
         try:
@@ -160,7 +169,8 @@ def _wrap(real: Any, probe: Probe) -> Any:
             lr=lr,
             sublayer_calls=calls,
             saved_bytes=saved[0],
-            matmuls=mode.calls,
+            matmuls=mode.matmuls,
+            reductions=mode.reductions,
             param_dtypes={(p.to_local() if isinstance(p, DTensor) else p).dtype for _, p in named},
             grad_dtypes=grad_dtypes,
             state_dtypes=_float_state(optimizer),

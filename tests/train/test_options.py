@@ -180,7 +180,8 @@ def test_bf16_under_fsdp2_computes_in_bf16_with_fp32_shards(tmp_path: Path, corp
         (step,) = load_records(out, rank)
         assert len(step.matmuls) >= _min_matmuls(step) and _matmul_dtypes(step) == {torch.bfloat16}
         assert step.param_dtypes == {torch.float32}  # the local shards
-        assert step.grad_dtypes == {torch.float32}  # reduce-scattered in fp32
+        assert step.reductions and {d for _, ds in step.reductions for d in ds} == {torch.float32}  # fp32 reduction
+        assert step.grad_dtypes == {torch.float32}
         assert step.state_dtypes == {torch.float32}
 
 

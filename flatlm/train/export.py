@@ -5,12 +5,17 @@ DDP, FSDP2; DeepSpeed runs' ``model.safetensors`` is read directly) into the mod
 describes, then written with ``save_pretrained`` (config.json + safetensors) beside the run's sentencepiece
 tokenizer as a ``LlamaTokenizer`` (``tokenizer.model`` + configs), so ``AutoModelForCausalLM`` and
 ``AutoTokenizer.from_pretrained(OUT_DIR)`` load it. Written into a temporary directory and renamed: an
-existing OUT_DIR is never overwritten.
+existing OUT_DIR is never overwritten. Every file gets the mode the user's umask gives new files (safetensors
+writes 0600 on its own), and the libraries' progress bars and DeepSpeed's accelerator warning (transformers
+imports DeepSpeed to check for it) stay out of the user's terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +32,11 @@ from flatlm.train.rundir import TOKENIZER_FILE
 def find_checkpoint(source: Path) -> Path:
     """The checkpoint ``source`` names: a checkpoint directory, or a run directory (its ``latest``)."""
     source = source.expanduser()
+    if not source.exists():
+        raise FlatlmError(
+            f"{str(source)!r} does not exist; pass a run directory (flatlm train's output_dir) or one of its "
+            "checkpoints/step-N directories"
+        )
     if (source / TRAINER_STATE).is_file():
         return source
     latest = source / CHECKPOINT_DIR / LATEST
@@ -72,7 +82,8 @@ def export(source: Path, out: Path) -> Path:
     model, tok, _ = load_checkpoint_model(checkpoint)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _quiet_libraries():
+        model.save_pretrained(tmp, safe_serialization=True)
     shutil.copy(checkpoint.parent.parent / TOKENIZER_FILE, tmp / TOKENIZER_FILE)  # converted from here
     hf_tok = LlamaTokenizer.from_pretrained(
         tmp,
@@ -84,7 +95,39 @@ def export(source: Path, out: Path) -> Path:
         legacy=False,  # encodes exactly as sentencepiece does (tested against flatlm's tokenizer)
     )
     hf_tok.save_pretrained(tmp)
+    mode = 0o666 & ~_umask()  # what open() gives a new file here
+    for path in tmp.iterdir():
+        if path.is_file():
+            path.chmod(mode)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """transformers' "Writing model shards" bar off, and DeepSpeed (which ``save_pretrained`` imports through
+    accelerate to check for its engine) told the accelerator it would pick itself on a machine without CUDA,
+    so it does not warn "Setting accelerator to CPU" on every export."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    set_accelerator = "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available()
+    if set_accelerator:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        yield
+    finally:
+        if set_accelerator:
+            os.environ.pop("DS_ACCELERATOR", None)
+        if bars:
+            hf_logging.enable_progress_bar()

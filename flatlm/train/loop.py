@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
-from tqdm.auto import tqdm
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
 from flatlm.data import (
@@ -57,7 +56,7 @@ from flatlm.train.checkpoint import (
 )
 from flatlm.train.checks import check_static
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
-from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, read_jsonl
+from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progress, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
 from flatlm.train.rundir import PLOT_FILE, TOKENIZER_FILE, check_output_dir, continue_run_dir, start_run_dir
@@ -233,7 +232,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             if dropped or logged:  # e.g. a second Ctrl-C stopped the run before its first save: say it starts over
                 partial = f" (removed the partial save(s) {', '.join(dropped)})" if dropped else ""
                 log.warning(f"{out} has no complete checkpoint{partial}: starting from step 0")
-            start_run_dir(out, config_yaml)
+            start_run_dir(out, config_yaml, overwrite=cfg.overwrite)
         save_run_tokenizer(out / TOKENIZER_FILE, data.tokenizer)  # the run's own, never replaced on resume
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
@@ -245,8 +244,8 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
         f"{accum} micro-batch(es) of {cfg.train.micro_batch_size} per step and process"
     )
     result = RunResult(out)
-    show_bar = cfg.train.progress_bar and env.is_main
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", disable=not show_bar, dynamic_ncols=True)
+    show = cfg.train.progress_bar and env.is_main  # a bar on a terminal, else a log line every log_interval_s
+    bar = Progress(cfg.train.max_steps, start_step, enabled=show, interval_s=cfg.train.log_interval_s, log=log.info)
     model.train()
     preemption = Preemption().__enter__()
     try:
@@ -282,8 +281,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
             result.losses.append(loss_value)
             if metrics is not None:
                 metrics.log_train(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            bar.update(record)
             if not math.isfinite(loss_value):
                 raise FlatlmError(
                     f"the loss became {loss_value} at step {step + 1}; lower optim.lr or enable train.grad_clip"

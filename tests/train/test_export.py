@@ -1,4 +1,9 @@
-"""flatlm export: a (sharded) checkpoint as a Hugging Face model that transformers loads with equal logits."""
+"""flatlm export: a (sharded) checkpoint as a Hugging Face model whose logits are the training model's own.
+
+The reference is the model the loop trained, captured in its process after the last step (``step_probe``: one
+process, and each FSDP2 rank's forward through its sharded module), never the exporter's own loading path, which
+an export test would otherwise check against itself.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +12,87 @@ from pathlib import Path
 import pytest
 import torch
 
+import flatlm.train.export as export_module
 from flatlm.config import load_config
 from flatlm.errors import FlatlmError
 from flatlm.train.cli import main
-from flatlm.train.export import export, find_checkpoint, load_checkpoint_model
+from flatlm.train.export import export
 from flatlm.train.loop import train
 from tests.conftest import tiny_overrides
-from tests.train.launching import launch
+from tests.train.step_probe import PROBE_IDS, Probe, launch_probed, load_records, probing
 
 TEXT = "the optimizer moves the weights towards flat regions\ndef return class"
+# The exported model is the same LlamaForCausalLM with the same fp32 weights, run by the same CPU kernels:
+# measured bit-identical (0.0) against both the one-process and the FSDP2 training forward; one transposed
+# attention matrix of the tiny test model moves the logits by ~1e-2.
+LOGITS_ATOL = 1e-6
 
 
-def _check_export(run: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _hf_logits(out: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        return hf_model(input_ids=PROBE_IDS).logits
+
+
+def _check_export(run: Path, out: Path, trained_logits: torch.Tensor) -> None:
+    """Export ``run`` through the CLI; transformers loads it with the run's tokenizer and the trained logits."""
+    from transformers import AutoTokenizer
+
+    from flatlm.data.tokenizer import Tokenizer
 
     assert main(["export", str(run), str(out)]) == 0
-    model, tok, _ = load_checkpoint_model(find_checkpoint(run))
-    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_hf_logits(out), trained_logits, rtol=0, atol=LOGITS_ATOL)
+    tok = Tokenizer.load(run / "tokenizer.model")
     hf_tok = AutoTokenizer.from_pretrained(out)
     ids = tok.encode([TEXT])[0]
     assert hf_tok(TEXT, add_special_tokens=False)["input_ids"] == ids  # same tokens as flatlm's tokenizer
     assert hf_tok.eos_token_id == tok.eos_id
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        torch.testing.assert_close(hf_model(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_export_single_process_run(tmp_path: Path, text_corpus: Path) -> None:
+def test_export_single_process_run(tmp_path: Path, text_corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches: an export whose weights are not the trained ones (misnamed, transposed, stale, re-initialised),
+    including bugs shared by the exporter's loader and anything that reads the checkpoint back."""
     run = tmp_path / "run"
-    train(load_config(None, tiny_overrides(run, text_corpus, **{"train.max_steps": 3})))
-    _check_export(run, tmp_path / "hf")
+    probe = Probe(grads=False, saved=False, logits_after_step=3)
+    with probing(probe):
+        train(load_config(None, tiny_overrides(run, text_corpus, **{"train.max_steps": 3})))
+    trained = probe.steps[-1].logits
+    assert trained is not None and trained.dtype == torch.float32
+    _check_export(run, tmp_path / "hf", trained)
     with pytest.raises(FlatlmError, match="exists and is not empty"):
         export(run, tmp_path / "hf")  # never overwrites
     with pytest.raises(FlatlmError, match="neither a flatlm checkpoint"):
         export(tmp_path, tmp_path / "other")
 
+    # Planted bug: the exporter's loader transposes one square weight. The comparison must see it.
+    real = export_module.load_checkpoint_model
+
+    def transposed(checkpoint: Path) -> tuple:
+        model, tok, cfg = real(checkpoint)
+        with torch.no_grad():
+            w = model.model.layers[0].self_attn.q_proj.weight
+            w.copy_(w.t().clone())
+        return model, tok, cfg
+
+    monkeypatch.setattr(export_module, "load_checkpoint_model", transposed)
+    export(run, tmp_path / "hf-bad")
+    assert (_hf_logits(tmp_path / "hf-bad") - trained).abs().max() > 1000 * LOGITS_ATOL
+
 
 @pytest.mark.slow
 def test_export_fsdp2_sharded_checkpoint(tmp_path: Path, text_corpus: Path) -> None:
+    """Catches: a sharded (FSDP2, 2 ranks) checkpoint exported with shards misplaced or missing: the export's
+    logits must equal the FSDP2 training module's own forward after the last step (every rank's)."""
     run = tmp_path / "run"
     args = {"train.max_steps": 3, "parallel.backend": "fsdp2", "train.micro_batch_size": 2}
-    r = launch(tiny_overrides(run, text_corpus, **args))
+    r = launch_probed(tiny_overrides(run, text_corpus, **args), ["logits=3"])
     assert r.returncode == 0, r.stderr[-3000:]
-    _check_export(run, tmp_path / "hf")
+    trained = [load_records(run, rank)[-1].logits for rank in (0, 1)]
+    torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=0)  # one model, whichever rank ran it
+    _check_export(run, tmp_path / "hf", trained[0])
 
 
 def test_export_cli_bad_source_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

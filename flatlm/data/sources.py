@@ -2,9 +2,11 @@
 
 Each source yields documents (str) in a deterministic order and fills a :class:`SourceStats`.
 Text files are decoded as UTF-8; bytes that do not decode are dropped and counted. A few are normal
-(a stray Latin-1 byte); a corpus where more than ``MAX_BINARY_FRACTION`` of the bytes are not text
-(undecodable or NUL) is a directory of binary files, and :func:`check_text` refuses it, naming the
-worst files. Malformed JSON lines and unreachable datasets are one clear error each.
+(a stray Latin-1 byte, the standard library's own KOI8-R test module). A corpus where more than
+``MAX_BINARY_FRACTION`` of the bytes are not text (undecodable, or NUL) is binary files or another
+encoding, and :func:`check_text` refuses it, naming the worst files; below that, files holding a NUL
+byte (what git and grep call binary) are named in a warning. Malformed JSON lines and unreachable
+datasets are one clear error each.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,8 +29,6 @@ from flatlm.errors import FlatlmError
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MAX_BINARY_FRACTION = 0.01
 """Refuse a corpus whose text files hold more than this fraction of non-text bytes (undecodable or NUL)."""
-BINARY_FILE_FRACTION = 0.3
-"""A file with more than this fraction of non-text bytes is named as binary (a warning below the threshold)."""
 WORST_FILES = 5
 
 
@@ -49,6 +50,10 @@ class SourceStats:
     """Bytes of those files that are not text: undecodable, or NUL."""
     worst_files: list[tuple[str, int, int]] = field(default_factory=list)
     """The files with the most non-text bytes: (path, non-text bytes, size), most first."""
+    binary_files: int = 0
+    """Files holding a NUL byte."""
+    largest_binary_files: list[tuple[str, int]] = field(default_factory=list)
+    """The largest of those: (path, size), largest first."""
 
     def add_file(self, path: Path, size: int, undecodable: int, nul: int) -> None:
         self.text_files += 1
@@ -59,14 +64,23 @@ class SourceStats:
         self.binary_bytes += bad
         if bad:
             self.worst_files.append((str(path), bad, size))
-            self.worst_files.sort(key=lambda t: (-t[1] / max(t[2], 1), -t[1]))
+            self.worst_files.sort(key=lambda t: -t[1])
             del self.worst_files[WORST_FILES:]
+        if nul:
+            self.binary_files += 1
+            self.largest_binary_files.append((str(path), size))
+            self.largest_binary_files.sort(key=lambda t: -t[1])
+            del self.largest_binary_files[WORST_FILES:]
 
 
 def stdlib_files() -> list[Path]:
     """The ``.py`` files of the running Python's standard library (site-packages excluded)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(root):  # pruned: rglob walked all of site-packages (3 s, torch's)
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        files.extend(Path(folder, name) for name in names if name.endswith(".py"))
+    files.sort()
     if not files:
         raise FlatlmError(f"found no .py files under the standard library at {root}; use data.source=files")
     return files
@@ -125,11 +139,12 @@ def check_text(stats: SourceStats, warn: Callable[[str], None]) -> None:
             f"({fraction:.1%}, more than {MAX_BINARY_FRACTION:.0%}) are not UTF-8 text (undecodable or NUL), most "
             f"in {worst}; point data.paths at text files (e.g. a glob such as 'corpus/*.txt') or convert them to UTF-8"
         )
-    binary = [p for p, bad, size in stats.worst_files if bad / max(size, 1) > BINARY_FILE_FRACTION]
-    if binary:
+    if stats.binary_files:
+        named = ", ".join(p for p, _ in stats.largest_binary_files)
+        more = f" (and {stats.binary_files - WORST_FILES} more)" if stats.binary_files > WORST_FILES else ""
         warn(
-            f"{len(binary)} data file(s) look binary, not text, and are trained on as text: {', '.join(binary)}; "
-            "narrow data.paths to text files"
+            f"{stats.binary_files} data file(s) hold NUL bytes (binary, not text) and are trained on as text: "
+            f"{named}{more}; narrow data.paths to text files"
         )
 
 

@@ -113,8 +113,11 @@ def test_hf_unreachable_cli_prints_one_line(tmp_path: Path) -> None:
 
 
 # ---- binary files -----------------------------------------------------------------------------
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"  # binary formats hold NUL bytes in their headers
+
+
 def _binary(path: Path, n: int, seed: int) -> Path:
-    path.write_bytes(random.Random(seed).randbytes(n))
+    path.write_bytes(PNG_HEADER + random.Random(seed).randbytes(n - len(PNG_HEADER)))
     return path
 
 
@@ -146,11 +149,28 @@ def test_binary_file_in_a_text_corpus_is_a_loud_warning(text_corpus: Path, tmp_p
     cfg = _files([text_corpus], tmp_path / "c", vocab_size=400)
     load_or_build(cfg, log=lambda _: None, warn=warnings.append)
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert warnings[0].startswith("1 data file(s) look binary, not text, and are trained on as text: ")
+    assert warnings[0].startswith("1 data file(s) hold NUL bytes (binary, not text) and are trained on as text: ")
     assert str(text_corpus / "logo.png") in warnings[0]
     (text_corpus / "logo.png").unlink()  # the same corpus without it: silent
     load_or_build(cfg, log=lambda _: None, warn=warnings.append)
     assert len(warnings) == 1
+
+
+def test_other_encodings(text_corpus: Path, tmp_path: Path) -> None:
+    """Latin-1 text: a few such bytes are skipped and counted (no warning); a Latin-1 corpus is refused."""
+    (text_corpus / "latin1.txt").write_bytes("café crème brûlée\n".encode("latin-1"))
+    warnings: list[str] = []
+    cfg = _files([text_corpus], tmp_path / "c", vocab_size=400)
+    cache = load_or_build(cfg, log=lambda _: None, warn=warnings.append)
+    assert warnings == [] and cache.meta["stats"]["undecodable_bytes"] == 4
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    for i, doc in enumerate(make_documents(10)):
+        (latin / f"{i}.txt").write_bytes(doc.replace("the", "thé").encode("latin-1"))
+    with pytest.raises(FlatlmError) as exc:
+        load_or_build(_files([latin], tmp_path / "c", vocab_size=400))
+    message = _one_line(exc)
+    assert message.startswith("the data files are not text: ") and message.endswith("or convert them to UTF-8")
 
 
 # ---- a vocabulary the corpus cannot give ----------------------------------------------------

@@ -9,6 +9,7 @@ Precedence: defaults < ``--config FILE.yaml`` < command-line overrides.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,6 +269,22 @@ def describe_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[
 
 
 # --------------------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``1e-8`` as a string, since its floats need a dot; YAML 1.2 and every user mean a
+    number. Typed keys are coerced by pydantic anyway, free-form ones (``optim.hparams.eps=1e-8``) are not."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.y*ml"))
@@ -276,7 +293,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FlatlmError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise FlatlmError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
@@ -289,7 +306,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise FlatlmError(f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key, value

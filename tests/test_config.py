@@ -106,3 +106,49 @@ def test_every_key_documented() -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
     load_config(path)
+
+
+def test_config_directory_is_called_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("seed: 1\n")
+    with pytest.raises(FlatlmError, match=r"is a directory; pass a YAML file \(it holds a.yaml\)") as e:
+        load_config(tmp_path)
+    assert "does not exist" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.source=files"], r"^data.source=files needs data.paths, e.g."),
+        (["data.source=hf"], r"^data.source=hf needs data.name"),
+    ],
+)
+def test_a_source_without_its_input_fails_with_the_config(overrides: list[str], message: str) -> None:
+    """Refused by load_config itself: before the CLI imports torch, let alone reads any data."""
+    with pytest.raises(FlatlmError, match=message):
+        load_config(None, overrides)
+
+
+def test_default_yaml_is_the_default_job() -> None:
+    """configs/default.yaml says it is what `flatlm train` runs: it must be, key for key (as written, not only as
+    resolved), and it must still spell out the job (an emptied file would equal the defaults trivially)."""
+    path = ROOT / "configs" / "default.yaml"
+    assert load_config(path) == load_config()
+    written = flatten(yaml.safe_load(path.read_text()))
+    defaults = flatten(to_dict(load_config()))
+    assert len(written) >= 20
+    assert {k: v for k, v in written.items() if defaults.get(k, object()) != v} == {}
+
+
+def test_log_interval_is_not_run_identity() -> None:
+    a = to_dict(load_config(None, ["train.log_interval_s=5"]))
+    assert run_identity_diff(to_dict(load_config()), a) == []
+
+
+def test_exponent_floats_are_numbers_in_free_form_keys(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-8 as a string; optim.hparams.eps=1e-8 must reach the optimizer as a float."""
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  hparams:\n    eps: 1e-8\n")
+    assert load_config(f).optim.hparams == {"eps": 1e-8}
+    cfg = load_config(None, ["optim.hparams.eps=1e-8", "optim.hparams.betas=[0.9, 1E0]", "model.overrides.x=1e"])
+    assert cfg.optim.hparams == {"eps": 1e-8, "betas": [0.9, 1.0]}
+    assert cfg.model.overrides == {"x": "1e"}  # not a number: stays a string

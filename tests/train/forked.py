@@ -271,8 +271,8 @@ def _kill_rounds(job: dict[str, Any], logs: Path, rng: random.Random) -> list[di
 def _run_job(job: dict[str, Any], index: int, workdir: Path, rng: random.Random) -> dict[str, Any]:
     """One job: ``args`` (flatlm.train arguments), ``nproc``; optional ``env``, ``grace_s`` (default 20), ``fault``,
     ``call`` ({"function": "module:name", "args": [...]}: run that instead of flatlm.train, with ARGS first),
-    ``kill_in_save`` ({"output_dir", "kills", "max_rounds", "calibrate"}). Result: exit codes, hung, spread_s, each rank's log
-    text; for kills, one record per round."""
+    ``kill_in_save`` ({"output_dir", "kills", "max_rounds", "calibrate"}). Result: exit codes, hung, spread_s,
+    each rank's log text; for kills, one record per round."""
     logs = workdir / f"job{index}"
     logs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -54,7 +54,8 @@ def test_sigkill_inside_saves_always_leaves_a_complete_latest(tmp_path: Path, te
         args = overrides(tmp_path / backend, text_corpus, "adamw", backend, **{**extra, "train.max_steps": done + 1})
         finish.append({"args": args, "nproc": nproc})
         print(
-            f"{backend}: {inside}/{len(rounds)} kills inside saves; phases {phases}; window {rounds[0]['window_s']:.3f} s"
+            f"{backend}: {inside}/{len(rounds)} kills inside saves; phases {phases}; "
+            f"window {rounds[0]['window_s']:.3f} s"
         )
     for (backend, _), result in zip(cases.items(), run_jobs(finish, tmp_path / "finish"), strict=True):
         assert result["codes"] == [0] * len(result["codes"]), result["logs"][0][-3000:]

@@ -112,25 +112,27 @@ def test_grad_clip_scales_the_update_by_limit_over_global_norm(tmp_path: Path, c
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_grad_clip_uses_the_global_norm_under_fsdp2(tmp_path: Path, corpus: Path) -> None:
-    """Catches: clipping by each rank's own shard norm (or not at all) when FSDP2 shards the gradients.
+@pytest.mark.parametrize("backend", ["fsdp2", "zero2"])
+def test_grad_clip_uses_the_global_norm_when_gradients_are_sharded(tmp_path: Path, corpus: Path, backend: str) -> None:
+    """Catches: clipping by each rank's own shard norm, or not at all, when the gradients are sharded (FSDP2: half
+    of every gradient per rank; ZeRO-2: DeepSpeed's own clipping of flat partitions, its norm read back).
 
-    2 gloo processes, each holding half of every gradient: the step must still scale every shard by
-    c / (n + 1e-6) with n the norm of the whole global-batch gradient, which one process measures on the same
-    global batch; both ranks log that n.
+    2 gloo processes: the step must still scale every gradient by c / (n + 1e-6) with n the norm of the whole
+    global-batch gradient, which one process measures on the same global batch; both ranks see that n.
     """
     _, (single,) = _run(tmp_path / "single", corpus, Probe(), **SGD, **{"train.grad_clip": 0})
     norm, g, lr = _global_norm(single.grads), single.grads, SGD["optim.lr"]
     limit = norm / 8
-    out = tmp_path / "fsdp2"
-    args = {**SGD, "train.grad_clip": limit, "parallel.backend": "fsdp2", "train.micro_batch_size": 2}
+    out = tmp_path / backend
+    args = {**SGD, "train.grad_clip": limit, "parallel.backend": backend, "train.micro_batch_size": 2}
     r = launch_probed(tiny_overrides(out, corpus, **args), [])
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [load_records(out, rank)[0] for rank in (0, 1)]
     for step in ranks:
         assert step.grad_norm == pytest.approx(norm, rel=1e-5)  # a per-shard norm is ~n / sqrt(2)
     expected = {n: -lr * (limit / (norm + 1e-6)) * g[n].double() for n in g}
-    _assert_update(_delta(ranks[0]), expected, UPDATE_ATOL)  # gathered whole: both ranks' shards
+    for step in ranks:  # the whole parameters each rank holds after the step (FSDP2: gathered from both shards)
+        _assert_update(_delta(step), expected, UPDATE_ATOL)
     assert _differs({n: -lr * g[n] for n in g}, expected, UPDATE_ATOL)
     assert read_jsonl(out / "metrics.jsonl")[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
 

@@ -66,3 +66,48 @@ def test_default_job_30_steps(tmp_path: Path) -> None:
     assert records[0]["loss"] - records[-1]["loss"] > 0.5
     assert (out / "checkpoints" / "step-30" / "state" / ".metadata").is_file()
     assert (out / "loss.png").is_file()
+
+
+_FAST_ERRORS = r"""
+import contextlib, io, json, sys, time
+from flatlm.train.cli import main
+cases = json.loads(sys.argv[1])
+results = []
+for args in cases:
+    err = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        rc = main(["train", *args])
+    heavy = sorted(m for m in ("transformers", "flatlm.train.loop", "flatlm.models") if m in sys.modules)
+    results.append({"rc": rc, "stderr": err.getvalue(), "heavy": heavy, "s": time.perf_counter() - t0})
+print(json.dumps(results))
+"""
+
+
+def test_static_errors_come_before_the_heavy_imports(tmp_path: Path) -> None:
+    """A typo, a wrong-shaped hyperparameter or a data path that matches nothing is one line, exit 2, before the
+    CLI imports the loop (transformers, checkpointing) and long before any data is read."""
+    import json
+
+    out = f"output_dir={tmp_path / 'run'}"
+    cases = [
+        [out, "schedule.name=cosin"],
+        [out, "optim.hparams.betas=[0.9]"],
+        [out, "data.source=files"],
+        [out, "data.source=files", f"data.paths={tmp_path}/absent/*.txt"],
+    ]
+    expected = [
+        "flatlm train: error: unknown schedule 'cosin' (did you mean 'cosine'?)",
+        "flatlm train: error: optim.hparams.betas=[0.9] does not work for optimizer 'adamw' (IndexError",
+        "flatlm train: error: data.source=files needs data.paths",
+        f"flatlm train: error: data path '{tmp_path}/absent/*.txt' does not exist",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", _FAST_ERRORS, json.dumps(cases)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert r.returncode == 0, r.stderr
+    for result, start in zip(json.loads(r.stdout), expected, strict=True):
+        lines = result["stderr"].splitlines()
+        assert result["rc"] == 2 and len(lines) == 1 and lines[0].startswith(start), result
+        assert result["heavy"] == [], result
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,11 @@ def test_bf16_autocast_runs_and_stays_close(tmp_path: Path, text_corpus: Path) -
         ({"optim.name": "adamx"}, r"unknown optimizer 'adamx'.*valid optimizers"),
         ({"schedule.name": "cosin"}, r"unknown schedule 'cosin'.*did you mean 'cosine'"),
         ({"optim.hparams.betaz": "[0.9,0.9]"}, r"no hyperparameter 'betaz'.*did you mean 'betas'"),
+        # Values torch only trips over while stepping (an IndexError, a TypeError): caught by the probe step.
+        ({"optim.hparams.betas": "[0.9]"}, r"^optim.hparams.betas=\[0.9\] does not work for optimizer 'adamw' "),
+        ({"optim.name": "lion", "optim.hparams.betas": 0.9}, r"^optim.hparams.betas=0.9 does not work .*'lion'"),
+        ({"optim.name": "sam", "optim.hparams.eps": "x"}, r"^optim.hparams.eps='x' does not work .*'sam'"),
+        ({"data.paths": "/nonexistent/*.txt"}, r"data path '/nonexistent/\*.txt' does not exist"),
     ],
 )
 def test_bad_input_errors_before_writing(tmp_path: Path, text_corpus: Path, extra: dict, pattern: str) -> None:
@@ -123,15 +129,23 @@ def test_missing_data_path_writes_nothing(tmp_path: Path, text_corpus: Path) -> 
     assert not out.exists()
 
 
-def test_output_dir_of_a_different_run_is_refused(tmp_path: Path, text_corpus: Path) -> None:
+def test_output_dir_of_a_different_run_is_refused(
+    tmp_path: Path, text_corpus: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "run"
     _run(out, text_corpus, **{"train.max_steps": 2})
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(FlatlmError, match=r"holds a different run \(optim.lr: 0.003 -> 0.01\).*overwrite=true"):
         _run(out, text_corpus, **{"train.max_steps": 2, "optim.lr": 0.01})
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    # Asking for it replaces the run.
-    _run(out, text_corpus, **{"train.max_steps": 3, "optim.lr": 0.01, "overwrite": True})
+    # Asking for it replaces the run, and says which.
+    with caplog.at_level(logging.WARNING, logger="flatlm"):
+        _run(out, text_corpus, **{"train.max_steps": 3, "optim.lr": 0.01, "overwrite": True})
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("overwrite=true")]
+    assert said == [
+        f"overwrite=true: replacing the run in '{out}' (a different run: optim.lr: 0.003 -> 0.01; latest checkpoint "
+        "step-2; 2 step records); removing config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, tokenizer.model"
+    ]
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 0.01
     assert len(read_jsonl(out / "metrics.jsonl")) == 3
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-3"]

@@ -4,14 +4,30 @@
 #   bash scripts/install.sh --test   # runtime + test dependencies
 # torch is pinned to the CPU build that lies on these machines' disk; on a GPU
 # machine set FLATLM_TORCH="torch" (or a CUDA wheel spec) to choose your own.
+# Each step says what it installs before it starts (pip itself runs quietly) and how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 if [[ "${1:-}" == "--test" ]]; then extras="[test]"; fi
 PIP="python -m pip --disable-pip-version-check -q"
-$PIP install "${FLATLM_TORCH:-torch==2.13.0}"
+started=$SECONDS
+step_start=$SECONDS
+step() { echo "[install] $*"; step_start=$SECONDS; }
+done_step() { echo "[install]   done in $((SECONDS - step_start)) s"; }
+
+torch_spec="${FLATLM_TORCH:-torch==2.13.0}"
+step "torch ($torch_spec): the largest download, a minute or more from a registry"
+$PIP install "$torch_spec"
+done_step
+step "flatlm${extras} in editable mode, with transformers, datasets, accelerate, sentencepiece, tensorboard${extras:+, pytest, ruff, lion-pytorch}"
 $PIP install -e ".${extras}"
+done_step
 # DeepSpeed builds its ops lazily; it must see the installed torch (no build isolation).
 if ! python -c "import deepspeed" >/dev/null 2>&1; then
+    step "deepspeed (DS_BUILD_OPS=0, no build isolation: its ops compile on first use, not now)"
     DS_BUILD_OPS=0 $PIP install --no-build-isolation "deepspeed>=0.16"
+    done_step
+else
+    echo "[install] deepspeed: already installed"
 fi
+echo "[install] flatlm is installed ($((SECONDS - started)) s); try: flatlm train --help"

@@ -1,0 +1,61 @@
+"""scripts/install.sh says what it installs before each (quiet, minutes-long) pip step.
+
+pip is replaced by a recorder on PATH (a ``python`` that logs its arguments into the same output), so the test
+sees the order of the script's messages and its pip calls without installing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Records pip calls; "import deepspeed" fails when FAKE_NO_DEEPSPEED is set, so the script installs it.
+if [[ "$1" == "-m" && "$2" == "pip" ]]; then echo "PIP ${*:3}"; exit 0; fi
+if [[ "$1" == "-c" && "$2" == *"import deepspeed"* && -n "${FAKE_NO_DEEPSPEED:-}" ]]; then exit 1; fi
+exit 0
+"""
+
+
+def _install(tmp_path: Path, *args: str, **env: str) -> list[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+    environ.pop("FLATLM_TORCH", None)
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environ,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+@pytest.mark.parametrize("deepspeed_present", [False, True])
+def test_every_pip_step_is_announced_first(tmp_path: Path, deepspeed_present: bool) -> None:
+    env = {} if deepspeed_present else {"FAKE_NO_DEEPSPEED": "1"}
+    lines = _install(tmp_path, "--test", **env)
+    pips = [i for i, line in enumerate(lines) if line.startswith("PIP ")]
+    assert len(pips) == (2 if deepspeed_present else 3)
+    what = {"torch==2.13.0": "torch", "-e .[test]": "flatlm[test]", "deepspeed>=0.16": "deepspeed"}
+    previous = -1
+    for i in pips:
+        call = lines[i]
+        package = next(v for k, v in what.items() if k in call)
+        announced = [line for line in lines[previous + 1 : i] if line.startswith("[install] ")]
+        assert announced and package in announced[-1], (call, lines)  # said right before it starts
+        assert lines[i + 1].startswith("[install]   done in "), lines  # and when it is over
+        previous = i
+    assert lines[-1].startswith("[install] flatlm is installed")
+    if deepspeed_present:
+        assert "[install] deepspeed: already installed" in lines

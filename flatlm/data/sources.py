@@ -213,7 +213,7 @@ def _table_files(files: list[Path], field: str, stats: SourceStats) -> Iterator[
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What datasets raises when the Hub cannot be reached or has no such dataset."""
+    """What datasets raises when the Hub cannot be reached (or, online, has no such dataset)."""
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -222,6 +222,7 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
     import datasets
+    from datasets.exceptions import DatasetNotFoundError
 
     if not cfg.name:
         raise FlatlmError("data.source=hf needs data.name (a dataset name or a local dataset directory)")
@@ -239,11 +240,16 @@ def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
     except _hub_errors() as exc:
         if Path(cfg.name).expanduser().exists():
             raise
-        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, DatasetNotFoundError):
+            raise FlatlmError(
+                f"dataset {cfg.name!r} is not on the Hugging Face Hub or is not public ({detail}); check data.name "
+                "(or log in with `hf auth login` for a gated dataset)"
+            ) from None
         raise FlatlmError(
-            f"could not reach dataset {cfg.name!r} on the Hugging Face Hub ({type(exc).__name__}: {detail}); "
-            "without network, set data.name to a local dataset directory, or load the dataset once where the Hub "
-            "is reachable and rerun with HF_DATASETS_OFFLINE=1 to read it from the datasets cache"
+            f"could not reach dataset {cfg.name!r} on the Hugging Face Hub ({detail}); without network, set "
+            "data.name to a local dataset directory, or load the dataset once where the Hub is reachable and "
+            "rerun with HF_DATASETS_OFFLINE=1 to read it from the datasets cache"
         ) from None
 
 

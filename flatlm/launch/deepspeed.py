@@ -226,7 +226,7 @@ class DeepSpeedParallel(Parallel):
     def load(self, path: Path, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool) -> dict[str, Any]:
         import json
 
-        from flatlm.train.checkpoint import TRAINER_STATE, check_weights_only, restore_rng
+        from flatlm.train.checkpoint import TRAINER_STATE, check_rng_files, check_weights_only, restore_rng
 
         state = json.loads((path / TRAINER_STATE).read_text())
         if (state.get("backend"), state.get("world_size")) != (self.backend, dist.get_world_size()):
@@ -236,6 +236,7 @@ class DeepSpeedParallel(Parallel):
                 f"{dist.get_world_size()} here)"
             )
         engine_dir = path / ENGINE_DIR
+        check_rng_files(path, dist.get_world_size())
         check_weights_only(sorted((engine_dir / ENGINE_TAG).glob("*.pt")))
         loaded, _ = self.engine.load_checkpoint(
             str(engine_dir), tag=ENGINE_TAG, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False

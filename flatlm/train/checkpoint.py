@@ -318,6 +318,7 @@ def load_checkpoint(
         return json.loads((path / TRAINER_STATE).read_text())
     from flatlm.optim.sharded import OwnedParamsOptimizer, inner_optimizers
 
+    check_rng_files(path, torch.distributed.get_world_size() if _distributed() else 1)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}  # what this rank holds: DCP reads exactly these keys
     with warnings.catch_warnings():
@@ -362,6 +363,16 @@ def unreadable_reason(path: Path, exc: BaseException) -> str:
         if not (path / name).is_file():
             return f"{name} is missing"
     return describe_error(exc)
+
+
+def check_rng_files(path: Path, world_size: int) -> None:
+    """Refuse a checkpoint that lacks the RNG file of a rank that wrote it (ranks beyond the writers' number keep
+    their seeded state). Every rank checks every file, so all ranks take the same decision (a fallback that some
+    ranks took and others not would leave them in different collectives)."""
+    saved = json.loads((path / TRAINER_STATE).read_text()).get("world_size", 1)
+    for r in range(min(saved, world_size)):
+        if not (path / f"rng-rank{r}.json").is_file():
+            raise FileNotFoundError(f"rng-rank{r}.json is missing")
 
 
 def restore_rng(path: Path, rank: int) -> None:

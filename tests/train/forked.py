@@ -168,6 +168,11 @@ def _wait(pids: list[int], timeout: float, grace_s: float) -> tuple[list[int | N
     return [codes[p] for p in pids], hung, spread
 
 
+def _ended(pids: list[int]) -> bool:
+    """Whether some rank has exited, without reaping it (``_wait`` collects the exit codes)."""
+    return any(os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None for pid in pids)
+
+
 def _save_phase(checkpoints: Path, step: int) -> str:
     """Where the save of ``step`` stood: 'writing' (its .tmp directory still there), 'renamed' (step-N in place,
     ``latest`` not yet naming it), 'done'."""
@@ -202,7 +207,7 @@ def _next_save(checkpoints: Path, pids: list[int], timeout: float) -> int | None
             for p in checkpoints.iterdir():
                 if p.name.startswith(".step-") and p.name.endswith(".tmp") and p.name not in seen:
                     return int(p.name[len(".step-") : -len(".tmp")])
-        if any(os.waitpid(pid, os.WNOHANG)[0] for pid in pids):
+        if _ended(pids):
             return None
         time.sleep(0.001)
     return None
@@ -268,6 +273,29 @@ def _kill_rounds(job: dict[str, Any], logs: Path, rng: random.Random) -> list[di
     return rounds
 
 
+def _send_signals(signals: list[dict[str, Any]], pids: list[int]) -> list[str]:
+    """Send each ``{"sig", "rank", "when"}`` in turn: ``when`` is ``{"steps": N, "metrics": PATH}`` (once the run
+    has logged N steps) or ``{"save": CHECKPOINTS_DIR}`` (once a save's .tmp directory appears). Returns what was
+    done, for the test's messages."""
+    done = []
+    for entry in signals:
+        when = entry["when"]
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if _ended(pids):
+                return [*done, "a rank ended before the signal"]
+            if "steps" in when:
+                path = Path(when["metrics"])
+                if path.is_file() and len(path.read_text().splitlines()) >= when["steps"]:
+                    break
+            elif any(p.name.endswith(".tmp") for p in Path(when["save"]).glob(".step-*")):
+                break
+            time.sleep(0.001)
+        os.kill(pids[entry.get("rank", 0)], entry["sig"])
+        done.append(f"signal {entry['sig']} to rank {entry.get('rank', 0)} at {when}")
+    return done
+
+
 def _run_job(job: dict[str, Any], index: int, workdir: Path, rng: random.Random) -> dict[str, Any]:
     """One job: ``args`` (flatlm.train arguments), ``nproc``; optional ``env``, ``grace_s`` (default 20), ``fault``,
     ``call`` ({"function": "module:name", "args": [...]}: run that instead of flatlm.train, with ARGS first),
@@ -280,6 +308,8 @@ def _run_job(job: dict[str, Any], index: int, workdir: Path, rng: random.Random)
         return {"rounds": _kill_rounds(job, logs, rng), "wall_s": time.time() - t0}
     pids = _start(job["args"], job.get("nproc", 1), logs, job.get("env", {}), job.get("fault"), job.get("call"))
     result: dict[str, Any] = {}
+    if "signals" in job:
+        result["signals"] = _send_signals(job["signals"], pids)
     codes, hung, spread = _wait(pids, job.get("timeout", 300), job.get("grace_s", 20.0))
     result.update(codes=codes, hung=hung, spread_s=spread, wall_s=time.time() - t0)
     result["logs"] = [(logs / f"rank{r}.log").read_text(errors="replace") for r in range(job.get("nproc", 1))]

@@ -172,7 +172,7 @@ def test_resharded_resume_restores_exactly_the_saved_state(tmp_path: Path, text_
     jobs.append(reload(runs[0], "single", "adafactor", tmp_path / "planted", load_optimizer=False))
     results = run_jobs(jobs, tmp_path / "driver-reload")
     problems = {}
-    for run, r in zip(runs, results, strict=True):
+    for run, r in zip(runs, results[:-1], strict=True):
         if r["codes"] != [0] * len(r["codes"]):
             problems[run.name] = r["logs"][0][-2000:]
         elif diff := state_differences(final_state(run), final_state(tmp_path / f"{run.name}-reloaded")):
@@ -282,7 +282,7 @@ def test_deepspeed_checkpoint_refusals_and_weights_only_check(tmp_path: Path, te
     jobs = [
         {"args": overrides(other_stage, text_corpus, "adamw", "zero1", **max8), "nproc": 2},
         {
-            "args": overrides(other_world, text_corpus, "adamw", "zero2", **max8, **{"train.micro_batch_size": 1}),
+            "args": overrides(other_world, text_corpus, "adamw", "zero2", **max8),
             "nproc": 4,
         },
         {"args": overrides(evil, text_corpus, "adamw", "zero2", **max8), "nproc": 2},

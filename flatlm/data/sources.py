@@ -169,13 +169,13 @@ def _jsonl_rows(path: Path, field: str, stats: SourceStats) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise FlatlmError(
-                    f"{path}:{number}: line {number} is not valid JSON ({exc.msg}, column {exc.colno}); "
-                    "fix or remove that line (each line of a .jsonl file is one JSON object)"
+                    f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove line "
+                    f"{number} (each line of a .jsonl file is one JSON object)"
                 ) from None
             if not isinstance(row, dict):
                 raise FlatlmError(
-                    f"{path}:{number}: line {number} is a JSON {type(row).__name__}, not an object with a "
-                    f"{field!r} field; each line of a .jsonl file must be one JSON object"
+                    f"{path}:{number}: a JSON {type(row).__name__}, not an object with a {field!r} field; "
+                    f"fix or remove line {number} (each line of a .jsonl file is one JSON object)"
                 )
             yield from _table_rows([row], field, f"{path}:{number}")
 

@@ -284,6 +284,7 @@ def deepspeed_parallel(
         optimizer.swap_weights = False  # DeepSpeed keeps views of its partitions: perturb by copy, in place
     _skip_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    _keep_client_adagrad(engine, optimizer)
     _shape_aware_on_partitions(optimizer, engine, model)
     return DeepSpeedParallel(cfg.parallel.backend, model, engine), optimizer
 
@@ -297,6 +298,27 @@ def _skip_shm_comm_build() -> None:
 
     if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _keep_client_adagrad(engine: Any, optimizer: torch.optim.Optimizer) -> None:
+    """DeepSpeed's ZeRO optimizers replace a ``torch.optim.Adagrad`` client by a new Adagrad over all flat partitions
+    in one param group with the defaults (``initialize_optimizer_states``, because Adagrad creates its state eagerly):
+    flatlm's groups (no weight decay for norms and embeddings) and the scheduler's optimizer are lost, and ZeRO-1/2
+    fail in the first backward (IndexError on the second group). Put the client back on its partitions, with the
+    state Adagrad would have created for them."""
+    zero = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Adagrad) or getattr(zero, "optimizer", optimizer) is optimizer:
+        return
+    from flatlm.optim.sharded.zero_views import flat_partitions
+
+    init = optimizer.defaults["initial_accumulator_value"]
+    optimizer.state.clear()  # keyed by the model's parameters, which DeepSpeed's client never steps
+    for flat in flat_partitions(engine):
+        optimizer.state[flat] = {"step": torch.tensor(0.0), "sum": torch.full_like(flat.detach(), init)}
+    zero.optimizer = optimizer
+    if hasattr(zero, "_create_param_mapping"):  # ZeRO-1/2 linked the weights of the replacement's one group only
+        zero._link_all_hp_params()
+        zero._param_slice_mappings = zero._create_param_mapping()  # saved in its checkpoints
 
 
 def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, model: torch.nn.Module) -> None:

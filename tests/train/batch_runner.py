@@ -3,11 +3,13 @@
     torchrun --nproc_per_node N -m tests.train.batch_runner SPEC.json
     accelerate launch --config_file configs/accelerate/<backend>.yaml -m tests.train.batch_runner SPEC.json
 
-SPEC.json: ``{"results": DIR, "cases": [{"id": ..., "overrides": [...], "plant": null | {...}}, ...]}``. Each case
+SPEC.json: ``{"results": DIR, "cases": [{"id": ..., "overrides": [...], "plant": null | {...},
+"check_replicated": bool}, ...]}``. Each case
 is ``flatlm.train.loop.train(load_config(None, overrides))``, which joins the gloo process group and leaves it
 again (the batch checks that repeated init/destroy works). Rank 0 writes ``DIR/<id>.json`` (``{"ok": true,
-"seconds": ...}``) after a case; a case that raises writes ``DIR/<id>.rank<R>.err`` (the traceback) and ends the
-whole launch at once (another rank could wait forever in a collective), so later cases have no result file.
+"seconds": ...}``) after a case; a case that raises writes ``DIR/<id>.rank<R>.err`` (the traceback) and the batch goes
+on with the next case (a rank left waiting in a collective gets gloo's timeout, ``CASE_TIMEOUT_S``, and fails the
+case too); a case that hangs past ``WATCHDOG_S`` prints every thread's stack and ends the launch.
 
 ``plant`` injects a known bug into that case's run, for the tests that prove a comparison can fail:
 
@@ -15,6 +17,9 @@ whole launch at once (another rank could wait forever in a collective), so later
     {"kind": "reset_state", "param": FQN, "key": K}   state tensor K of the parameter is zeroed after every step
     {"kind": "no_weight_decay"}             every param group's weight decay is set to 0 before the first step
     {"kind": "drop_state", "param": FQN, "key": K}    K of the parameter is left out of the saved checkpoint (DCP)
+
+``check_replicated`` (ddp, zero1/2: every rank holds whole weights) fails the case at the first step after which
+the ranks' weights are not bit-identical.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Any
 
 import torch
 
-CASE_TIMEOUT_S = 240  # one case is seconds; past this it is hung
+CASE_TIMEOUT_S = 120  # gloo's timeout per collective: a case takes about a second (the first, with imports, ~30 s)
+WATCHDOG_S = 400  # a case still running after this is hung: dump the stacks, end the launch
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -164,11 +170,53 @@ def _forget_deepspeed_groups() -> Callable[[], None]:
     return reset
 
 
+class ReplicasDiverged(AssertionError):
+    """Ranks that should hold the same whole weights (ddp, zero1/2) hold different ones."""
+
+
+@contextlib.contextmanager
+def replicas_checked(enabled: bool) -> Iterator[None]:
+    """After every step, check that every rank holds bit-identical weights (a DCP save of a replicated model keeps
+    rank 0's copy only, so a divergence would never reach the checkpoint): one all-gather of a digest per step."""
+    if not enabled:
+        yield
+        return
+    import hashlib
+
+    import torch.distributed as dist
+
+    import flatlm.train.loop as loop
+
+    original_step = loop.train_step
+    count = {"step": 0}
+
+    def step(parallel: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        stats = original_step(parallel, optimizer, *args, **kwargs)
+        count["step"] += 1
+        digests = {}
+        for name, p in parallel.model.named_parameters():
+            digests[name] = hashlib.sha1(p.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, digests)
+        bad = [n for n in digests if len({d[n] for d in everyone}) > 1]
+        if bad:
+            raise ReplicasDiverged(
+                f"after step {count['step']} the ranks hold different {bad[:4]} ({len(bad)} tensors)"
+            )
+        return stats
+
+    loop.train_step = step
+    try:
+        yield
+    finally:
+        loop.train_step = original_step
+
+
 def run_case(case: dict[str, Any]) -> None:
     from flatlm.config import load_config
     from flatlm.train.loop import train
 
-    with planted(case.get("plant")):
+    with planted(case.get("plant")), replicas_checked(bool(case.get("check_replicated"))):
         train(load_config(None, case["overrides"]))
 
 
@@ -198,18 +246,20 @@ def main(spec_path: str) -> None:
     for index, case in enumerate(spec["cases"]):
         reset_deepspeed()
         t0 = time.perf_counter()
-        # A case that hangs (a collective one rank never reaches) prints every thread's stack and ends the launch.
-        faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+        faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
         try:
             if store is not None:
                 _join(store, index, rank, world)
             run_case(case)
             faulthandler.cancel_dump_traceback_later()
-        except BaseException:  # the traceback goes to the case's file, then the launch ends
+        except Exception:  # the traceback goes to the case's file; the next case runs in a fresh process group
+            faulthandler.cancel_dump_traceback_later()
             (results / f"{case['id']}.rank{rank}.err").write_text(traceback.format_exc())
             sys.stderr.write(f"case {case['id']} failed on rank {rank}:\n{traceback.format_exc()}")
             sys.stderr.flush()
-            os._exit(3)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            continue
         if rank == 0:
             (results / f"{case['id']}.json").write_text(json.dumps({"ok": True, "seconds": time.perf_counter() - t0}))
     sys.stdout.flush()

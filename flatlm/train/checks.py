@@ -60,19 +60,30 @@ class _Probe(torch.nn.Module):
         self.lm_head = torch.nn.Linear(6, 8, bias=False)
 
 
+def _probe_device() -> torch.device:
+    """The device this process trains on (options such as ``capturable`` or ``fused`` depend on it)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from flatlm.launch import environment
+
+    return torch.device("cuda", environment().local_rank)
+
+
 def _probe_step(cfg: RunConfig, hparams: dict[str, Any]) -> None:
     """Build ``cfg``'s optimizer with ``hparams`` on a probe model and take PROBE_STEPS steps (SAM family: perturb,
     restore, step, as the loop does), so that a hyperparameter torch only reads while stepping fails here."""
-    with torch.random.fork_rng(devices=[]):  # the probe's init and ESAM's sampling leave the run's RNG alone
+    device = _probe_device()
+    rng_devices = [device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):  # the probe's init and ESAM's sampling leave the run's RNG alone
         torch.manual_seed(0)
-        probe = _Probe()
+        probe = _Probe().to(device)
         groups = model_param_groups(cfg.optim.name, probe, cfg.optim.weight_decay, hparams)
         optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, **hparams)
         params = [p for g in groups for p in g["params"]]
 
         def fill_grads() -> None:
             for i, p in enumerate(params):
-                p.grad = torch.linspace(-1.0, 1.0 + i, p.numel()).reshape(p.shape)
+                p.grad = torch.linspace(-1.0, 1.0 + i, p.numel(), device=device).reshape(p.shape)
 
         for _ in range(PROBE_STEPS):
             fill_grads()

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from flatlm.config import DataConfig
 from flatlm.data import load_or_build
-from flatlm.data.cache import TOKENIZER_DIR, TokenCache
+from flatlm.data.cache import TOKENIZER_DIR, TokenCache, tokenizer_key
+from flatlm.data.sources import source_fingerprint
 from flatlm.data.tokenizer import Tokenizer, sample_lines, train_tokenizer
 from flatlm.errors import FlatlmError
 from tests.conftest import make_documents
@@ -130,20 +132,30 @@ def test_cache_key_includes_the_tokenizer(text_corpus: Path, tmp_path: Path) -> 
 def _build_in_child(cfg_json: str, barrier: mp.synchronize.Barrier, queue: mp.Queue) -> None:
     logs: list[str] = []
     cfg = DataConfig.model_validate_json(cfg_json)
-    barrier.wait()
+    barrier.wait(timeout=100)
     cache = load_or_build(cfg, log=logs.append)
     queue.put((str(cache.path), cache.meta["tokens_blake2b"], logs))
 
 
 @pytest.mark.timeout(120)
 def test_concurrent_builders_never_race(text_corpus: Path, tmp_path: Path) -> None:
-    """Two processes start building the same cache at the same moment: one builds, the other waits and uses it."""
+    """Two processes build the same cache at the same moment: one builds, the other waits and uses it.
+
+    The test holds the tokenizer's build lock while both start, so both queue on it and are let go together.
+    """
     cfg = _cfg(text_corpus, tmp_path / "c")
+    root = tmp_path / "c"
+    root.mkdir()
+    held = FileLock(root / f".tokenizer-{tokenizer_key(cfg, source_fingerprint(cfg))}.lock")
+    held.acquire()
     ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
     procs = [ctx.Process(target=_build_in_child, args=(cfg.model_dump_json(), barrier, queue)) for _ in range(2)]
     for p in procs:
         p.start()
+    barrier.wait(timeout=100)
+    time.sleep(1.0)  # both children reach the lock and wait on it
+    held.release()
     results = [queue.get(timeout=100) for _ in procs]
     for p in procs:
         p.join(timeout=30)
@@ -151,9 +163,9 @@ def test_concurrent_builders_never_race(text_corpus: Path, tmp_path: Path) -> No
     (path_a, sum_a, logs_a), (path_b, sum_b, logs_b) = results
     assert path_a == path_b and sum_a == sum_b
     all_logs = logs_a + logs_b
+    assert sum(m.startswith("waiting for another process") for m in all_logs) >= 1, all_logs
     assert sum(m.startswith("training") for m in all_logs) == 1, all_logs
     assert sum(m.startswith("tokenized") for m in all_logs) == 1, all_logs
-    assert any(m.startswith("waiting for another process") for m in all_logs), all_logs
 
 
 CHILD = """

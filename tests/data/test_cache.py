@@ -133,7 +133,11 @@ def _build_in_child(cfg_json: str, barrier: mp.synchronize.Barrier, queue: mp.Qu
     logs: list[str] = []
     cfg = DataConfig.model_validate_json(cfg_json)
     barrier.wait(timeout=100)
-    cache = load_or_build(cfg, log=logs.append)
+    try:
+        cache = load_or_build(cfg, log=logs.append)
+    except BaseException as exc:  # readable in the parent's assertion, not a 100 s wait for a dead child
+        queue.put(("failed", repr(exc), logs))
+        raise
     queue.put((str(cache.path), cache.meta["tokens_blake2b"], logs))
 
 
@@ -159,9 +163,9 @@ def test_concurrent_builders_never_race(text_corpus: Path, tmp_path: Path) -> No
     results = [queue.get(timeout=100) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-        assert p.exitcode == 0
+    assert [p.exitcode for p in procs] == [0, 0], results
     (path_a, sum_a, logs_a), (path_b, sum_b, logs_b) = results
-    assert path_a == path_b and sum_a == sum_b
+    assert path_a == path_b and sum_a == sum_b, results
     all_logs = logs_a + logs_b
     assert sum(m.startswith("waiting for another process") for m in all_logs) >= 1, all_logs
     assert sum(m.startswith("training") for m in all_logs) == 1, all_logs

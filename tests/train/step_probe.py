@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -213,13 +215,27 @@ def probing(probe: Probe) -> Iterator[Probe]:
         loop.train_step = real
 
 
-def launch_probed(overrides: list[str], probe_args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run the loop on ``nproc`` gloo processes under torchrun with a probe; each rank saves its records to
-    ``output_dir/probe-rank<R>.pt``. ``probe_args``: ``dispatch``, ``logits=<step>``."""
+def launch_probed(
+    cases: list[tuple[list[str], list[str]]], nproc: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Run each case ``(overrides, probe options)`` one after another in one torchrun launch of ``nproc`` gloo
+    processes (start-up paid once); each rank saves its records to the case's ``output_dir/probe-rank<R>.pt``.
+    Probe options: ``dispatch``, ``logits=<step>``. A failing case ends the launch (later cases leave no file);
+    past ``timeout`` the launcher and its workers are killed (their own session), none is left running."""
+    spec = json.dumps([{"overrides": overrides, "probe": probe} for overrides, probe in cases])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd += ["-m", "tests.train.step_probe", ",".join(probe_args) or "-", *overrides]
+    cmd += ["-m", "tests.train.step_probe", spec]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            err += f"\nlaunch_probed: killed after {timeout} s"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def load_records(output_dir: Path, rank: int = 0) -> list[StepRecord]:
@@ -228,23 +244,43 @@ def load_records(output_dir: Path, rank: int = 0) -> list[StepRecord]:
     return [StepRecord(**fields) for fields in saved]
 
 
-def _main(argv: list[str]) -> int:
+def _run_case(overrides: list[str], options: list[str]) -> None:
     from flatlm.config import load_config
     from flatlm.train.loop import train
 
-    opts = [a for a in argv[0].split(",") if a and a != "-"]
-    probe = Probe(dispatch="dispatch" in opts, grads=False)
-    for opt in opts:
+    probe = Probe(dispatch="dispatch" in options, grads=False)
+    for opt in options:
         if opt.startswith("logits="):
             probe.logits_after_step = int(opt.split("=", 1)[1])
-    cfg = load_config(None, argv[1:])
     with probing(probe):
-        result = train(cfg)
-    torch.save(
-        [dataclasses.asdict(s) for s in probe.steps], result.output_dir / f"probe-rank{os.environ.get('RANK', '0')}.pt"
-    )
-    return 0
+        result = train(load_config(None, overrides))
+    rank = os.environ.get("RANK", "0")
+    torch.save([dataclasses.asdict(s) for s in probe.steps], result.output_dir / f"probe-rank{rank}.pt")
+
+
+def _main(spec: str) -> int:
+    """Each case in a fresh gloo group of its own (``batch_runner``'s per-case store prefix), DeepSpeed's group
+    caches put back between cases."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from tests.train.batch_runner import CASE_TIMEOUT_S, _forget_deepspeed_groups, _join
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    store = None
+    if world > 1:
+        store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S)))
+    reset_deepspeed = _forget_deepspeed_groups()
+    for index, case in enumerate(json.loads(spec)):
+        reset_deepspeed()
+        if store is not None:
+            _join(store, index, rank, world)
+        _run_case(case["overrides"], case["probe"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as batch_runner: skip interpreter teardown, which gloo's threads occasionally abort
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(_main(sys.argv[1]))

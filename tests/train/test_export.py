@@ -88,7 +88,7 @@ def test_export_fsdp2_sharded_checkpoint(tmp_path: Path, text_corpus: Path) -> N
     logits must equal the FSDP2 training module's own forward after the last step (every rank's)."""
     run = tmp_path / "run"
     args = {"train.max_steps": 3, "parallel.backend": "fsdp2", "train.micro_batch_size": 2}
-    r = launch_probed(tiny_overrides(run, text_corpus, **args), ["logits=3"])
+    r = launch_probed([(tiny_overrides(run, text_corpus, **args), ["logits=3"])])
     assert r.returncode == 0, r.stderr[-3000:]
     trained = [load_records(run, rank)[-1].logits for rank in (0, 1)]
     torch.testing.assert_close(trained[0], trained[1], rtol=0, atol=0)  # one model, whichever rank ran it

@@ -46,6 +46,34 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+CLIP_LIMIT = 0.1  # below the tiny model's first-step global gradient norm (~1.2; asserted where it matters)
+SHARDED = {"train.micro_batch_size": 2}  # 2 ranks x 2 micro-batches of 2 = the global batch of 8, as one process
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, Path]:
+    """The 2-process cases of this module, run in one launch (one start-up): clipping under fsdp2 and zero2,
+    bf16 under fsdp2. Returns each case's output directory; a case that failed left no records there."""
+    root = tmp_path_factory.mktemp("sharded")
+    cases = {
+        "clip-fsdp2": ({**SGD, **SHARDED, "train.grad_clip": CLIP_LIMIT, "parallel.backend": "fsdp2"}, []),
+        "clip-zero2": ({**SGD, **SHARDED, "train.grad_clip": CLIP_LIMIT, "parallel.backend": "zero2"}, []),
+        "bf16-fsdp2": ({**ONE_STEP, **SHARDED, "train.bf16": True, "parallel.backend": "fsdp2"}, ["dispatch"]),
+    }
+    r = launch_probed([(tiny_overrides(root / name, corpus, **args), probe) for name, (args, probe) in cases.items()])
+    (root / "launch.stderr").write_text(r.stderr[-3000:])  # for the failure message of a case that did not finish
+    return {name: root / name for name in cases}
+
+
+def _sharded_records(runs: dict[str, Path], case: str) -> list[StepRecord]:
+    """Both ranks' single step of ``case``."""
+    out = runs[case]
+    assert (out / "probe-rank1.pt").is_file(), (
+        f"case {case} did not finish:\n{(out.parent / 'launch.stderr').read_text()}"
+    )
+    return [load_records(out, rank)[0] for rank in (0, 1)]
+
+
 def _run(out: Path, corpus: Path, probe: Probe, **extra: object) -> tuple[RunResult, list[StepRecord]]:
     """``train`` from config overrides (one step, evaluation only at the end, unless ``extra`` says otherwise)."""
     with probing(probe):
@@ -111,9 +139,11 @@ def test_grad_clip_scales_the_update_by_limit_over_global_norm(tmp_path: Path, c
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["fsdp2", "zero2"])
-def test_grad_clip_uses_the_global_norm_when_gradients_are_sharded(tmp_path: Path, corpus: Path, backend: str) -> None:
+def test_grad_clip_uses_the_global_norm_when_gradients_are_sharded(
+    tmp_path: Path, corpus: Path, sharded_runs: dict[str, Path], backend: str
+) -> None:
     """Catches: clipping by each rank's own shard norm, or not at all, when the gradients are sharded (FSDP2: half
     of every gradient per rank; ZeRO-2: DeepSpeed's own clipping of flat partitions, its norm read back).
 
@@ -122,19 +152,16 @@ def test_grad_clip_uses_the_global_norm_when_gradients_are_sharded(tmp_path: Pat
     """
     _, (single,) = _run(tmp_path / "single", corpus, Probe(), **SGD, **{"train.grad_clip": 0})
     norm, g, lr = _global_norm(single.grads), single.grads, SGD["optim.lr"]
-    limit = norm / 8
-    out = tmp_path / backend
-    args = {**SGD, "train.grad_clip": limit, "parallel.backend": backend, "train.micro_batch_size": 2}
-    r = launch_probed(tiny_overrides(out, corpus, **args), [])
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [load_records(out, rank)[0] for rank in (0, 1)]
+    assert norm > 4 * CLIP_LIMIT
+    ranks = _sharded_records(sharded_runs, f"clip-{backend}")
     for step in ranks:
         assert step.grad_norm == pytest.approx(norm, rel=1e-5)  # a per-shard norm is ~n / sqrt(2)
-    expected = {n: -lr * (limit / (norm + 1e-6)) * g[n].double() for n in g}
+    expected = {n: -lr * (CLIP_LIMIT / (norm + 1e-6)) * g[n].double() for n in g}
     for step in ranks:  # the whole parameters each rank holds after the step (FSDP2: gathered from both shards)
         _assert_update(_delta(step), expected, UPDATE_ATOL)
     assert _differs({n: -lr * g[n] for n in g}, expected, UPDATE_ATOL)
-    assert read_jsonl(out / "metrics.jsonl")[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    logged = read_jsonl(sharded_runs[f"clip-{backend}"] / "metrics.jsonl")[0]["grad_norm"]
+    assert logged == pytest.approx(norm, rel=1e-5)
 
 
 # ---- bf16 autocast ------------------------------------------------------------------------------------------
@@ -170,16 +197,11 @@ def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights_and_state(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_bf16_under_fsdp2_computes_in_bf16_with_fp32_shards(tmp_path: Path, corpus: Path) -> None:
-    """Catches: fsdp2 with train.bf16 computing in fp32, or keeping bf16 shards / gradients / AdamW state
-    (its MixedPrecisionPolicy must be bf16 compute, fp32 parameters and fp32 reduction)."""
-    out = tmp_path / "run"
-    args = {"train.bf16": True, "parallel.backend": "fsdp2", "train.micro_batch_size": 2, "train.max_steps": 1}
-    r = launch_probed(tiny_overrides(out, corpus, **args), ["dispatch"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        (step,) = load_records(out, rank)
+@pytest.mark.timeout(300)
+def test_bf16_under_fsdp2_computes_in_bf16_with_fp32_shards(sharded_runs: dict[str, Path]) -> None:
+    """Catches: fsdp2 with train.bf16 computing in fp32, reducing gradients in bf16, or keeping bf16 shards /
+    gradients / AdamW state (its MixedPrecisionPolicy must be bf16 compute, fp32 parameters, fp32 reduction)."""
+    for step in _sharded_records(sharded_runs, "bf16-fsdp2"):
         assert len(step.matmuls) >= _min_matmuls(step) and _matmul_dtypes(step) == {torch.bfloat16}
         assert step.param_dtypes == {torch.float32}  # the local shards
         assert step.reductions and {d for _, ds in step.reductions for d in ds} == {torch.float32}  # fp32 reduction

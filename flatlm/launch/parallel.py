@@ -55,6 +55,7 @@ class Parallel:
 
     def local_pass(self) -> contextlib.AbstractContextManager:
         """A backward whose gradients stay on this rank for the whole pass (replica SAM's first pass)."""
+        self._replica_step = True
         return self.no_sync()
 
     def local_module(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -98,8 +99,13 @@ class Parallel:
         return optimizer.perturb()
 
     def restore(self, optimizer: Any) -> None:
-        """SAM family after pass 2: w back, the final gradient in place."""
+        """SAM family after pass 2: w back, the final gradient in place. After a replica pass 1 (DDP), a variant's
+        final gradient can use this rank's own pass-1 gradient (SSAM, GSAM): the ranks' final gradients are then
+        averaged (one flat all-reduce), else each rank would step its whole weights differently (they diverged
+        after the first step, unseen: a DDP checkpoint keeps rank 0's copy)."""
         optimizer.restore()
+        if self.__dict__.pop("_replica_step", False):
+            self.average_gradients([p for p in self.model.parameters() if p.grad is not None])
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """Model and optimizer state keyed by parameter name for torch.distributed.checkpoint (each rank its

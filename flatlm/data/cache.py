@@ -147,10 +147,14 @@ def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> Tokeniz
             "overwrite=true to start the run over with a new one"
         ) from None
     if cfg.tokenizer:
-        configured = Tokenizer.load(cfg.tokenizer)
-        if configured.sha256 != tokenizer.sha256:
+        try:
+            changed = Tokenizer.load(cfg.tokenizer).sha256 != tokenizer.sha256
+            why = "its bytes changed"
+        except FlatlmError:  # moved or deleted since: the run has its own copy
+            changed, why = True, "it cannot be read now"
+        if changed:
             warn(
-                f"data.tokenizer {cfg.tokenizer!r} is not the tokenizer this run started with (its bytes changed); "
+                f"data.tokenizer {cfg.tokenizer!r} is not the tokenizer this run started with ({why}); "
                 f"resuming with the run's own {run_tokenizer} ({tokenizer.vocab_size} pieces)"
             )
         return tokenizer

@@ -13,6 +13,7 @@ from flatlm.data import load_or_build
 from flatlm.data.cache import default_cache_dir
 from flatlm.data.sources import source_fingerprint
 from flatlm.data.tokenizer import Tokenizer
+from flatlm.errors import FlatlmError
 from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
 from tests.conftest import tiny_overrides
@@ -80,5 +81,11 @@ def test_resume_prefers_the_run_tokenizer_to_a_changed_data_tokenizer(tmp_path: 
     got = resume_tokenizer(cfg.model_copy(update={"tokenizer": str(given)}), run_tok, warnings.append)
     assert got.proto == first.proto != other.proto
     assert len(warnings) == 1 and "is not the tokenizer this run started with" in warnings[0]
+    given.unlink()
+    got = resume_tokenizer(cfg.model_copy(update={"tokenizer": str(given)}), run_tok, warnings.append)
+    assert got.proto == first.proto and len(warnings) == 2 and "(it cannot be read now)" in warnings[1]
     got = resume_tokenizer(cfg, run_tok, warnings.append)  # the corpus it was trained on: silent
-    assert got.proto == first.proto and len(warnings) == 1
+    assert got.proto == first.proto and len(warnings) == 2
+    run_tok.write_bytes(b"garbage")
+    with pytest.raises(FlatlmError, match=r"the run's tokenizer .*run.model' cannot be read .*overwrite=true"):
+        resume_tokenizer(cfg, run_tok, warnings.append)

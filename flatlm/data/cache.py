@@ -142,8 +142,9 @@ def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> Tokeniz
     try:
         tokenizer = Tokenizer(run_tokenizer.read_bytes())
     except (OSError, RuntimeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a sentencepiece model"
         raise FlatlmError(
-            f"the run's tokenizer {str(run_tokenizer)!r} cannot be read ({exc}); restore it from a copy, or pass "
+            f"the run's tokenizer {str(run_tokenizer)!r} cannot be read ({why}); restore it from a copy, or pass "
             "overwrite=true to start the run over with a new one"
         ) from None
     if cfg.tokenizer:

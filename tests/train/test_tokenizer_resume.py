@@ -87,5 +87,6 @@ def test_resume_prefers_the_run_tokenizer_to_a_changed_data_tokenizer(tmp_path: 
     got = resume_tokenizer(cfg, run_tok, warnings.append)  # the corpus it was trained on: silent
     assert got.proto == first.proto and len(warnings) == 2
     run_tok.write_bytes(b"garbage")
-    with pytest.raises(FlatlmError, match=r"the run's tokenizer .*run.model' cannot be read .*overwrite=true"):
+    unreadable = r"the run's tokenizer .*run.model' cannot be read \(not a sentencepiece model\); .*overwrite=true"
+    with pytest.raises(FlatlmError, match=unreadable):
         resume_tokenizer(cfg, run_tok, warnings.append)

@@ -78,6 +78,7 @@ def _run(out: Path, corpus: Path, probe: Probe, **extra: object) -> tuple[RunRes
     """``train`` from config overrides (one step, evaluation only at the end, unless ``extra`` says otherwise)."""
     with probing(probe):
         result = train(load_config(None, tiny_overrides(out, corpus, **{**ONE_STEP, **extra})))
+    assert probe.steps, "the probe saw no step: does flatlm.train.loop still call its train_step by that name?"
     return result, probe.steps
 
 
@@ -251,6 +252,7 @@ def test_compile_runs_the_steps_through_dynamo_graphs(tmp_path: Path, corpus: Pa
     assert all(s.compiles_forward_module for s in steps)
     assert counters["frames"]["ok"] >= 1 and counters["stats"]["calls_captured"] > 0
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # step 2 reuses step 1's graph
+    # Measured bit-identical here; inductor's fused CPU kernels may round differently on other machines.
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
 
 

@@ -89,6 +89,71 @@ def test_replica_sam_equals_per_replica_reference() -> None:
     run_ranks(_run)
 
 
+K, ALPHA, LOOK_STEPS = 2, 0.7, 4  # full SAM steps 0 and 2, LookSAM's reuse path on steps 1 and 3
+
+
+def _reference_looksam(model: torch.nn.Module, world: int) -> None:
+    """Replica LookSAM written out: full steps as replica SAM, each replica keeping its own g_v = g' - <g_r, g'> /
+    ||g_r||^2 g_r from its own g_r and the averaged g'; reuse steps average g_r + alpha ||g_r|| / ||g_v_r|| g_v_r."""
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+    g_v = [[torch.zeros_like(p) for p in params] for _ in range(world)]
+    for step in range(LOOK_STEPS):
+        final = [torch.zeros_like(p) for p in params]
+        firsts = []
+        for r in range(world):
+            batches = _batches(step, r)
+            g = _grad(model, params, batches)
+            norm = torch.sqrt(sum((x * x).sum() for x in g))
+            if step % K == 0:
+                w = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, x in zip(params, g, strict=True):
+                        p.add_(x, alpha=RHO / (norm.item() + 1e-12))
+                for f, x in zip(final, _grad(model, params, batches), strict=True):
+                    f.add_(x / world)
+                with torch.no_grad():
+                    for p, saved in zip(params, w, strict=True):
+                        p.copy_(saved)
+                firsts.append((g, norm * norm))
+            else:
+                v_norm = torch.sqrt(sum((v * v).sum() for v in g_v[r]))
+                scale = ALPHA * norm / (v_norm + 1e-12)
+                for f, x, v in zip(final, g, g_v[r], strict=True):
+                    f.add_((x + scale * v) / world)
+        for r, (g, sq) in enumerate(firsts):
+            coef = sum((x * y).sum() for x, y in zip(g, final, strict=True)) / (sq + 1e-12)
+            g_v[r] = [y - coef * x for x, y in zip(g, final, strict=True)]
+        for p, f in zip(params, final, strict=True):
+            p.grad = f
+        opt.step()
+
+
+def _run_looksam(rank: int, world: int) -> None:
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model = _model()
+    reference = copy.deepcopy(model)
+    opt = build_optimizer("looksam", model.parameters(), rho=RHO, k=K, alpha=ALPHA, lr=LR, weight_decay=0.0)
+    parallel = Parallel("ddp", model, DistributedDataParallel(model))
+    params = list(model.parameters())
+    for step in range(LOOK_STEPS):
+        stats = train_step(parallel, opt, _batches(step, rank), params, grad_clip=0.0, replica_perturbation=True)
+        assert stats.second_pass == (step % K == 0)
+    _reference_looksam(reference, world)
+    mine = torch.cat([p.detach().flatten() for p in model.parameters()])
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    assert all(torch.equal(everyone[0], x) for x in everyone), "the ranks' weights diverged"
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5, msg=name)
+
+
+def test_replica_looksam_reuse_path_equals_per_replica_reference() -> None:
+    """LookSAM under replica SAM, reuse path included (never run before): equal to the written-out per-replica
+    reference, and every rank ends with the same weights (a rank-local g_v must not make them diverge)."""
+    run_ranks(_run_looksam)
+
+
 # -- every variant through the training loop, on every backend that allows replica SAM ------------------------------
 
 REPLICA_CASES = [

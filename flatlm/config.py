@@ -96,8 +96,7 @@ class TrainConfig(Section):
     deterministic: bool = True
     """Use deterministic kernels (bit-identical losses for the same config and seed)."""
     progress_bar: bool = True
-    """Show progress (loss, lr, tokens/s): a bar on a terminal; without one (stderr to a file, as in cluster jobs)
-    a log line every train.log_interval_s seconds and at the first and last step."""
+    """Show loss, lr, tokens/s: a bar on a terminal; with stderr in a file, a line every train.log_interval_s."""
     log_interval_s: float = Field(default=30.0, ge=0.0)
     """Seconds between progress lines when stderr is not a terminal (0: a line every step)."""
     tensorboard: bool = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from flatlm.config import describe_keys, load_config
@@ -43,7 +44,7 @@ def _setup_logging() -> None:
     """flatlm's INFO from rank 0, warnings and errors from every rank (tagged with the rank when there are several).
 
     Other libraries only reach the user with warnings: their INFO lines (matplotlib's "generated new
-    fontManager", torch.distributed's set-up) are noise for someone training a model.
+    fontManager", torch.distributed's set-up) are noise for someone training a model (and see _quiet_warnings).
     """
     from flatlm.launch import environment
 
@@ -51,6 +52,13 @@ def _setup_logging() -> None:
     tag = f"[flatlm rank {env.rank}]" if env.world_size > 1 else "[flatlm]"
     logging.basicConfig(level=logging.WARNING, format=f"{tag} %(message)s", stream=sys.stderr)
     logging.getLogger("flatlm").setLevel(logging.INFO if env.is_main else logging.WARNING)
+    _quiet_warnings()
+
+
+def _quiet_warnings() -> None:
+    """Hide the FutureWarnings one library's calls raise in another (DeepSpeed's ``all_gather_into_tensor`` in
+    torch, once per rank): they are for those libraries' authors; the user can do nothing about them."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!flatlm(\.|$))")
 
 
 def run_train(argv: list[str], prog: str) -> int:

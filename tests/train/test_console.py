@@ -227,3 +227,22 @@ def test_progress_on_a_terminal_routes_logging_above_the_bar(monkeypatch: pytest
     assert "[x] hello\n" in text and text[text.index("[x] hello") - 1] in "\r\n"
     assert lines == []  # a terminal gets the bar, not the lines
     assert root.handlers == [handler]
+
+
+def test_library_future_warnings_are_hidden_flatlm_ones_kept() -> None:
+    """DeepSpeed's deprecated all_gather_into_tensor warns from torch.distributed on every rank of a ZeRO run."""
+    import warnings
+
+    from flatlm.train.cli import _quiet_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_warnings()
+        for module in ("torch.distributed.c10d_logger", "deepspeed.comm", "flatlm.optim", "flatlm", "flatlmx"):
+            warnings.warn_explicit("deprecated", FutureWarning, "f.py", 1, module=module)
+        warnings.warn_explicit("a real problem", UserWarning, "f.py", 1, module="torch.optim")
+    assert [(str(w.message), w.category) for w in caught] == [
+        ("deprecated", FutureWarning),
+        ("deprecated", FutureWarning),
+        ("a real problem", UserWarning),
+    ]

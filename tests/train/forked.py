@@ -274,9 +274,9 @@ def _kill_rounds(job: dict[str, Any], logs: Path, rng: random.Random) -> list[di
 
 
 def _send_signals(signals: list[dict[str, Any]], pids: list[int]) -> list[str]:
-    """Send each ``{"sig", "rank", "when"}`` in turn: ``when`` is ``{"steps": N, "metrics": PATH}`` (once the run
-    has logged N steps) or ``{"save": CHECKPOINTS_DIR}`` (once a save's .tmp directory appears). Returns what was
-    done, for the test's messages."""
+    """Send each ``{"sig", "rank", "when", "delay_s"}`` in turn: ``when`` is ``{"steps": N, "metrics": PATH}``
+    (once the run has logged N steps) or ``{"save": CHECKPOINTS_DIR}`` (once a save's .tmp directory appears).
+    Returns what was done, for the test's messages."""
     done = []
     for entry in signals:
         when = entry["when"]
@@ -291,6 +291,7 @@ def _send_signals(signals: list[dict[str, Any]], pids: list[int]) -> list[str]:
             elif any(p.name.endswith(".tmp") for p in Path(when["save"]).glob(".step-*")):
                 break
             time.sleep(0.001)
+        time.sleep(entry.get("delay_s", 0.0))  # two identical signals closer than this may arrive as one
         os.kill(pids[entry.get("rank", 0)], entry["sig"])
         done.append(f"signal {entry['sig']} to rank {entry.get('rank', 0)} at {when}")
     return done
@@ -317,10 +318,23 @@ def _run_job(job: dict[str, Any], index: int, workdir: Path, rng: random.Random)
 
 
 def main(spec: str, out: str) -> None:
-    import deepspeed  # noqa: F401 - imported once here, before forking, like everything the runs need
-    import torch  # noqa: F401
+    import importlib
 
-    import flatlm.train.loop  # noqa: F401
+    # imported once here, before forking: everything the runs import (their own imports are then free)
+    for name in (
+        "torch",
+        "deepspeed",
+        "deepspeed.runtime.engine",
+        "transformers.models.llama.modeling_llama",
+        "torch.distributed.checkpoint.state_dict",
+        "torch.distributed.fsdp",
+        "flatlm.train.loop",
+        "flatlm.train.cli",
+        "flatlm.train.inspect",
+        "flatlm.optim.sam",
+        "tests.train.runs",
+    ):
+        importlib.import_module(name)
 
     jobs = json.loads(Path(spec).read_text())
     workdir = Path(spec).parent

@@ -118,7 +118,7 @@ def _load(path: Path) -> Any:
 
 
 def _zero_state(engine_dir: Path) -> dict[str, Tensor]:
-    optim_files = sorted(engine_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)
+    optim_files = sorted(engine_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)  # bf16_...
     model_files = sorted(engine_dir.glob("*model_states.pt"), key=lambda p: _rank_of(p) if "zero_pp" in p.name else 0)
     if not optim_files or not model_files:
         raise FlatlmError(f"{engine_dir} has no DeepSpeed optimizer or model states")

@@ -8,14 +8,17 @@ Layout of one checkpoint (single process, DDP and FSDP2):
     trainer_state.json  step, tokens, scheduler, backend and world size (written last: marks it complete)
     config.yaml         the resolved config
 
-DeepSpeed ZeRO runs write ``model.safetensors`` (the whole model, rank 0) and ``optimizer.rank<R>.pt`` (each
-rank's flat-partition state) instead; resuming them is not supported yet.
+DeepSpeed ZeRO runs write DeepSpeed's engine checkpoint (``deepspeed/``, resumable with the same stage and number
+of processes) and ``model.safetensors`` (the whole model, rank 0) instead of ``state/``.
 
-Atomicity: everything goes into ``.step-N.tmp`` and rank 0 renames it into place after every rank has
-written its part, then replaces the ``latest`` file (a rename too), then deletes checkpoints beyond
-``keep_last``. A crash at any point leaves ``latest`` naming a complete checkpoint (or none). Loading reads
-tensors through DCP (torch's weights-only unpickler), DCP's ``.metadata`` through an unpickler that allows only
-DCP's own metadata classes, everything else from JSON: no pickled code is ever executed.
+Atomicity: everything goes into ``.step-N.tmp``; rank 0 renames it into place once every rank has written its
+part, then replaces the ``latest`` file (a rename too), then deletes checkpoints beyond ``keep_last``. The ranks
+agree on each phase's success with one exchange of their errors (never a bare barrier a failed rank would not
+reach), so a failure on one rank fails the save on all of them at once, with the same one-line error. A crash at
+any point leaves ``latest`` naming a complete checkpoint (or none). Loading reads tensors through DCP (torch's
+weights-only unpickler), DCP's ``.metadata`` through an unpickler that allows only DCP's own metadata classes,
+everything else from JSON: no pickled code is ever executed. A checkpoint that cannot be read is described in one
+line (``unreadable_reason``: the missing or truncated file, else the original error).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ which flatlm's tests use as the reference.
 One step for a parameter X with gradient G at step t (counted from 1), eps = (eps1, eps2), clip threshold d:
 
     rho_t   = min(1e-6 t if warmup_init else 1e-2, 1/sqrt(t))   if relative_step, else lr
+              (relative_step with an lr: 1e-2 becomes lr, rho_t = min(lr, 1/sqrt(t)), torch.optim.Adafactor's rule)
     alpha_t = max(eps2, RMS(X_{t-1})) rho_t                     if scale_parameter, else rho_t
     beta2_t = 1 - t^decay_rate                                  (0 at t = 1: the first estimate is G^2 itself)
     G2      = G^2 + eps1                                        elementwise
@@ -53,7 +54,9 @@ factored statistics are meaningless: such a wrapper must recover (param, rows) v
 
 Differences from ``torch.optim.Adafactor`` (torch >= 2.5), a separate implementation of the same paper:
     - always a relative step with rho_t = min(lr, 1/sqrt(t)) and always the parameter scale: no absolute-lr mode,
-      no scale_parameter=False, no warmup_init. lr=1e-2 there equals relative_step=True here.
+      no scale_parameter=False, no warmup_init. lr=1e-2 there equals relative_step=True here, and any lr there
+      equals relative_step=True with the same lr here (transformers refuses that pair; flatlm takes torch's
+      meaning, so that a schedule in the training loop can drive the relative step's cap).
     - eps1 is not added to G^2; instead V_t is clamped to >= eps1^2 and mean(R_t) to >= eps1 (default eps1 = the
       dtype's machine epsilon, so tiny gradients are scaled differently).
     - weight decay is decoupled and uses its lr, X *= 1 - lr weight_decay, not alpha_t.
@@ -125,7 +128,8 @@ def _relative_step(t: float, *, lr: float | None, relative_step: bool, warmup_in
     if not relative_step:
         assert lr is not None
         return lr
-    min_step = 1e-6 * t if warmup_init else 1e-2
+    cap = 1e-2 if lr is None else lr  # an lr caps the relative step (torch.optim.Adafactor's rule)
+    min_step = min(cap, 1e-6 * t) if warmup_init else cap
     return min(min_step, 1.0 / math.sqrt(t))
 
 
@@ -350,7 +354,9 @@ class Adafactor(torch.optim.Optimizer):
 
     With the defaults the step size is relative (``min(1e-2, 1/sqrt(t))``) and scaled by the parameter's RMS; for
     an external schedule pass ``relative_step=False, scale_parameter=False, lr=...`` (``lr`` then multiplies the
-    clipped normalised update directly). ``foreach``: None or True for the fast path, False for the per-tensor one.
+    clipped normalised update directly). ``relative_step=True`` with an ``lr`` caps the relative step by it,
+    ``min(lr, 1/sqrt(t))`` (as torch.optim.Adafactor; transformers refuses the pair), so ``lr=1e-2`` is the paper.
+    ``foreach``: None or True for the fast path, False for the per-tensor one.
     Subclasses or sharded wrappers may replace ``reductions`` (see :class:`Reductions`).
     """
 
@@ -450,11 +456,6 @@ class Adafactor(torch.optim.Optimizer):
 def _validate(group: dict[str, Any]) -> None:
     """Raise ValueError naming the bad hyperparameter and its valid range."""
     lr, relative_step = group["lr"], group["relative_step"]
-    if lr is not None and relative_step:
-        raise ValueError(
-            f"lr={lr} cannot be combined with relative_step=True (the step size is then min(1e-2, 1/sqrt(t))); "
-            "pass relative_step=False to use an external lr"
-        )
     if lr is None and not relative_step:
         raise ValueError("relative_step=False needs an explicit lr > 0, got lr=None")
     if lr is not None and not lr > 0:

@@ -143,14 +143,19 @@ def test_low_precision_matches_transformers(dtype, foreach):
 # --- torch.optim.Adafactor -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lr", [None, 0.5], ids=["default", "lr-caps"])
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "fast"])
-def test_matches_torch_adafactor_where_comparable(foreach):
-    """torch's lr=1e-2 is our default relative step; no weight decay, no beta1, eps1 too small to matter in either
-    place (torch clamps V at eps1^2, we add eps1 to G^2). The other differences are listed in the module docstring."""
+def test_matches_torch_adafactor_where_comparable(foreach, lr):
+    """torch's lr=1e-2 is our default relative step, and our relative step with an lr is torch's with that lr
+    (lr=0.5: rho_t = min(0.5, 1/sqrt(t)), so the 1/sqrt(t) branch decides from step 5 of 6); no weight decay, no
+    beta1, eps1 too small to matter in either place (torch clamps V at eps1^2, we add eps1 to G^2). The other
+    differences are listed in the module docstring."""
     init, grads = _params(), _grads()
-    ours, opt = _run(lambda ps: Adafactor(ps, foreach=foreach), init, grads)
+    ours, opt = _run(lambda ps: Adafactor(ps, lr=lr, foreach=foreach), init, grads)
     ref, ref_opt = _run(
-        lambda ps: torch.optim.Adafactor(ps, lr=1e-2, eps=(1e-30, 1e-3), weight_decay=0.0, foreach=foreach), init, grads
+        lambda ps: torch.optim.Adafactor(ps, lr=lr or 1e-2, eps=(1e-30, 1e-3), weight_decay=0.0, foreach=foreach),
+        init,
+        grads,
     )
     _assert_updates_match(init, ours, ref)
     for p, q in zip(ours, ref, strict=True):
@@ -364,7 +369,6 @@ def test_dim0_sharded_reductions_match_unsharded(foreach):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"lr": 1e-3}, r"lr=0.001 cannot be combined with relative_step=True"),
         ({"relative_step": False}, r"relative_step=False needs an explicit lr > 0, got lr=None"),
         ({"lr": -1.0, "relative_step": False}, r"lr must be > 0, got -1.0"),
         ({"lr": 1e-3, "relative_step": False, "warmup_init": True}, r"warmup_init=True requires relative_step=True"),
@@ -396,3 +400,20 @@ def test_signature_matches_transformers():
     theirs = inspect.signature(HFAdafactor).parameters
     assert list(ours) == list(theirs)
     assert all(ours[k].default == theirs[k].default for k in ours if k != "params")
+
+
+def test_relative_step_lr_caps_the_step():
+    """relative_step=True with an lr: min(lr, 1/sqrt(t)) (torch's rule); lr=1e-2 is the paper's (no lr) bit for bit,
+    and a smaller lr really lowers the step (a cap that did nothing would give the lr=None update)."""
+    init = _params()
+    paper, _ = _run(lambda ps: Adafactor(ps), init, _grads())
+    same, _ = _run(lambda ps: Adafactor(ps, lr=1e-2), init, _grads())
+    for a, b in zip(paper, same, strict=True):
+        assert torch.equal(a, b)
+    # One step (later ones depend on the path through RMS(X)): the update is linear in rho_1 = min(lr, 1) = lr.
+    # float64, so that storing X does not round the small update.
+    init64, grads64 = _params(dtype=torch.float64), _grads(steps=1, dtype=torch.float64)
+    one, _ = _run(lambda ps: Adafactor(ps), init64, grads64)
+    small, _ = _run(lambda ps: Adafactor(ps, lr=1e-3), init64, grads64)
+    for p0, a, c in zip(init64, one, small, strict=True):
+        _assert_rel(c - p0, (a - p0) / 10, tol=1e-10)

@@ -16,7 +16,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from flatlm.config import load_config
-from flatlm.errors import FlatlmError
 from flatlm.train.loop import RunResult, train
 from flatlm.train.metrics import read_jsonl
 from tests.conftest import make_documents, tiny_overrides
@@ -286,21 +285,32 @@ def test_adafactor_in_loop_default_steps_by_lr_times_schedule(tmp_path: Path, co
     assert max(rms) <= 1.0 + 1e-3 and min(rms) > 0.1, rms
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FlatlmError,
-    reason="README: optim.hparams.relative_step=true gives the paper's relative step, but the loop always passes "
-    "optim.lr and Adafactor refuses lr with relative_step=True (reported to the lead; the fix spans the registry "
-    "and the schedule, which sets group['lr'])",
-)
-def test_adafactor_relative_step_in_loop_ignores_lr(tmp_path: Path, corpus: Path) -> None:
-    """Catches: optim.hparams.relative_step=true not reaching Adafactor (the step would still scale with lr).
+def test_adafactor_relative_step_in_loop(tmp_path: Path, corpus: Path) -> None:
+    """Catches: optim.hparams.relative_step=true not reaching Adafactor in the loop (or refused there, as before).
 
-    The paper's step size is min(1e-2, 1/sqrt(t)) times RMS(X): the same update for lr 1e-2 and 3e-2."""
-    base = {"optim.name": "adafactor", "train.max_steps": 1, "train.eval_every": 0, "optim.weight_decay": 0.0}
-    relative = {"optim.hparams.relative_step": True, "optim.hparams.scale_parameter": True}
-    _, (a,) = _run(tmp_path / "a", corpus, Probe(grads=False), **base, **relative, **{"optim.lr": 1e-2})
-    _, (b,) = _run(tmp_path / "b", corpus, Probe(grads=False), **base, **relative, **{"optim.lr": 3e-2})
-    assert a.optimizer_defaults["relative_step"] is True
+    With an lr the relative step is rho_t = min(lr_t, 1/sqrt(t)) (torch.optim.Adafactor's rule; lr 1e-2 is the
+    paper's). At step 1 with lr 2.0 that is 1: the same update as the absolute step with lr 1.0, where an lr that
+    bypassed the relative step would move the weights twice as far."""
+    base = {
+        "optim.name": "adafactor",
+        "train.max_steps": 1,
+        "train.eval_every": 0,
+        "optim.weight_decay": 0.0,
+        "schedule.name": "constant",
+        "schedule.warmup_steps": 0,
+        "optim.hparams.scale_parameter": True,
+    }
+    _, (a,) = _run(
+        tmp_path / "a", corpus, Probe(grads=False), **base, **{"optim.hparams.relative_step": True}, **{"optim.lr": 2.0}
+    )
+    _, (b,) = _run(
+        tmp_path / "b",
+        corpus,
+        Probe(grads=False),
+        **base,
+        **{"optim.hparams.relative_step": False},
+        **{"optim.lr": 1.0},
+    )
+    assert a.optimizer_defaults["relative_step"] is True and b.optimizer_defaults["relative_step"] is False
     for name in a.before:
         torch.testing.assert_close(_delta(a)[name], _delta(b)[name], msg=name)

@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from flatlm.config import load_config
 from flatlm.train.inspect import final_state
@@ -53,7 +55,7 @@ from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
 from tests.conftest import make_documents, tiny_overrides
 from tests.train.launching import launch, launch_batch
-from tests.train.parity import EXACT, Report, Tolerance, compare_runs
+from tests.train.parity import EXACT, Report, Tolerance, compare_runs, compare_series
 
 LR = {"lion": 3e-4, "muon": 3e-3, "adafactor": 1e-2, "sgd": 3e-2, "adagrad": 1e-2, "adadelta": 1.0}
 HPARAMS: dict[str, dict[str, object]] = {"adafactor": {"optim.hparams.relative_step": False}}
@@ -290,6 +292,10 @@ def test_parallel_equals_single(
     if case.optim == "adafactor":  # factored on every backend: O(n + m) per matrix, never a matrix-sized moment
         params = sum(v.numel() for k, v in final_state(run).items() if k.startswith("model."))
         assert records[-1]["optim_state_bytes"] < 0.05 * 4 * params
+    if case.backend.startswith("zero") and not case.bf16:  # the partitions cut back into parameters are the model
+        whole = load_file(run / "checkpoints" / "step-8" / "model.safetensors")
+        state = final_state(run)
+        assert all(torch.equal(v, state[f"model.{k}"]) for k, v in whole.items()), "partition map != model.safetensors"
     if case.bf16:  # weights and optimizer state stay fp32 (DeepSpeed: its fp32 master partitions)
         state = final_state(run)
         assert {str(v.dtype) for k, v in state.items() if not k.endswith(".step")} == {"torch.float32"}
@@ -329,6 +335,11 @@ def test_planted_bug_fails(
         return
     assert report.problems, f"the planted {dict(case.plant)} went unnoticed: {report.summary()}"
     assert any(expect in p for p in report.problems), report.summary()
+    # ... while the loss-only check this module had before (per-step losses within 1e-4 relative) passed it
+    old = Report()
+    losses = [[r["loss"] for r in read_jsonl(d / "metrics.jsonl")] for d in (run, reference)]
+    compare_series(losses[0], losses[1], "loss", 1e-4, old)
+    assert not old.problems, f"the old loss check would have caught this one too: {old.summary()}"
 
 
 @pytest.mark.slow

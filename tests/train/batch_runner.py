@@ -17,6 +17,7 @@ case too); a case that hangs past ``WATCHDOG_S`` prints every thread's stack and
     {"kind": "reset_state", "param": FQN, "key": K}   state tensor K of the parameter is zeroed after every step
     {"kind": "no_weight_decay"}             every param group's weight decay is set to 0 before the first step
     {"kind": "drop_state", "param": FQN, "key": K}    K of the parameter is left out of the saved checkpoint (DCP)
+    {"kind": "desync", "param": FQN}        rank 1 adds 1e-6 to one element of the parameter after every step
 
 ``check_replicated`` (ddp, zero1/2: every rank holds whole weights) fails the case at the first step after which
 the ranks' weights are not bit-identical.
@@ -117,6 +118,11 @@ def planted(plant: dict[str, Any] | None) -> Iterator[None]:
                 from flatlm.optim.sharded.zero_views import push_master_to_model
 
                 push_master_to_model(parallel.engine)
+            seen["applied"] += 1
+        if kind == "desync" and int(os.environ.get("RANK", "0")) == 1:  # one rank's copy drifts by one ulp-ish
+            with torch.no_grad():
+                for v in _param_views(parallel, plant["param"]):
+                    v.view(-1)[0] += 1e-6
             seen["applied"] += 1
         if kind == "reset_state":
             views = _state_views(parallel, optimizer, plant["param"], plant["key"])

@@ -160,8 +160,9 @@ REPLICA_CASES = [
     *[Case("ddp", v) for v in SAM_VARIANTS],
     *[Case(b, v) for b in ("fsdp2", "zero1", "zero2") for v in ("sam", "asam")],
 ]
-# fp32 rounding of the reductions, measured like tests/train/test_parallel.py (see REPLICA_MEASURED there).
-REPLICA_TOL = Tolerance(model=2e-5, optim=2e-5, grad_norm=2e-6, loss=1e-6)
+# fp32 rounding of the reductions: fsdp2, zero1, zero2 against ddp, sam and asam, measured worst model 6.4e-7,
+# optim 1.1e-6, grad_norm 4.3e-7, loss 1.8e-7
+REPLICA_TOL = Tolerance(model=3e-6, optim=5e-6, grad_norm=2e-6, loss=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,8 @@ def _start(
 def _plant_fault(fault: dict[str, Any], rank: int) -> None:
     """Make save number ``fault["save"]`` (1-based) fail on rank ``fault["rank"]`` only, with ENOSPC
     (``"error": "enospc"``) or a plain exception, in ``fault["where"]``: ``dcp`` (DCP's file writes), ``rng`` (the
-    RNG file, after DCP) or ``engine`` (DeepSpeed's optimizer-state files)."""
+    RNG file, after DCP) or ``engine`` (DeepSpeed's optimizer-state files); or plant a non-atomic save
+    (``"where": "early-latest"``, every save of that rank)."""
     if rank != fault["rank"]:
         return
     calls = [0]
@@ -127,7 +128,18 @@ def _plant_fault(fault: dict[str, Any], rank: int) -> None:
 
         return wrapped
 
-    if fault["where"] == "dcp":
+    if fault["where"] == "early-latest":  # a planted non-atomic save: latest names step N before it is written
+        import flatlm.train.checkpoint as checkpoint
+
+        real_write_parts = checkpoint._write_parts
+
+        def write_parts_after_latest(tmp: Path, *args: Any) -> None:
+            step = tmp.name[len(".step-") : -len(".tmp")]
+            (tmp.parent / "latest").write_text(f"step-{step}\n")
+            real_write_parts(tmp, *args)
+
+        checkpoint._write_parts = write_parts_after_latest
+    elif fault["where"] == "dcp":
         from torch.distributed.checkpoint.filesystem import _FileSystemWriter
 
         _FileSystemWriter.write_data = fail_on_nth(_FileSystemWriter.write_data)
@@ -233,7 +245,7 @@ def _kill_rounds(job: dict[str, Any], logs: Path, rng: random.Random) -> list[di
         round_logs = logs / f"round{i}"
         round_logs.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        pids = _start(job["args"], nproc, round_logs, job.get("env", {}))
+        pids = _start(job["args"], nproc, round_logs, job.get("env", {}), job.get("fault"))
         while len(durations) < kill.get("calibrate", 3):
             step = _next_save(checkpoints, pids, 300)
             if step is None:

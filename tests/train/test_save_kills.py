@@ -64,3 +64,19 @@ def test_sigkill_inside_saves_always_leaves_a_complete_latest(tmp_path: Path, te
         assert steps == list(range(1, len(steps) + 1)), f"{backend}: metrics not contiguous: {steps}"
         assert not list((out / "checkpoints").glob(".step-*")), "partial saves left behind"
         assert final_state(out)  # the final checkpoint reads back by name
+
+
+@pytest.mark.slow
+def test_the_kill_check_catches_a_save_that_names_latest_too_early(tmp_path: Path, text_corpus: Path) -> None:
+    """Planted bug: ``latest`` replaced before the checkpoint is written. Kills inside saves must then find it
+    naming an incomplete checkpoint (the check above would fail)."""
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 100_000, "checkpoint.every": 1, "checkpoint.keep_last": 2, "train.eval_every": 0}
+    job = {
+        "args": overrides(out, text_corpus, "adamw", **extra),
+        "fault": {"rank": 0, "where": "early-latest"},
+        "kill_in_save": {"output_dir": str(out), "kills": 3, "max_rounds": 3, "calibrate": 3},
+    }
+    (result,) = run_jobs([job], tmp_path / "driver")
+    rounds = result["rounds"]
+    assert any(r["phase"] == "writing" and not r["complete"] for r in rounds), rounds

@@ -45,6 +45,15 @@ def text_corpus(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 small .txt documents shared by a test module, so its runs share one tokenizer and token cache."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, doc in enumerate(make_documents(60)):
+        (root / f"doc{i:03d}.txt").write_text(doc)
+    return root
+
+
 @pytest.fixture
 def jsonl_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.jsonl"

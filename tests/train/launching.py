@@ -48,14 +48,26 @@ def launch_batch(
     spec = results / "spec.json"
     spec.write_text(json.dumps({"results": str(results), "cases": cases}))
     cmd = _command("tests.train.batch_runner", [str(spec)], accelerate_config, nproc)
-    # Own session: on a timeout the launcher and every worker are killed, none is left running.
+    return run_in_session(cmd, timeout, "launch_batch")
+
+
+def run_in_session(
+    cmd: list[str], timeout: float, name: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session: on a timeout the launcher and every worker are killed, none is left running."""
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(), start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env or _env(),
+        start_new_session=True,
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-            err += f"\nlaunch_batch: killed after {timeout} s"
+            err += f"\n{name}: killed after {timeout} s"
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

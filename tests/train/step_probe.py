@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -225,17 +224,9 @@ def launch_probed(
     spec = json.dumps([{"overrides": overrides, "probe": probe} for overrides, probe in cases])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += ["-m", "tests.train.step_probe", spec]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, start_new_session=True
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            err += f"\nlaunch_probed: killed after {timeout} s"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    from tests.train.launching import run_in_session
+
+    return run_in_session(cmd, timeout, "launch_probed")
 
 
 def load_records(output_dir: Path, rank: int = 0) -> list[StepRecord]:

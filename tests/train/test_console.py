@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flatlm.train.metrics import Progress, read_jsonl
-from tests.conftest import make_documents, tiny_overrides
+from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,14 +42,6 @@ def _flatlm(*args: str, env: dict[str, str], stderr_file: Path | None = None) ->
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=300, cwd=ROOT, env=env)
     proc.stderr = stderr_file.read_text()
     return proc
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(make_documents(60)):
-        (root / f"doc{i:03d}.txt").write_text(doc)
-    return root
 
 
 @pytest.fixture(scope="module")

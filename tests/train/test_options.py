@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 from flatlm.config import load_config
 from flatlm.train.loop import RunResult, train
 from flatlm.train.metrics import read_jsonl
-from tests.conftest import make_documents, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.train.step_probe import Probe, StepRecord, launch_probed, load_records, probing
 
 ONE_STEP = {"train.max_steps": 1, "train.eval_every": 0}
@@ -34,15 +34,6 @@ SGD = {
     "train.max_steps": 1,
     "train.eval_every": 0,
 }
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One corpus for the module, so its runs share one tokenizer and token cache."""
-    root = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(make_documents(60)):
-        (root / f"doc{i:03d}.txt").write_text(doc)
-    return root
 
 
 CLIP_LIMIT = 0.1  # below the tiny model's first-step global gradient norm (~1.2; asserted where it matters)

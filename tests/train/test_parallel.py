@@ -53,7 +53,7 @@ from flatlm.config import load_config
 from flatlm.train.inspect import final_state
 from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
-from tests.conftest import make_documents, tiny_overrides
+from tests.conftest import tiny_overrides
 from tests.train.launching import launch, launch_batch
 from tests.train.parity import EXACT, Report, Tolerance, compare_runs, compare_series
 
@@ -185,14 +185,6 @@ def case_overrides(case: Case, out: Path, corpus: Path, via_accelerate: bool) ->
     if not via_accelerate:
         extra["parallel.backend"] = case.backend.removesuffix("-owned")
     return overrides(out, corpus, case.optim, case.nproc, case.bf16, **extra)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i, doc in enumerate(make_documents(60)):
-        (root / f"doc{i:03d}.txt").write_text(doc)
-    return root
 
 
 class Batches:

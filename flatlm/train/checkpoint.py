@@ -129,7 +129,6 @@ def save_checkpoint(
     keep_last: int,
     *,
     rank: int = 0,
-    barrier: Callable[[], None] = lambda: None,
     legacy_files: dict[str, Any] | None = None,
     save_engine: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -141,10 +140,8 @@ def save_checkpoint(
     A failure on any rank (disk full on one node, an exception) fails the save on every rank with the same
     one-line error: the ranks agree on success with one ``all_gather_object`` of their errors after each phase
     (create the directory, write the parts, rename), never a bare barrier that a failed rank would never reach.
-    The temporary directory is removed, the previous checkpoints and ``latest`` are untouched. ``barrier`` is
-    kept for callers' compatibility; the agreement replaces it.
+    The temporary directory is removed, the previous checkpoints and ``latest`` are untouched.
     """
-    del barrier
     root = output_dir / CHECKPOINT_DIR
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"

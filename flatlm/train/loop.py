@@ -312,7 +312,6 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                         config_yaml,
                         cfg.checkpoint.keep_last,
                         rank=env.rank,
-                        barrier=barrier,
                         legacy_files=parallel.legacy_files(optimizer, env.rank),
                         save_engine=parallel.save_engine,
                     )

@@ -47,7 +47,7 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
-    from flatlm.launch.deepspeed import _shape_aware_on_partitions
+    from flatlm.launch.deepspeed import _shape_aware_on_partitions, _skip_shm_comm_build
     from flatlm.optim import build_optimizer, model_param_groups
     from flatlm.optim.sharded.zero_views import zero_fragments
 
@@ -60,10 +60,17 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        # Buckets as flatlm sizes them (DeepSpeed's 5e8-element default costs ~1 s per allocation on CPU).
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_param_persistence_threshold": 0,
+            "reduce_bucket_size": sum(p.numel() for p in model.parameters()),
+            "allgather_bucket_size": sum(p.numel() for p in model.parameters()),
+        },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+    _skip_shm_comm_build()  # as flatlm's backend does: no g++ build of DeepSpeed's inference all-reduce
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     _shape_aware_on_partitions(opt, engine, model)
 

@@ -210,25 +210,32 @@ class DeepSpeedParallel(Parallel):
         """DeepSpeed's engine checkpoint: each rank its partitions of weights, gradients' fp32 master and the
         client optimizer's state (resumable with the same ZeRO stage and number of processes).
 
-        A file write that fails on this rank (disk full) is recorded and re-raised after DeepSpeed's save returns:
-        raising inside it would leave the other ranks at DeepSpeed's closing barrier; this way every rank reaches
-        it and the checkpoint module's agreement fails the save everywhere."""
-        writer = self.engine.checkpoint_engine
-        real_save, failures = writer.save, []
+        A file write that fails on this rank (disk full: ``torch.save`` raises RuntimeError, ``shutil`` OSError) is
+        recorded and re-raised after DeepSpeed's save returns: raising inside it would leave the other ranks at one
+        of DeepSpeed's barriers; this way every rank reaches them and the checkpoint module's agreement fails the
+        save everywhere. The writes that can fail on one rank only: the state files (``checkpoint_engine.save``),
+        rank 0's directory (``checkpoint_engine.makedirs``) and rank 0's copy of DeepSpeed's recovery scripts."""
+        writer, engine, failures = self.engine.checkpoint_engine, self.engine, []
 
-        def save_or_record(state_dict: Any, path: str) -> None:
-            if failures:  # this rank's save has failed already: skip its remaining files
-                return
-            try:
-                real_save(state_dict, path)
-            except OSError as exc:
-                failures.append(exc)
+        def record(real: Any) -> Any:
+            def call_or_record(*args: Any, **kwargs: Any) -> None:
+                if failures:  # this rank's save has failed already: skip its remaining files
+                    return
+                try:
+                    real(*args, **kwargs)
+                except Exception as exc:
+                    failures.append(exc)
 
-        writer.save = save_or_record
+            return call_or_record
+
+        patched = [(writer, "save"), (writer, "makedirs"), (engine, "_copy_recovery_script")]
+        for obj, name in patched:
+            setattr(obj, name, record(getattr(obj, name)))
         try:
             self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
         finally:
-            del writer.save  # the class's method again
+            for obj, name in patched:
+                delattr(obj, name)  # the class's method again
         if failures:
             raise failures[0]
 

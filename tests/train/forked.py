@@ -110,7 +110,8 @@ def _start(
 def _plant_fault(fault: dict[str, Any], rank: int) -> None:
     """Make save number ``fault["save"]`` (1-based) fail on rank ``fault["rank"]`` only, with ENOSPC
     (``"error": "enospc"``) or a plain exception, in ``fault["where"]``: ``dcp`` (DCP's file writes), ``rng`` (the
-    RNG file, after DCP) or ``engine`` (DeepSpeed's optimizer-state files); or plant a non-atomic save
+    RNG file, after DCP), ``engine`` (DeepSpeed's optimizer-state files: torch.save's RuntimeError) or ``recovery``
+    (rank 0's copy of DeepSpeed's recovery scripts); or plant a non-atomic save
     (``"where": "early-latest"``, every save of that rank)."""
     if rank != fault["rank"]:
         return
@@ -121,6 +122,8 @@ def _plant_fault(fault: dict[str, Any], rank: int) -> None:
             if fault["where"] != "engine" or "optim_states" in str(args[-1]):
                 calls[0] += 1
                 if calls[0] == fault["save"]:
+                    if fault["error"] == "enospc" and fault["where"] == "engine":  # torch.save on a full disk
+                        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
                     if fault["error"] == "enospc":
                         raise OSError(28, "No space left on device")
                     raise RuntimeError("a planted failure")
@@ -147,6 +150,10 @@ def _plant_fault(fault: dict[str, Any], rank: int) -> None:
         import flatlm.train.checkpoint as checkpoint
 
         checkpoint.rng_state = fail_on_nth(checkpoint.rng_state)
+    elif fault["where"] == "recovery":  # rank 0's copy of DeepSpeed's recovery scripts (shutil, not the engine)
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        DeepSpeedEngine._copy_recovery_script = fail_on_nth(DeepSpeedEngine._copy_recovery_script)
     else:
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 

@@ -22,7 +22,14 @@ from tests.train.runs import overrides
 FAULTS = [  # backend, where, error, failing rank, what rank 0 must report
     ("fsdp2", "rng", "enospc", 1, "rank 1: OSError: [Errno 28] No space left on device"),
     ("fsdp2", "dcp", "enospc", 1, "OSError: [Errno 28] No space left on device (rank 1)"),
-    ("zero2", "engine", "enospc", 1, "rank 1: OSError: [Errno 28] No space left on device"),
+    (
+        "zero2",
+        "engine",
+        "enospc",
+        1,
+        "rank 1: RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0",
+    ),
+    ("zero2", "recovery", "enospc", 0, "rank 0: OSError: [Errno 28] No space left on device"),
     ("fsdp2", "rng", "exception", 0, "rank 0: RuntimeError: a planted failure"),
 ]
 

@@ -233,6 +233,12 @@ def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
             ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
             yield from _table_rows(ds, cfg.text_field, f"dataset {cfg.name!r}")
     except FileNotFoundError as exc:
+        if isinstance(exc, DatasetNotFoundError) and not Path(cfg.name).expanduser().exists():  # a FileNotFoundError
+            raise FlatlmError(
+                f"dataset {cfg.name!r} is not on the Hugging Face Hub or is not public "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); check data.name "
+                "(or log in with `hf auth login` for a gated dataset)"
+            ) from None
         raise FlatlmError(
             f"data path {cfg.name!r} does not exist or holds no dataset ({exc}); set data.name to a "
             "local dataset directory or a dataset id this machine can reach"
@@ -241,11 +247,6 @@ def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
         if Path(cfg.name).expanduser().exists():
             raise
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, DatasetNotFoundError):
-            raise FlatlmError(
-                f"dataset {cfg.name!r} is not on the Hugging Face Hub or is not public ({detail}); check data.name "
-                "(or log in with `hf auth login` for a gated dataset)"
-            ) from None
         raise FlatlmError(
             f"could not reach dataset {cfg.name!r} on the Hugging Face Hub ({detail}); without network, set "
             "data.name to a local dataset directory, or load the dataset once where the Hub is reachable and "

@@ -85,6 +85,8 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        if self.sp.vocab_size() == 0:  # sentencepiece accepts an empty proto (a file truncated to 0 bytes)
+            raise RuntimeError("an empty sentencepiece model (0 pieces)")
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
         """The tokenizer's identity (of its serialized model): part of every token cache's key."""
 

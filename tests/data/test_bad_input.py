@@ -96,6 +96,23 @@ def test_hf_unreachable_is_one_line(monkeypatch: pytest.MonkeyPatch, caplog: pyt
     assert not [r for r in caplog.records if r.name.startswith(("datasets", "huggingface_hub"))]
 
 
+def test_hf_dataset_the_hub_does_not_have_is_its_own_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online, datasets raises DatasetNotFoundError for an unknown id: a FileNotFoundError subclass, so it must not
+    read as a missing local path (no network here: load_dataset is made to raise what the Hub answers)."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def not_found(*args: object, **kwargs: object) -> None:
+        raise DatasetNotFoundError("Dataset 'flatlm-tests/no-such-dataset' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.raises(FlatlmError) as exc:
+        list(iter_documents(DataConfig(source="hf", name="flatlm-tests/no-such-dataset")))
+    message = _one_line(exc)
+    assert message.startswith("dataset 'flatlm-tests/no-such-dataset' is not on the Hugging Face Hub or is not public")
+    assert "hf auth login" in message
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_hf_unreachable_cli_prints_one_line(tmp_path: Path) -> None:

@@ -44,3 +44,21 @@ def test_empty_corpus_error() -> None:
 def test_load_errors(tmp_path) -> None:
     with pytest.raises(FlatlmError, match="does not exist"):
         Tokenizer.load(tmp_path / "none.model")
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(FlatlmError, match="is not a sentencepiece model"):
+        Tokenizer.load(bad)
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")  # sentencepiece itself accepts this (0 pieces): a file truncated by a full disk
+    with pytest.raises(FlatlmError, match="is not a sentencepiece model"):
+        Tokenizer.load(empty)
+
+
+def test_a_resume_with_an_empty_run_tokenizer_is_one_clear_error(tmp_path) -> None:
+    from flatlm.config import DataConfig
+    from flatlm.data.cache import resume_tokenizer
+
+    run_tokenizer = tmp_path / "tokenizer.model"
+    run_tokenizer.write_bytes(b"")
+    with pytest.raises(FlatlmError, match="cannot be read .not a sentencepiece model.; restore it"):
+        resume_tokenizer(DataConfig(), run_tokenizer, warn=print)

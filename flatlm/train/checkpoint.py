@@ -24,6 +24,7 @@ line (``unreadable_reason``: the missing or truncated file, else the original er
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -40,6 +41,8 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from flatlm.errors import FlatlmError
+
+log = logging.getLogger("flatlm")
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -175,24 +178,28 @@ def save_checkpoint(
         error = describe_error(exc)
     if failures := _agree(error):
         raise fail(failures)
+    old = root / f".step-{step}.old"
     if rank == 0:
         try:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-            if final.exists():  # the same step saved again: swap, then drop the old copy
-                old = root / f".step-{step}.old"
+            if final.exists():  # the same step saved again: swap (a kill in between: recover_interrupted_swap)
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final)
+            os.rename(tmp, final)
             _write_text_atomic(root / LATEST, final.name + "\n")
-            _rotate(root, keep_last)
         except OSError as exc:
             error = describe_error(exc)
     if failures := _agree(error):
         raise fail(failures)
+    if rank == 0:  # saved, and latest names it: what remains is clean-up, whose failure loses nothing
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+            _rotate(root, keep_last, step)
+        except OSError as exc:
+            log.warning(
+                f"checkpoint step-{step} is saved, but removing older checkpoints failed ({describe_error(exc)})"
+            )
     return final
 
 
@@ -392,6 +399,28 @@ def remove_partial_saves(output_dir: Path) -> list[str]:
     return sorted(p.name for p in partial)
 
 
-def _rotate(root: Path, keep_last: int) -> None:
-    for path in list_checkpoints(root.parent)[:-keep_last]:
+def _rotate(root: Path, keep_last: int, step: int) -> None:
+    """Keep the ``keep_last`` newest checkpoints up to ``step`` (the one just saved). Newer ones are left alone:
+    they are a timeline a resume fell back from, and deleting by step number alone would delete ``step`` itself."""
+    upto = [p for p in list_checkpoints(root.parent) if int(p.name.split("-")[1]) <= step]
+    for path in upto[:-keep_last]:
         shutil.rmtree(path)
+
+
+def recover_interrupted_swap(output_dir: Path) -> str | None:
+    """A save of a step that already had a checkpoint renames ``step-N`` to ``.step-N.old``, then ``.step-N.tmp`` to
+    ``step-N``: a kill between the two leaves ``latest`` naming a missing ``step-N`` with two complete copies beside
+    it. Put the newer complete one back (rank 0, before the checkpoints are listed); returns its name, if any."""
+    root = output_dir / CHECKPOINT_DIR
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    final = root / latest.read_text().strip()
+    if not _STEP_DIR.match(final.name) or final.exists():
+        return None
+    for suffix in (".tmp", ".old"):  # .tmp holds the new copy; its trainer state is written once every rank agreed
+        copy = root / f".{final.name}{suffix}"
+        if (copy / TRAINER_STATE).is_file():
+            os.rename(copy, final)
+            return copy.name
+    return None

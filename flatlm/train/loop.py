@@ -49,6 +49,7 @@ from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
     UnsafeCheckpointError,
+    recover_interrupted_swap,
     remove_partial_saves,
     resumable_checkpoints,
     save_checkpoint,
@@ -178,6 +179,9 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     _validate(cfg, env)
     accum = grad_accumulation(cfg.train, env.world_size)
     out = check_output_dir(cfg)
+    if env.is_main and not cfg.overwrite and (recovered := recover_interrupted_swap(out)):
+        log.warning(f"a save was interrupted between its two renames: {recovered} put back as the latest checkpoint")
+    barrier()
     resume_candidates = [] if cfg.overwrite else resumable_checkpoints(out)
     with local_main_first(env):  # one process per node builds the token cache
         data = load_data(cfg, out / TOKENIZER_FILE if resume_candidates else None)

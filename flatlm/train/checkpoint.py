@@ -170,13 +170,13 @@ def save_checkpoint(
             tmp.mkdir()
         except OSError as exc:
             error = describe_error(exc)
-    if failures := _agree(error):
+    if failures := agree_on_errors(error):
         raise fail(failures)
     try:
         _write_parts(tmp, state, legacy_files, save_engine, rank)
     except (Exception, CheckpointException) as exc:  # any failure: every rank must hear of it
         error = describe_error(exc)
-    if failures := _agree(error):
+    if failures := agree_on_errors(error):
         raise fail(failures)
     old = root / f".step-{step}.old"
     if rank == 0:
@@ -190,7 +190,7 @@ def save_checkpoint(
             _write_text_atomic(root / LATEST, final.name + "\n")
         except OSError as exc:
             error = describe_error(exc)
-    if failures := _agree(error):
+    if failures := agree_on_errors(error):
         raise fail(failures)
     if rank == 0:  # saved, and latest names it: what remains is clean-up, whose failure loses nothing
         try:
@@ -203,7 +203,7 @@ def save_checkpoint(
     return final
 
 
-def _agree(error: str | None) -> list[tuple[int, str]]:
+def agree_on_errors(error: str | None) -> list[tuple[int, str]]:
     """Every rank's error of the phase just done, as (rank, message); empty when all succeeded. Collective: the
     one exchange every rank reaches whether or not its own part failed."""
     if not _distributed():

@@ -49,6 +49,7 @@ from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
     UnsafeCheckpointError,
+    agree_on_errors,
     recover_interrupted_swap,
     remove_partial_saves,
     resumable_checkpoints,
@@ -206,14 +207,25 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     metrics = None
     start_step, resume_from, unreadable = 0, None, []
     for i, candidate in enumerate(resume_candidates):
+        error = None
         try:
             trainer_state = parallel.load(candidate, optimizer, env.rank, cfg.checkpoint.load_optimizer)
         except (Exception, CheckpointException) as exc:  # corrupt, partial or unsafe: say so in one line, go back
             if isinstance(exc, FlatlmError) and not isinstance(exc, UnsafeCheckpointError):
-                raise  # a request flatlm refuses is said once
-            unreadable.append(f"{candidate.name}: {unreadable_reason(candidate, exc)}")
+                raise  # a request flatlm refuses is said once (every rank refuses alike)
+            error = unreadable_reason(candidate, exc)
+        # The ranks fall back together or not at all: one rank's unreadable RNG file must not leave it loading an
+        # older checkpoint (a collective) while the others train on.
+        if failures := agree_on_errors(error):
+            reasons = list(dict.fromkeys(msg for _, msg in failures))
+            reason = (
+                reasons[0]
+                if len(reasons) == 1 and len(failures) == env.world_size
+                else "; ".join(f"rank {r}: {msg}" for r, msg in failures)
+            )
+            unreadable.append(f"{candidate.name}: {reason}")
             then = f"trying {resume_candidates[i + 1].name}" if i + 1 < len(resume_candidates) else "no older one"
-            log.warning(f"cannot resume from {candidate} ({unreadable[-1].split(': ', 1)[1]}); {then}")
+            log.warning(f"cannot resume from {candidate} ({reason}); {then}")
             continue
         restore_schedule(scheduler, trainer_state["scheduler"], cfg.checkpoint.load_optimizer)
         start_step, resume_from = trainer_state["step"], candidate

@@ -352,3 +352,25 @@ def test_failed_save_keeps_the_previous_checkpoint(
     monkeypatch.setattr(dcp, "save", real_save)
     result = train(load_config(None, overrides(out, text_corpus, "adamw")))
     assert len(result.losses) == 3  # resumed from the intact step 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ranks_fall_back_together_when_one_rank_cannot_load(tmp_path: Path, text_corpus: Path) -> None:
+    """Rank 1's RNG file of step-6 is garbled (rank 0's is fine): each rank used to decide alone, rank 1 falling
+    back to step-3 (a collective load) while rank 0 trained on from step 6. Both must fall back, bit-identically."""
+    full = tmp_path / "full"
+    (r,) = run_jobs([{"args": overrides(full, text_corpus, "adamw", "fsdp2"), "nproc": 2}], tmp_path / "d1")
+    assert r["codes"] == [0, 0], r["logs"][0][-3000:]
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    (run / CHECKPOINT_DIR / "step-6" / "rng-rank1.json").write_text('{"python": ')
+    (run / CHECKPOINT_DIR / LATEST).write_text("step-6\n")
+    (r,) = run_jobs([{"args": overrides(run, text_corpus, "adamw", "fsdp2"), "nproc": 2}], tmp_path / "d2")
+    assert r["codes"] == [0, 0] and not r["hung"], r["logs"][0][-3000:] + r["logs"][1][-2000:]
+    log = r["logs"][0]
+    assert f"cannot resume from {run / CHECKPOINT_DIR / 'step-6'} (rank 1: " in log, log[-3000:]
+    assert f"resuming from {run / CHECKPOINT_DIR / 'step-3'} (step 3)" in log, log[-3000:]
+    assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))  # steps 4-6 trained again
+    assert _losses(run) == _losses(full)
+    assert_same_state(final_state(full), final_state(run))

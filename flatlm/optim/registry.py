@@ -174,3 +174,36 @@ def model_param_groups(
         except ValueError as exc:
             raise FlatlmError(f"optimizer {name!r}: {exc}") from None
     return param_groups(model, weight_decay)
+
+
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    # lr: flatlm always passes optim.lr; weight_decay: every parameter group sets its own from optim.weight_decay
+    skip = {"self", "params", "base_optimizer", "lr", "weight_decay"}
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls).parameters.items()
+        if k not in skip and p.default is not inspect.Parameter.empty
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as they read back from config.yaml."""
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def resolved_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters optimizer ``name`` runs with, given the written ``hparams`` and an lr: the written
+    ones over flatlm's defaults over the class's. The run identity compares these, so ``optim.hparams: {}`` and
+    ``optim.hparams.betas=[0.9, 0.95]`` (AdamW's default here) are one run. An unknown name (a run from another
+    flatlm) resolves to ``hparams`` as written."""
+    if name not in OPTIMIZERS:
+        return dict(hparams)
+    spec = get_spec(name)
+    if spec.wrapper:  # the SAM family: its own arguments, then the base's
+        base = str(hparams.get("base", "adamw"))
+        own = _signature_defaults(spec.cls())
+        rest = {k: v for k, v in hparams.items() if k not in own and k != "base"}
+        written = {k: v for k, v in hparams.items() if k in own}
+        return {**resolved_hparams(base, rest), **own, **{k: _plain(v) for k, v in written.items()}, "base": base}
+    merged = {**_signature_defaults(spec.cls()), **spec.defaults, **spec.with_lr, **hparams}
+    return {k: _plain(v) for k, v in merged.items()}

@@ -6,14 +6,10 @@ or written. A misspelt schedule, a wrong-shaped hyperparameter or a data path th
 fails in about a second with one :class:`FlatlmError`, not after the corpus is tokenized or, worse, inside
 torch at the first step.
 
-``resolved_hparams`` fills in the defaults an optimizer gets when a hyperparameter is not written
-(flatlm's registry defaults, then the class's signature): the run identity compares these, so
-``optim.hparams: {}`` and ``optim.hparams.betas=[0.9, 0.95]`` (AdamW's default in flatlm) are one run.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -21,7 +17,7 @@ import torch
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
 from flatlm.optim import build_optimizer, build_scheduler, model_param_groups
-from flatlm.optim.registry import OPTIMIZERS, get_spec
+from flatlm.optim.registry import resolved_hparams
 from flatlm.optim.schedules import schedule_arguments
 
 PROBE_STEPS = 2  # two steps: the first creates the state, the second reads it (LookSAM's reuse, moments)
@@ -129,35 +125,3 @@ def check_optimizer(cfg: RunConfig) -> None:
         f"optim.hparams.{culprit}={hparams[culprit]!r} does not work for optimizer {name!r} ({failure}); "
         f"give it the type and shape of its default ({default!r})"
     )
-
-
-def _signature_defaults(cls: type) -> dict[str, Any]:
-    # lr: flatlm always passes optim.lr; weight_decay: every parameter group sets its own from optim.weight_decay
-    skip = {"self", "params", "base_optimizer", "lr", "weight_decay"}
-    return {
-        k: p.default
-        for k, p in inspect.signature(cls).parameters.items()
-        if k not in skip and p.default is not inspect.Parameter.empty
-    }
-
-
-def _plain(value: Any) -> Any:
-    """Tuples as lists, as they read back from config.yaml."""
-    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def resolved_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """The hyperparameters optimizer ``name`` runs with, given the written ``hparams`` and an lr: the written
-    ones over flatlm's defaults over the class's. An unknown name (a run from another flatlm) resolves to
-    ``hparams`` as written."""
-    if name not in OPTIMIZERS:
-        return dict(hparams)
-    spec = get_spec(name)
-    if spec.wrapper:  # the SAM family: its own arguments, then the base's
-        base = str(hparams.get("base", "adamw"))
-        own = _signature_defaults(spec.cls())
-        rest = {k: v for k, v in hparams.items() if k not in own and k != "base"}
-        written = {k: v for k, v in hparams.items() if k in own}
-        return {**resolved_hparams(base, rest), **own, **{k: _plain(v) for k, v in written.items()}, "base": base}
-    merged = {**_signature_defaults(spec.cls()), **spec.defaults, **spec.with_lr, **hparams}
-    return {k: _plain(v) for k, v in merged.items()}

@@ -18,8 +18,8 @@ import yaml
 
 from flatlm.config import RunConfig, flatten, run_identity_diff, to_dict
 from flatlm.errors import FlatlmError
+from flatlm.optim.registry import resolved_hparams
 from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST
-from flatlm.train.checks import resolved_hparams
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, purge_tensorboard
 
 CONFIG_FILE = "config.yaml"

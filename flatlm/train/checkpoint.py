@@ -98,7 +98,8 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file beside it, renamed into place)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -187,7 +188,7 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
                 os.rename(final, old)
             os.rename(tmp, final)
-            _write_text_atomic(root / LATEST, final.name + "\n")
+            write_text_atomic(root / LATEST, final.name + "\n")
         except OSError as exc:
             error = describe_error(exc)
     if failures := agree_on_errors(error):

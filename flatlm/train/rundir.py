@@ -19,7 +19,7 @@ import yaml
 from flatlm.config import RunConfig, flatten, run_identity_diff, to_dict
 from flatlm.errors import FlatlmError
 from flatlm.optim.registry import resolved_hparams
-from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST
+from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST, write_text_atomic
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, purge_tensorboard
 
 CONFIG_FILE = "config.yaml"
@@ -73,7 +73,7 @@ def start_run_dir(out: Path, config_yaml: str, overwrite: bool = False) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-        _write_atomic(out / CONFIG_FILE, config_yaml)
+        write_text_atomic(out / CONFIG_FILE, config_yaml)
     except OSError as exc:  # checked before, but the disk may have changed since (or be full)
         raise _write_error(out, exc) from None
 
@@ -89,21 +89,15 @@ def continue_run_dir(out: Path, config_yaml: str, step: int) -> None:
                 lines = [line for line in path.read_text().splitlines() if line.strip()]
                 kept = [line for line in lines if json.loads(line)["step"] <= step]
                 dropped += len(lines) - len(kept)
-                _write_atomic(path, "".join(line + "\n" for line in kept))
+                write_text_atomic(path, "".join(line + "\n" for line in kept))
         if dropped:
             purge_tensorboard(out, step)
-        _write_atomic(out / CONFIG_FILE, config_yaml)
+        write_text_atomic(out / CONFIG_FILE, config_yaml)
     except OSError as exc:
         raise _write_error(out, exc) from None
 
 
 # --------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_error(out: Path, exc: OSError) -> FlatlmError:
     where = exc.filename or out
     return FlatlmError(

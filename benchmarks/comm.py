@@ -108,11 +108,11 @@ def worker(backend: str, optim: str, out: Path) -> None:
     import torch.distributed as dist
 
     from flatlm.config import load_config
-    from flatlm.launch import environment
-    from flatlm.launch.distributed import init_process_group, resolve_backend
     from flatlm.models import build_model, model_config
-    from flatlm.optim.sharded.collectives import local
     from flatlm.optim.state_size import optimizer_state_bytes
+    from flatlm.parallel import environment
+    from flatlm.parallel.collectives import local
+    from flatlm.parallel.distributed import init_process_group, resolve_backend
     from flatlm.train.backend import setup_parallel
     from flatlm.train.step import train_step
 
@@ -147,7 +147,7 @@ def worker(backend: str, optim: str, out: Path) -> None:
 
     def measuring_step(opt: Any, ps: list, max_norm: float) -> float:
         if parallel.backend.startswith("zero"):
-            from flatlm.optim.sharded.zero_views import pending_grads
+            from flatlm.parallel.zero_views import pending_grads
 
             memory["grads"] = sum(_nbytes(g) for g in pending_grads(parallel.engine))
         else:
@@ -169,7 +169,7 @@ def worker(backend: str, optim: str, out: Path) -> None:
     else:
         weights = sum(_nbytes(local(p)) for p in model.parameters())
     if parallel.backend.startswith("zero"):
-        from flatlm.optim.sharded.zero_views import flat_partitions
+        from flatlm.parallel.zero_views import flat_partitions
 
         memory["fp32_master"] = sum(_nbytes(f) for f in flat_partitions(parallel.engine))
     memory["weights"] = weights

@@ -1,5 +1,5 @@
-"""Where a run executes: the launcher's environment and (later) backend application."""
+"""Launching jobs (``flatlm launch``, SLURM templates, elastic restarts): the cluster issue fills this package.
 
-from flatlm.launch.environment import Environment, environment
-
-__all__ = ["Environment", "environment"]
+Everything that knows about ranks of a *running* job (environment, process groups, backends, sharded optimizer
+plumbing) lives in :mod:`flatlm.parallel`.
+"""

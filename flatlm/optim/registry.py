@@ -129,7 +129,7 @@ def build_optimizer(
     """The optimizer ``name`` over ``params_or_groups`` with ``hparams`` (ecosystem names).
 
     ``step_wrapper(groups, factory)``, if given, builds the optimizer that updates the weights (the base of a
-    SAM-family wrapper) from its factory: how a sharding layer (``optim.sharded``) gets in without the
+    SAM-family wrapper) from its factory: how a sharding layer (``flatlm.parallel``) gets in without the
     registry knowing about ranks.
     """
     spec = get_spec(name)

@@ -5,7 +5,7 @@
     zero1-3    param groups -> client optimizer -> deepspeed.initialize (flatlm builds the DeepSpeed config)
     single     param groups -> optimizer
 
-then the optimizers' reduction hooks are pointed at the collectives the backend needs (optim.sharded).
+then the optimizers' reduction hooks are pointed at the collectives the backend needs (flatlm.parallel).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import torch
 
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
-from flatlm.launch.parallel import FSDP2Parallel, Parallel, shard_fsdp2, wrap_ddp
 from flatlm.optim import build_optimizer, model_param_groups
-from flatlm.optim.sharded import OwnedParamsOptimizer, install_hooks
+from flatlm.parallel.backend import Parallel, wrap_ddp
+from flatlm.parallel.fsdp2 import FSDP2Parallel, shard_fsdp2
+from flatlm.parallel.hooks import OwnedParamsOptimizer, install_hooks
 
 REPLICA_BACKENDS = ("single", "ddp", "zero1", "zero2", "fsdp2")  # fsdp2: unsharded for the step
 
@@ -37,7 +38,7 @@ def check_parallel(cfg: RunConfig) -> None:
             "gradient needs pass 1's gradient, which stays on each rank); use sam.perturbation=global or ddp"
         )
     if backend in ("zero1", "zero2", "zero3"):
-        from flatlm.launch.deepspeed import check_zero_optimizer
+        from flatlm.parallel.deepspeed import check_zero_optimizer
 
         check_zero_optimizer(cfg)
 
@@ -55,7 +56,7 @@ def setup_parallel(
     optimizer = build_optimizer(cfg.optim.name, groups, step_wrapper=step_wrapper, lr=cfg.optim.lr, **cfg.optim.hparams)
     replica = cfg.sam.perturbation == "replica"
     if backend in ("zero1", "zero2", "zero3"):
-        from flatlm.launch.deepspeed import deepspeed_parallel
+        from flatlm.parallel.deepspeed import deepspeed_parallel
 
         parallel, optimizer = deepspeed_parallel(model, optimizer, cfg, accum)
     elif backend == "ddp":

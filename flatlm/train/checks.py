@@ -60,7 +60,7 @@ def _probe_device() -> torch.device:
     """The device this process trains on (options such as ``capturable`` or ``fused`` depend on it)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    from flatlm.launch import environment
+    from flatlm.parallel import environment
 
     return torch.device("cuda", environment().local_rank)
 

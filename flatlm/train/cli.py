@@ -46,7 +46,7 @@ def _setup_logging() -> None:
     Other libraries only reach the user with warnings: their INFO lines (matplotlib's "generated new
     fontManager", torch.distributed's set-up) are noise for someone training a model (and see _quiet_warnings).
     """
-    from flatlm.launch import environment
+    from flatlm.parallel import environment
 
     env = environment()
     tag = f"[flatlm rank {env.rank}]" if env.world_size > 1 else "[flatlm]"
@@ -73,7 +73,7 @@ def run_train(argv: list[str], prog: str) -> int:
 
         train(cfg)
     except FlatlmError as exc:
-        from flatlm.launch import environment
+        from flatlm.parallel import environment
 
         if environment().is_main:  # every rank fails the same check; say it once
             print(f"{prog}: error: {exc}", file=sys.stderr)

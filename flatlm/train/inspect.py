@@ -58,7 +58,7 @@ def final_state(path: str | Path) -> dict[str, Tensor]:
     """Model parameters and every optimizer-state tensor of a checkpoint (or a run directory's latest one), by
     parameter name: ``model.<fqn>`` and ``optim.<fqn>.<state key>`` (see the module docstring). Runs in one process,
     without a process group; non-tensor numbers in the optimizer state come back as 0-d tensors."""
-    from flatlm.launch.deepspeed import ENGINE_DIR, ENGINE_TAG
+    from flatlm.parallel.deepspeed import ENGINE_DIR, ENGINE_TAG
     from flatlm.train.checkpoint import STATE_DIR
 
     ckpt = resolve_checkpoint(path)

@@ -33,8 +33,11 @@ from flatlm.data import (
 from flatlm.data.cache import resume_tokenizer
 from flatlm.data.tokenizer import Tokenizer, save_run_tokenizer
 from flatlm.errors import FlatlmError
-from flatlm.launch import Environment, environment
-from flatlm.launch.distributed import (
+from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
+from flatlm.optim import build_scheduler
+from flatlm.optim.state_size import optimizer_state_bytes
+from flatlm.parallel import Environment, environment
+from flatlm.parallel.distributed import (
     barrier,
     destroy_process_group,
     init_process_group,
@@ -43,9 +46,6 @@ from flatlm.launch.distributed import (
     mean_across_ranks,
     resolve_backend,
 )
-from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
-from flatlm.optim import build_scheduler
-from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
     UnsafeCheckpointError,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flatlm.launch.parallel import Parallel
+from flatlm.parallel.backend import Parallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each [B, L]
 

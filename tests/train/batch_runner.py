@@ -51,7 +51,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _zero_pieces(parallel: Any, name: str, like: Callable[[Any], torch.Tensor | None]) -> list[torch.Tensor]:
     """This rank's fragments of parameter ``name`` in the flat tensors ``like(fragment)`` (a DeepSpeed run)."""
-    from flatlm.optim.sharded.zero_views import zero_fragments
+    from flatlm.parallel.zero_views import zero_fragments
 
     out = []
     for frags in zero_fragments(parallel.engine, parallel.model):
@@ -72,7 +72,7 @@ def _param_views(parallel: Any, name: str) -> list[torch.Tensor]:
 
 def _state_views(parallel: Any, optimizer: Any, name: str, key: str) -> list[torch.Tensor]:
     """This rank's views of optimizer-state tensor ``key`` of parameter ``name``."""
-    from flatlm.optim.sharded import inner_optimizers
+    from flatlm.parallel.hooks import inner_optimizers
 
     if hasattr(parallel, "engine"):
         out = []
@@ -100,7 +100,7 @@ def planted(plant: dict[str, Any] | None) -> Iterator[None]:
 
     def step(parallel: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if kind == "no_weight_decay":
-            from flatlm.optim.sharded import inner_optimizers
+            from flatlm.parallel.hooks import inner_optimizers
 
             for opt in inner_optimizers(optimizer):
                 for g in opt.param_groups:
@@ -115,7 +115,7 @@ def planted(plant: dict[str, Any] | None) -> Iterator[None]:
                 for v, s in zip(_param_views(parallel, plant["param"]), saved, strict=True):
                     v.copy_(s)
             if hasattr(parallel, "engine"):
-                from flatlm.optim.sharded.zero_views import push_master_to_model
+                from flatlm.parallel.zero_views import push_master_to_model
 
                 push_master_to_model(parallel.engine)
             seen["applied"] += 1
@@ -133,7 +133,7 @@ def planted(plant: dict[str, Any] | None) -> Iterator[None]:
         return stats
 
     loop.train_step = step
-    from flatlm.launch.parallel import Parallel
+    from flatlm.parallel.backend import Parallel
 
     base_state = Parallel.checkpoint_state
     if kind == "drop_state":

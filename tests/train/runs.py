@@ -66,9 +66,9 @@ def reload_and_resave(args: list[str], checkpoint: str, out: str, load_optimizer
     import torch.distributed.checkpoint as dcp
 
     from flatlm.config import load_config
-    from flatlm.launch import environment
-    from flatlm.launch.distributed import destroy_process_group, init_process_group, resolve_backend
     from flatlm.models import build_model, model_config
+    from flatlm.parallel import environment
+    from flatlm.parallel.distributed import destroy_process_group, init_process_group, resolve_backend
     from flatlm.train.backend import setup_parallel
     from flatlm.train.checkpoint import _distributed
     from flatlm.train.loop import grad_accumulation, load_data, seed_everything

@@ -113,7 +113,7 @@ class Probe:
 
 
 def _sublayers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    from flatlm.launch.parallel import transformer_blocks
+    from flatlm.parallel.fsdp2 import transformer_blocks
 
     return [item for block in transformer_blocks(model) for item in block.named_children()]
 

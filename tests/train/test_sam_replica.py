@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from flatlm.launch.parallel import Parallel
 from flatlm.models import build_model, model_config
 from flatlm.optim import build_optimizer
+from flatlm.parallel.backend import Parallel
 from flatlm.train.step import per_sequence_loss, train_step
 from tests.conftest import make_documents
 from tests.ranks import run_ranks

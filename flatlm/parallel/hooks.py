@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import torch
 from torch.distributed.tensor import DTensor
 
-from flatlm.optim.sharded.adafactor import RowShardedReductions
-from flatlm.optim.sharded.collectives import all_reduce_sum, clip_grad_norm_, global_grad_norm, local, world
-from flatlm.optim.sharded.muon import ReplicatedOrthogonalize, ShardedOrthogonalize
-from flatlm.optim.sharded.ownership import OwnedParamsOptimizer, assign_owners
+from flatlm.parallel.adafactor import RowShardedReductions
+from flatlm.parallel.collectives import all_reduce_sum, clip_grad_norm_, global_grad_norm, local, world
+from flatlm.parallel.muon import ReplicatedOrthogonalize, ShardedOrthogonalize
+from flatlm.parallel.ownership import OwnedParamsOptimizer, assign_owners
 
 __all__ = [
     "OwnedParamsOptimizer",

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flatlm.optim.sharded.muon import Piece
-from flatlm.optim.sharded.zero_views import flat_partitions, zero_fragments
+from flatlm.parallel.muon import Piece
+from flatlm.parallel.zero_views import flat_partitions, zero_fragments
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from flatlm.optim.sharded.collectives import world
+from flatlm.parallel.collectives import world
 
 Factory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 

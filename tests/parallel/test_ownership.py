@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flatlm.optim import build_optimizer
-from flatlm.optim.sharded import OwnedParamsOptimizer, assign_owners
 from flatlm.optim.state_size import optimizer_state_bytes
+from flatlm.parallel.hooks import OwnedParamsOptimizer, assign_owners
 from tests.ranks import run_ranks
 
 SHAPES = [(12, 8), (8, 12), (16,), (12, 8), (8, 8), (8,)]

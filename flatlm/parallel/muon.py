@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from flatlm.optim.muon import orthogonalize
-from flatlm.optim.sharded.collectives import world
+from flatlm.parallel.collectives import world
 
 
 @dataclass(frozen=True)

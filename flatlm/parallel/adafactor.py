@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from flatlm.optim.adafactor import Reductions
-from flatlm.optim.sharded.collectives import all_reduce_sum
+from flatlm.parallel.collectives import all_reduce_sum
 
 
 class RowShardedReductions(Reductions):

@@ -47,9 +47,9 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
-    from flatlm.launch.deepspeed import _shape_aware_on_partitions, _skip_shm_comm_build
     from flatlm.optim import build_optimizer, model_param_groups
-    from flatlm.optim.sharded.zero_views import zero_fragments
+    from flatlm.parallel.deepspeed import _shape_aware_on_partitions, _skip_shm_comm_build
+    from flatlm.parallel.zero_views import zero_fragments
 
     model = _model()
     reference = copy.deepcopy(model)

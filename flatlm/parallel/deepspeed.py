@@ -11,7 +11,7 @@ One step (the train step drives it through ``Parallel``):
     step                       ``engine.step()``: DeepSpeed clips by the global norm (``gradient_clipping``), calls
                                the client optimizer once per flat partition, writes the weights back
 SAM family, global perturbation, between the passes, on this rank's flat fp32 partitions
-(``optim.sharded.zero_views``): read the reduced gradient partitions, perturb the master partitions with the
+(``parallel.zero_views``): read the reduced gradient partitions, perturb the master partitions with the
 global norm (one scalar all-reduce), push them to the model (DeepSpeed's own all-gather / re-partition), drop the
 pass-1 gradients; after pass 2 restore the master partitions exactly and push again. Variants whose final gradient
 differs from g' (SSAM, GSAM, LookSAM) and ESAM's per-tensor subsets are refused under ZeRO.
@@ -19,7 +19,7 @@ Replica perturbation (ZeRO-1/2, whose ranks hold whole weights): pass 1 runs thr
 ``torch.autograd.grad`` (DeepSpeed's reduction hooks never fire, nothing is communicated), each rank moves its
 replicated weights by its own eps, pass 2 is a normal reduced pass, then the weights are copied back.
 Muon and Adafactor need whole matrices: after ``deepspeed.initialize`` they get the map from each flat partition
-back to every rank's pieces of each matrix (``optim.sharded.zero_layout``) and run as ``ZeroMuon`` (gather ->
+back to every rank's pieces of each matrix (``parallel.zero_layout``) and run as ``ZeroMuon`` (gather ->
 Newton-Schulz once per matrix -> scatter) and ``ZeroAdafactor`` (factored, n + m numbers all-reduced per matrix).
 """
 
@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
-from flatlm.launch.parallel import Parallel
+from flatlm.parallel.backend import Parallel
 
 ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"  # checkpoints/step-N/deepspeed/state/*.pt
 SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
@@ -166,7 +166,7 @@ class DeepSpeedParallel(Parallel):
     # -- SAM between the passes, on flat partitions -------------------------------------------------------------
 
     def perturb(self, optimizer: Any) -> bool:
-        from flatlm.optim.sharded.zero_views import (
+        from flatlm.parallel.zero_views import (
             clear_pending_grads,
             flat_partitions,
             pending_grads,
@@ -191,7 +191,7 @@ class DeepSpeedParallel(Parallel):
         return second
 
     def restore(self, optimizer: Any) -> None:
-        from flatlm.optim.sharded.zero_views import pending_grads, push_master_to_model
+        from flatlm.parallel.zero_views import pending_grads, push_master_to_model
 
         if self._replica_params is not None:  # the master partitions never moved: put the model's w back
             with torch.no_grad():
@@ -316,7 +316,7 @@ def _keep_client_adagrad(engine: Any, optimizer: torch.optim.Optimizer) -> None:
     zero = engine.optimizer
     if not isinstance(optimizer, torch.optim.Adagrad) or getattr(zero, "optimizer", optimizer) is optimizer:
         return
-    from flatlm.optim.sharded.zero_views import flat_partitions
+    from flatlm.parallel.zero_views import flat_partitions
 
     init = optimizer.defaults["initial_accumulator_value"]
     optimizer.state.clear()  # keyed by the model's parameters, which DeepSpeed's client never steps
@@ -332,8 +332,8 @@ def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, mo
     """Give Muon and Adafactor the map from DeepSpeed's flat partitions back to whole matrices."""
     from flatlm.optim.adafactor import Adafactor
     from flatlm.optim.muon import Muon
-    from flatlm.optim.sharded import inner_optimizers
-    from flatlm.optim.sharded.zero_layout import flat_layouts
+    from flatlm.parallel.hooks import inner_optimizers
+    from flatlm.parallel.zero_layout import flat_layouts
 
     shape_aware = [o for o in inner_optimizers(optimizer) if isinstance(o, Muon | Adafactor)]
     if not shape_aware:
@@ -341,10 +341,10 @@ def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, mo
     layouts = flat_layouts(engine, model)
     for opt in shape_aware:
         if isinstance(opt, Muon):
-            from flatlm.optim.sharded.zero_muon import on_zero_partitions
+            from flatlm.parallel.zero_muon import on_zero_partitions
 
             on_zero_partitions(opt, layouts)
         else:
-            from flatlm.optim.sharded.zero_adafactor import on_zero_partitions as adafactor_on_partitions
+            from flatlm.parallel.zero_adafactor import on_zero_partitions as adafactor_on_partitions
 
             adafactor_on_partitions(opt, layouts)

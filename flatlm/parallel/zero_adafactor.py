@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from flatlm.optim.adafactor import Adafactor, _relative_step
-from flatlm.optim.sharded.collectives import all_reduce_sum, world
-from flatlm.optim.sharded.zero_layout import FlatLayout
+from flatlm.parallel.collectives import all_reduce_sum, world
+from flatlm.parallel.zero_layout import FlatLayout
 
 
 class ZeroAdafactor(Adafactor):

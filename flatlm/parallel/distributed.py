@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from flatlm.config import ParallelConfig
 from flatlm.errors import FlatlmError
-from flatlm.launch.environment import Environment
+from flatlm.parallel.environment import Environment
 
 log = logging.getLogger("flatlm")
 

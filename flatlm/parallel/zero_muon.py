@@ -6,7 +6,7 @@ The Muon group's step is the single-process math in three stages (``flatlm.optim
     1. elementwise on the flat partition   B <- mu B + (1 - mu) G;  U = (1 - mu) G + mu B (nesterov)
     2. whole matrices                       each matrix's pieces go to its owner (all-to-all), the owner runs
                                             ``orthogonalize`` (batched by shape, once per matrix across all ranks),
-                                            the pieces of the result come back (all-to-all): ``optim.sharded.muon``
+                                            the pieces of the result come back (all-to-all): ``parallel.muon``
     3. elementwise per piece                W <- W (1 - lr wd) - lr s(rows, cols) O   with the matrix's full shape
 
 The AdamW group (embeddings, head, norms) is elementwise and runs unchanged on its flat partition. State
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from flatlm.optim.muon import NS_DTYPES, Muon, orthogonalize, update_scale
-from flatlm.optim.sharded.collectives import world
-from flatlm.optim.sharded.muon import gather_orthogonalize_scatter
-from flatlm.optim.sharded.zero_layout import FlatLayout
+from flatlm.parallel.collectives import world
+from flatlm.parallel.muon import gather_orthogonalize_scatter
+from flatlm.parallel.zero_layout import FlatLayout
 
 
 class ZeroMuon(Muon):

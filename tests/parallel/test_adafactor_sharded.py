@@ -8,8 +8,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from flatlm.optim.adafactor import Adafactor
-from flatlm.optim.sharded import install_hooks
-from flatlm.optim.sharded.adafactor import RowShardedReductions
+from flatlm.parallel.adafactor import RowShardedReductions
+from flatlm.parallel.hooks import install_hooks
 from tests.ranks import run_ranks
 
 SHAPES = [(9, 6), (4, 10), (7,), (1, 5)]  # uneven rows, a vector, a matrix with fewer rows than ranks

@@ -9,9 +9,9 @@ import pytest
 
 from flatlm.config import ParallelConfig, RunConfig, load_config
 from flatlm.errors import FlatlmError
-from flatlm.launch import Environment
-from flatlm.launch.deepspeed import deepspeed_config
-from flatlm.launch.distributed import launcher_bf16, resolve_backend
+from flatlm.parallel import Environment
+from flatlm.parallel.deepspeed import deepspeed_config
+from flatlm.parallel.distributed import launcher_bf16, resolve_backend
 from flatlm.train.backend import check_parallel
 from flatlm.train.loop import grad_accumulation
 
@@ -125,7 +125,7 @@ def test_deepspeed_never_compiles_its_shm_kernel_on_cpu(monkeypatch: pytest.Monk
 
     import deepspeed.ops
 
-    from flatlm.launch.deepspeed import _skip_shm_comm_build
+    from flatlm.parallel.deepspeed import _skip_shm_comm_build
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)

@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from flatlm.optim.muon import orthogonalize
-from flatlm.optim.sharded.muon import ReplicatedOrthogonalize, ShardedOrthogonalize, owners_by_shape, row_chunks
+from flatlm.parallel.muon import ReplicatedOrthogonalize, ShardedOrthogonalize, owners_by_shape, row_chunks
 from tests.ranks import run_ranks
 
 # Uneven rows (7, 5), fewer rows than ranks would give (1), repeated shapes (batched), wide and tall.

@@ -25,7 +25,7 @@ restore 2) against SAM's 8 and AdamW's 7.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor
@@ -46,10 +46,12 @@ class ASAM(SAM):
         rho: float = 0.5,
         eta: float = 0.01,
         foreach: bool | None = None,
+        *,
+        sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         check_nonnegative("eta", eta)
         self.eta = float(eta)
-        super().__init__(params, base_optimizer, rho=rho, foreach=foreach)
+        super().__init__(params, base_optimizer, rho=rho, foreach=foreach, sum_across_ranks=sum_across_ranks)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {**super()._hyperparameters(), "eta": self.eta}

@@ -27,7 +27,7 @@ Cost: SAM's 8 streams + <g, g'> 2 + ||g'|| 1 + g' *= (1 + alpha coef) 2 + g' -= 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor
@@ -50,6 +50,8 @@ class GSAM(SAM):
         rho_min: float | None = None,
         lr_min: float = 0.0,
         foreach: bool | None = None,
+        *,
+        sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         check_nonnegative("alpha", alpha)
         check_nonnegative("lr_min", lr_min)
@@ -59,7 +61,7 @@ class GSAM(SAM):
         self.alpha = float(alpha)
         self.rho_min = None if rho_min is None else float(rho_min)
         self.lr_min = float(lr_min)
-        super().__init__(params, base_optimizer, rho=rho, foreach=foreach)
+        super().__init__(params, base_optimizer, rho=rho, foreach=foreach, sum_across_ranks=sum_across_ranks)
         self._lr_max = float(self.param_groups[0]["lr"]) if "lr" in self.param_groups[0] else None
 
     def _hyperparameters(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ g += s g_v 3 = 5; a cycle of k = 5 steps averages 7 per step, AdamW's 7.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -52,12 +52,14 @@ class LookSAM(SAM):
         k: int = 5,
         alpha: float = 0.7,
         foreach: bool | None = None,
+        *,
+        sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, f"k must be an integer >= 1, got {k}")
         check_nonnegative("alpha", alpha)
         self.k = k
         self.alpha = float(alpha)
-        super().__init__(params, base_optimizer, rho=rho, foreach=foreach)
+        super().__init__(params, base_optimizer, rho=rho, foreach=foreach, sum_across_ranks=sum_across_ranks)
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {**super()._hyperparameters(), "k": self.k, "alpha": self.alpha}

@@ -43,9 +43,13 @@ class OptimizerSpec:
         return getattr(importlib.import_module(module), name)
 
     def hparam_names(self) -> list[str]:
-        skip = {"self", "params", "base_optimizer"}
+        skip = {"self", "params", "base_optimizer", *INJECTED}
         return [p for p in inspect.signature(self.cls()).parameters if p not in skip]
 
+
+# Constructor arguments a backend passes when it builds the optimizer (how distribution gets in): never
+# hyperparameters, so never in a config, in the valid names an error lists, or in the run identity.
+INJECTED = frozenset({"sum_across_ranks"})
 
 _TORCH = "torch.optim"
 _SAM = "flatlm.optim"
@@ -178,7 +182,7 @@ def model_param_groups(
 
 def _signature_defaults(cls: type) -> dict[str, Any]:
     # lr: flatlm always passes optim.lr; weight_decay: every parameter group sets its own from optim.weight_decay
-    skip = {"self", "params", "base_optimizer", "lr", "weight_decay"}
+    skip = {"self", "params", "base_optimizer", "lr", "weight_decay", *INJECTED}
     return {
         k: p.default
         for k, p in inspect.signature(cls).parameters.items()

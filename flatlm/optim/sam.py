@@ -256,6 +256,8 @@ class SAM(torch.optim.Optimizer):
             Default: ``default_base_optimizer`` (torch AdamW, fused where possible).
         rho: radius of the perturbation ball, > 0 (0.05 in Foret et al.).
         foreach: use the torch._foreach_* path (True, the default when None) or per-tensor loops (False).
+        sum_across_ranks: ``Tensor -> Tensor``, turns a vector of local sums (squares / products) into global
+            sums (an all-reduce, given by the backend when the optimizer is built); identity by default.
 
     Attributes:
         swap_weights: ``None`` (auto: swap ``p.data`` for plain tensors, copy for DTensors and views), True or
@@ -273,11 +275,13 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: BaseFactory | None = None,
         rho: float = 0.05,
         foreach: bool | None = None,
+        *,
+        sum_across_ranks: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         check_positive("rho", rho)
         self.rho = float(rho)
         self.foreach = True if foreach is None else bool(foreach)
-        self.sum_across_ranks: Callable[[Tensor], Tensor] = identity
+        self.sum_across_ranks: Callable[[Tensor], Tensor] = sum_across_ranks or identity
         self.sam_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         self._scratch: dict[Tensor, dict[str, Tensor]] = {}  # transient per-param buffers, never checkpointed
         self._perturbed: list[Tensor] | None = None  # params moved to w + eps, waiting for restore()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,3 +211,16 @@ def resolved_hparams(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
         return {**resolved_hparams(base, rest), **own, **{k: _plain(v) for k, v in written.items()}, "base": base}
     merged = {**_signature_defaults(spec.cls()), **spec.defaults, **spec.with_lr, **hparams}
     return {k: _plain(v) for k, v in merged.items()}
+
+
+def inner_optimizers(optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
+    """``optimizer`` and every optimizer it wraps (a SAM base, an ownership wrapper's inner one)."""
+    seen: set[int] = set()
+    stack = [optimizer]
+    while stack:
+        opt = stack.pop()
+        if id(opt) in seen:
+            continue
+        seen.add(id(opt))
+        yield opt
+        stack.extend(o for o in (getattr(opt, "base_optimizer", None), getattr(opt, "inner", None)) if o is not None)

@@ -332,7 +332,7 @@ def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, mo
     """Give Muon and Adafactor the map from DeepSpeed's flat partitions back to whole matrices."""
     from flatlm.optim.adafactor import Adafactor
     from flatlm.optim.muon import Muon
-    from flatlm.parallel.hooks import inner_optimizers
+    from flatlm.optim.registry import inner_optimizers
     from flatlm.parallel.zero_layout import flat_layouts
 
     shape_aware = [o for o in inner_optimizers(optimizer) if isinstance(o, Muon | Adafactor)]

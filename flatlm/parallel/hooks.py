@@ -7,8 +7,6 @@ need the whole parameter or the whole model; ``install_hooks`` points those hook
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch.distributed.tensor import DTensor
 
@@ -25,24 +23,10 @@ __all__ = [
     "assign_owners",
     "clip_grad_norm_",
     "global_grad_norm",
-    "inner_optimizers",
     "install_hooks",
     "local",
     "world",
 ]
-
-
-def inner_optimizers(optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
-    """``optimizer`` and every optimizer it wraps (a SAM base, an ownership wrapper's inner one)."""
-    seen: set[int] = set()
-    stack = [optimizer]
-    while stack:
-        opt = stack.pop()
-        if id(opt) in seen:
-            continue
-        seen.add(id(opt))
-        yield opt
-        stack.extend(o for o in (getattr(opt, "base_optimizer", None), getattr(opt, "inner", None)) if o is not None)
 
 
 def install_hooks(
@@ -58,6 +42,7 @@ def install_hooks(
     """
     from flatlm.optim.adafactor import Adafactor
     from flatlm.optim.muon import Muon
+    from flatlm.optim.registry import inner_optimizers
     from flatlm.optim.sam import SAM
 
     for opt in inner_optimizers(optimizer):

@@ -324,7 +324,8 @@ def load_checkpoint(
             dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
         set_model_state_dict(model, state["model"])
         return json.loads((path / TRAINER_STATE).read_text())
-    from flatlm.parallel.hooks import OwnedParamsOptimizer, inner_optimizers
+    from flatlm.optim.registry import inner_optimizers
+    from flatlm.parallel.ownership import OwnedParamsOptimizer
 
     check_rng_files(path, torch.distributed.get_world_size() if _distributed() else 1)
     model_sd, optim_sd = get_state_dict(model, optimizer)

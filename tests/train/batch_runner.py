@@ -72,7 +72,7 @@ def _param_views(parallel: Any, name: str) -> list[torch.Tensor]:
 
 def _state_views(parallel: Any, optimizer: Any, name: str, key: str) -> list[torch.Tensor]:
     """This rank's views of optimizer-state tensor ``key`` of parameter ``name``."""
-    from flatlm.parallel.hooks import inner_optimizers
+    from flatlm.optim.registry import inner_optimizers
 
     if hasattr(parallel, "engine"):
         out = []
@@ -100,7 +100,7 @@ def planted(plant: dict[str, Any] | None) -> Iterator[None]:
 
     def step(parallel: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if kind == "no_weight_decay":
-            from flatlm.parallel.hooks import inner_optimizers
+            from flatlm.optim.registry import inner_optimizers
 
             for opt in inner_optimizers(optimizer):
                 for g in opt.param_groups:

@@ -287,7 +287,7 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
                 "step": step + 1,
                 "loss": loss_value,
                 "lr": lr,
-                "grad_norm": stats.grad_norm,
+                "grad_norm": float(stats.grad_norm),
                 "tokens_per_s": tokens_per_step / dt,
                 "tokens": (step + 1) * tokens_per_step,
                 "epoch": sampler.epoch_of(step + 1),

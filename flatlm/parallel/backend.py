@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -107,26 +107,64 @@ class Parallel:
         if self.__dict__.pop("_replica_step", False):
             self.average_gradients([p for p in self.model.parameters() if p.grad is not None])
 
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """Model and optimizer state keyed by parameter name for torch.distributed.checkpoint (each rank its
-        shards); None where the backend checkpoints differently (DeepSpeed)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    # -- checkpoint format: what the checkpoint module (flatlm.train.checkpoint) saves and loads -----------------
 
+    checkpoint_format: ClassVar[str] = "dcp"
+    """How this backend's state is checkpointed. "dcp": ``checkpoint_state`` is saved with
+    torch.distributed.checkpoint, read back by name into the same structure (resharded: any DCP backend and world
+    size resumes it) and handed to ``load_state``. "engine": the backend writes and reads a directory of its own
+    (``save_engine`` / ``load_engine``), resumable only by the same backend and world size. File checks, the
+    trainer state and RNG states are the checkpoint module's, never the backend's."""
+
+    def checkpoint_state(
+        self, optimizer: torch.optim.Optimizer, *, with_optimizer: bool = True
+    ) -> dict[str, Any] | None:
+        """Model (and unless ``with_optimizer`` is False, optimizer) state keyed by parameter name for
+        torch.distributed.checkpoint, each rank its shards: ``{"model": ..., "optim": ...}``. None for an "engine"
+        format. Loading fills this same structure in place, then calls ``load_state``."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if not with_optimizer:
+            return {"model": get_model_state_dict(self.model)}
         model_sd, optim_sd = get_state_dict(self.model, optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    def load_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Put a loaded ``checkpoint_state`` back into the model and, when it holds ``"optim"``, the optimizer."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+        if "optim" not in state:
+            set_model_state_dict(self.model, state["model"])
+            return
+        from flatlm.optim.registry import inner_optimizers
+        from flatlm.parallel.ownership import OwnedParamsOptimizer
+
+        # Ownership (parallel.shard_optimizer_state): a rank holds state for the parameters it owns only, so torch's
+        # check that every parameter has state cannot hold; DCP has already refused a checkpoint missing an owned one.
+        owned = any(isinstance(o, OwnedParamsOptimizer) for o in inner_optimizers(optimizer))
+        set_state_dict(
+            self.model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=not owned),
+        )
 
     def legacy_files(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
         """Files a backend without DCP support writes beside its own checkpoint ({name: tensors}); none here."""
         return {}
 
     def save_engine(self, directory: Path) -> None:
-        """Write a backend's own checkpoint into ``directory`` (DeepSpeed); nothing here. Collective."""
+        """Write an "engine" format's own files into checkpoint ``directory``; nothing here. Collective."""
 
-    def load(self, path: Path, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool) -> dict[str, Any]:
-        """Load checkpoint ``path`` into the model and optimizer; returns its trainer state. Collective."""
-        from flatlm.train.checkpoint import load_checkpoint
+    def engine_pickles(self, directory: Path) -> tuple[list[Path], list[type]]:
+        """The pickled files ``load_engine`` would read from checkpoint ``directory``, and the plain data classes
+        they may hold beyond tensors (the checkpoint module refuses anything else before loading)."""
+        return [], []
 
-        return load_checkpoint(path, self.model, optimizer, rank, load_optimizer=load_optimizer)
+    def load_engine(self, directory: Path, load_optimizer: bool) -> None:
+        """Load an "engine" format's files from checkpoint ``directory``. Collective."""
+        raise TypeError(f"the {self.backend} backend checkpoints with DCP (checkpoint_state / load_state)")
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

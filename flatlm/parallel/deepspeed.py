@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
@@ -203,7 +202,11 @@ class DeepSpeedParallel(Parallel):
             optimizer.restore_tensors(self._flats, pending_grads(self.engine))
         push_master_to_model(self.engine)
 
-    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    checkpoint_format = "engine"  # DeepSpeed's own checkpoint (save_engine / load_engine), not DCP
+
+    def checkpoint_state(
+        self, optimizer: torch.optim.Optimizer, *, with_optimizer: bool = True
+    ) -> dict[str, Any] | None:
         return None  # DeepSpeed's own engine checkpoint instead (save_engine)
 
     def save_engine(self, directory: Path) -> None:
@@ -239,28 +242,21 @@ class DeepSpeedParallel(Parallel):
         if failures:
             raise failures[0]
 
-    def load(self, path: Path, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool) -> dict[str, Any]:
-        import json
+    def engine_pickles(self, directory: Path) -> tuple[list[Path], list[type]]:
+        """DeepSpeed's state files (``torch.save`` pickles) and the plain data classes DeepSpeed puts in them."""
+        from flatlm.parallel.zero_views import pickled_classes
 
-        from flatlm.train.checkpoint import TRAINER_STATE, check_rng_files, check_weights_only, restore_rng
+        return sorted((directory / ENGINE_DIR / ENGINE_TAG).glob("*.pt")), pickled_classes()
 
-        state = json.loads((path / TRAINER_STATE).read_text())
-        if (state.get("backend"), state.get("world_size")) != (self.backend, dist.get_world_size()):
-            raise FlatlmError(
-                f"{path} was written by {state.get('backend')} with {state.get('world_size')} processes; a DeepSpeed "
-                f"checkpoint resumes only with the same ZeRO stage and number of processes ({self.backend} x "
-                f"{dist.get_world_size()} here)"
-            )
-        engine_dir = path / ENGINE_DIR
-        check_rng_files(path, dist.get_world_size())
-        check_weights_only(sorted((engine_dir / ENGINE_TAG).glob("*.pt")))
+    def load_engine(self, directory: Path, load_optimizer: bool) -> None:
+        """``engine.load_checkpoint`` of the engine checkpoint in ``directory`` (same ZeRO stage and world size: the
+        checkpoint module has checked that, and the files' safety, before)."""
+        engine_dir = directory / ENGINE_DIR
         loaded, _ = self.engine.load_checkpoint(
             str(engine_dir), tag=ENGINE_TAG, load_optimizer_states=load_optimizer, load_lr_scheduler_states=False
         )
         if loaded is None:
             raise FlatlmError(f"DeepSpeed could not load {engine_dir}")
-        restore_rng(path, rank)
-        return state
 
     def legacy_files(self, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
         """The whole model for export (rank 0, gathered under ZeRO-3)."""

@@ -4,6 +4,9 @@ The backend comes from the config (``parallel.backend``) or from the launcher: `
 exports ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED`` for its FSDP and DeepSpeed configs.
 A request flatlm cannot honour is an error, never a silent fallback; the backend actually applied is
 written to the resolved config. One code path on CPU (gloo) and GPU (nccl).
+
+This module joins and leaves the process group; what crosses ranks goes through ``flatlm.parallel.collectives``
+(``barrier`` and ``mean_across_ranks`` here are the loop's names for two of its functions).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.distributed as dist
 
 from flatlm.config import ParallelConfig
 from flatlm.errors import FlatlmError
+from flatlm.parallel import collectives
 from flatlm.parallel.environment import Environment
 
 log = logging.getLogger("flatlm")
@@ -115,17 +119,13 @@ def destroy_process_group() -> None:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    """Wait for every rank of the default group (nothing in one process)."""
+    collectives.barrier()
 
 
 def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over all ranks (the tensor itself in one process)."""
-    if not dist.is_initialized():
-        return value
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
+    return collectives.all_reduce_mean(value)
 
 
 @contextlib.contextmanager

@@ -223,3 +223,13 @@ def flat_partitions(engine: Any) -> list[Tensor]:
     if int(engine.zero_optimization_stage()) == 3:
         return list(zero.fp32_partitioned_groups_flat)
     return list(zero.single_partition_of_fp32_groups)
+
+
+def pickled_classes() -> list[type]:
+    """The plain data classes DeepSpeed's engine checkpoint files pickle beside tensors (its loss scaler, ZeRO
+    stage enum and fragment addresses): what a weights-only load must allow, and nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]

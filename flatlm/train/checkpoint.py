@@ -32,8 +32,9 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +42,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 from flatlm.errors import FlatlmError
+from flatlm.parallel.collectives import all_gather_object, broadcast_object, initialized, world
+
+if TYPE_CHECKING:
+    from flatlm.parallel.backend import Parallel
 
 log = logging.getLogger("flatlm")
 
@@ -95,7 +100,7 @@ def _safe_reader(path: Path) -> Any:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return initialized()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -207,11 +212,7 @@ def save_checkpoint(
 def agree_on_errors(error: str | None) -> list[tuple[int, str]]:
     """Every rank's error of the phase just done, as (rank, message); empty when all succeeded. Collective: the
     one exchange every rank reaches whether or not its own part failed."""
-    if not _distributed():
-        return [(0, error)] if error else []
-    errors: list[str | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, error)
-    return [(r, e) for r, e in enumerate(errors) if e]
+    return [(r, e) for r, e in enumerate(all_gather_object(error)) if e]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -274,13 +275,10 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file() or (path / "deepspeed").is_dir()]
 
 
-def check_weights_only(files: list[Path]) -> None:
-    """Refuse files that need more than tensors and plain containers to unpickle (they could run code)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = [LossScaler, ZeroStageEnum, fragment_address]  # plain data classes DeepSpeed pickles
+def check_weights_only(files: list[Path], allowed: list[type] | None = None) -> None:
+    """Refuse files that need more than tensors, plain containers and the ``allowed`` plain data classes (an
+    engine's own, ``Parallel.engine_pickles``) to unpickle: anything else could run code."""
+    allowed = list(allowed or [])
     for path in files:
         try:
             with torch.serialization.safe_globals(allowed):
@@ -304,47 +302,97 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, load_optimizer: bool = True
+    path: Path, parallel: Parallel, optimizer: torch.optim.Optimizer, load_optimizer: bool = True
 ) -> dict[str, Any]:
-    """Load model and (unless ``load_optimizer`` is False) optimizer state (collective under FSDP2) and this
-    rank's RNG states; returns the trainer state (step, tokens, scheduler)."""
+    """Load checkpoint ``path`` into ``parallel``'s model and (unless ``load_optimizer`` is False) ``optimizer``,
+    and this rank's RNG states; returns the trainer state (step, tokens, scheduler). Collective.
+
+    ``parallel`` (a ``flatlm.parallel.backend.Parallel``) says how its state is stored (``checkpoint_format``):
+    "dcp": its ``checkpoint_state`` is read back by name with DCP (resharded to this run's layout) and handed to
+    its ``load_state``; "engine": its own directory, which only the same backend and world size resume, after its
+    pickled files pass the weights-only check. The trainer state, RNG files and safety checks are read here."""
+    state = json.loads((path / TRAINER_STATE).read_text())
+    world_size = world()[1]
+    rank = world()[0]
+    if parallel.checkpoint_format == "engine":
+        if (state.get("backend"), state.get("world_size")) != (parallel.backend, world_size):
+            raise FlatlmError(
+                f"{path} was written by {state.get('backend')} with {state.get('world_size')} processes; a DeepSpeed "
+                f"checkpoint resumes only with the same ZeRO stage and number of processes ({parallel.backend} x "
+                f"{world_size} here)"
+            )
+        check_rng_files(path, world_size)
+        files, allowed = parallel.engine_pickles(path)
+        check_weights_only(files, allowed)
+        parallel.load_engine(path, load_optimizer)
+        restore_rng(path, rank)
+        return state
+    if load_optimizer:
+        check_rng_files(path, world_size)
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
 
-    if not load_optimizer:
-        state = {"model": get_model_state_dict(model)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
-        set_model_state_dict(model, state["model"])
-        return json.loads((path / TRAINER_STATE).read_text())
-    from flatlm.optim.registry import inner_optimizers
-    from flatlm.parallel.ownership import OwnedParamsOptimizer
-
-    check_rng_files(path, torch.distributed.get_world_size() if _distributed() else 1)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}  # what this rank holds: DCP reads exactly these keys
+    sd = parallel.checkpoint_state(optimizer, with_optimizer=load_optimizer)  # what this rank holds: DCP reads these
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
-    # Ownership (parallel.shard_optimizer_state): a rank holds state for the parameters it owns only, so torch's
-    # check that every parameter has state cannot hold; DCP has already refused a checkpoint missing an owned one.
-    owned = any(isinstance(o, OwnedParamsOptimizer) for o in inner_optimizers(optimizer))
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optim"],
-        options=StateDictOptions(strict=not owned),
-    )
-    restore_rng(path, rank)
-    return json.loads((path / TRAINER_STATE).read_text())
+        dcp.load(sd, storage_reader=_safe_reader(path / STATE_DIR), no_dist=not _distributed())
+    parallel.load_state(optimizer, sd)
+    if load_optimizer:
+        restore_rng(path, rank)
+    return state
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The checkpoint every rank loaded, and its trainer state."""
+
+    path: Path
+    trainer_state: dict[str, Any]
+
+
+def agreed_candidates(output_dir: Path) -> list[Path]:
+    """Rank 0's ``resumable_checkpoints``, the same list on every rank (one broadcast): the ranks never walk the
+    directory each on their own (a file another rank's save or clean-up touches in between would split them)."""
+    return broadcast_object(resumable_checkpoints(output_dir) if world()[0] == 0 else None, src=0)
+
+
+def resume(
+    candidates: list[Path], parallel: Parallel, optimizer: torch.optim.Optimizer, load_optimizer: bool = True
+) -> Resumed | None:
+    """Load the first of ``candidates`` (rank 0's list, ``agreed_candidates``) that every rank can read; None for
+    an empty list. Collective.
+
+    Each rank loads the candidate, then all confirm with one exchange of their errors; a failure on any rank (a
+    corrupt or partial file, one rank's unreadable RNG file, an unsafe pickle) is one warning line, and all ranks
+    fall back together to the next one (one rank loading an older checkpoint, a collective, while the others train
+    on would hang them). A request flatlm refuses (``FlatlmError``, e.g. another backend's engine checkpoint) is
+    raised at once: every rank refuses alike. None readable: one error naming each checkpoint's reason."""
+    unreadable = []
+    for i, candidate in enumerate(candidates):
+        error = None
+        try:
+            trainer_state = load_checkpoint(candidate, parallel, optimizer, load_optimizer)
+        except (Exception, CheckpointException) as exc:  # corrupt, partial or unsafe: say so in one line, go back
+            if isinstance(exc, FlatlmError) and not isinstance(exc, UnsafeCheckpointError):
+                raise
+            error = unreadable_reason(candidate, exc)
+        failures = agree_on_errors(error)
+        if not failures:
+            return Resumed(candidate, trainer_state)
+        reasons = list(dict.fromkeys(msg for _, msg in failures))
+        reason = (
+            reasons[0]
+            if len(reasons) == 1 and len(failures) == world()[1]
+            else "; ".join(f"rank {r}: {msg}" for r, msg in failures)
+        )
+        unreadable.append(f"{candidate.name}: {reason}")
+        then = f"trying {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one"
+        log.warning(f"cannot resume from {candidate} ({reason}); {then}")
+    if candidates:
+        raise FlatlmError(
+            f"no checkpoint in {candidates[0].parent} can be read ({'; '.join(unreadable)}); "
+            "pass overwrite=true to start the run over"
+        )
+    return None
 
 
 def unreadable_reason(path: Path, exc: BaseException) -> str:

@@ -109,11 +109,9 @@ def _whole(value: Tensor) -> Tensor:
 
 
 def _load(path: Path) -> Any:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from flatlm.parallel.zero_views import pickled_classes
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+    with torch.serialization.safe_globals(pickled_classes()):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -1,9 +1,23 @@
-"""The training loop: validate everything, then build data, model and optimizer, then step.
+"""The training loop: validate everything, build, resume or start, step, finish.
 
-Every check that can fail on user input runs before the first byte is written to ``output_dir``.
-One optimizer step = ``accum`` micro-batches of ``micro_batch_size`` sequences on each of
-``world_size`` processes, where ``accum = global_batch_size / (micro_batch_size * world_size)``;
-the loss of each micro-batch is divided by ``accum`` so gradients are those of the global mean.
+``train`` runs five stages, one function each:
+
+    setup            every check on user input (nothing is written before they pass), the output directory, the
+                     token cache, model, backend, optimizer and schedule (``Run``)
+    resume_or_start  load the newest checkpoint every rank can read (``resume``), or start the run directory;
+                     rank 0 opens the metrics files
+    run_steps        the step loop: one ``train_step`` (flatlm.train.step) per optimizer step, its record, then
+    after_step       the cadence: evaluation every ``train.eval_every`` steps and at the end, a checkpoint every
+                     ``checkpoint.every`` steps, at the end and when preempted
+    finish           the loss plot and the closing line
+
+One optimizer step = ``accum`` micro-batches of ``micro_batch_size`` sequences on each of ``world_size``
+processes, where ``accum = global_batch_size / (micro_batch_size * world_size)``; the step's loss is the sum of its
+counted token losses over the global count (flatlm.train.step), so gradients are those of the global mean.
+
+One host sync per step (``read_step``): the loss sum and this rank's preemption flag travel in one all-reduce, and
+the loss, the gradient norm (a tensor until then) and the stop vote are read in one transfer. The optimizer's state
+size is measured once, after the run's first step (state is created lazily; its size stays fixed).
 """
 
 from __future__ import annotations
@@ -20,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
 from flatlm.data import (
@@ -37,24 +50,23 @@ from flatlm.models import build_model, count_parameters, load_pretrained_weights
 from flatlm.optim import build_scheduler
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.parallel import Environment, environment
+from flatlm.parallel.backend import Parallel
+from flatlm.parallel.collectives import all_reduce_sum
 from flatlm.parallel.distributed import (
     barrier,
     destroy_process_group,
     init_process_group,
     launcher_bf16,
     local_main_first,
-    mean_across_ranks,
     resolve_backend,
 )
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
-    UnsafeCheckpointError,
-    agree_on_errors,
+    agreed_candidates,
     recover_interrupted_swap,
     remove_partial_saves,
-    resumable_checkpoints,
+    resume,
     save_checkpoint,
-    unreadable_reason,
 )
 from flatlm.train.checks import check_static
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
@@ -62,7 +74,7 @@ from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progres
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
 from flatlm.train.rundir import PLOT_FILE, TOKENIZER_FILE, check_output_dir, continue_run_dir, start_run_dir
-from flatlm.train.step import evaluate_loss, train_step
+from flatlm.train.step import StepStats, evaluate_loss, train_step
 
 log = logging.getLogger("flatlm")
 
@@ -139,7 +151,7 @@ def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, devic
     """Loss and perplexity on the first ``eval_batches`` micro-batches of the validation split."""
     n = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size)
     mb = cfg.train.micro_batch_size
-    batches = [tuple(t.to(device) for t in val.batch(range(i, min(i + mb, n)))) for i in range(0, n, mb)]
+    batches = [val.batch(range(i, min(i + mb, n))).to(device) for i in range(0, n, mb)]
     loss = evaluate_loss(model, batches, cfg.train.bf16)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
@@ -170,24 +182,60 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     init_process_group(env, device)
     try:
-        return _train(cfg, env, device)
+        run = setup(cfg, env, device)
+        start_step, metrics = resume_or_start(run)
+        result = RunResult(run.out)
+        try:
+            run_steps(run, start_step, metrics, result)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        finish(run, result, start_step)
+        return result
     finally:
         destroy_process_group()
 
 
-def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
-    # 1. Checks on user input; nothing is written before they pass (every rank checks the same).
+# -- setup ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds and the later stages use."""
+
+    cfg: RunConfig
+    env: Environment
+    device: torch.device
+    out: Path
+    data: Data
+    model: torch.nn.Module
+    parallel: Parallel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    forward_model: torch.nn.Module
+    """What the step runs forward through (``torch.compile`` of the backend's module with ``model.compile``)."""
+    params: list[torch.nn.Parameter]
+    accum: int
+    resume_candidates: list[Path]
+    """Checkpoints to try, newest first (rank 0's list on every rank); empty with ``overwrite=true``."""
+    config_yaml: str
+    sampler: GlobalBatchSampler
+    tokens_per_step: int
+
+
+def setup(cfg: RunConfig, env: Environment, device: torch.device) -> Run:
+    """Checks, output directory, data, model, backend, optimizer, schedule; writes nothing but the token cache."""
+    # Checks on user input; nothing is written before they pass (every rank checks the same).
     _validate(cfg, env)
     accum = grad_accumulation(cfg.train, env.world_size)
     out = check_output_dir(cfg)
     if env.is_main and not cfg.overwrite and (recovered := recover_interrupted_swap(out)):
         log.warning(f"a save was interrupted between its two renames: {recovered} put back as the latest checkpoint")
     barrier()
-    resume_candidates = [] if cfg.overwrite else resumable_checkpoints(out)
+    resume_candidates = [] if cfg.overwrite else agreed_candidates(out)
     with local_main_first(env):  # one process per node builds the token cache
         data = load_data(cfg, out / TOKENIZER_FILE if resume_candidates else None)
 
-    # 2. Model, optimizer, schedule.
     seed_everything(cfg.seed, cfg.train.deterministic)
     config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
     model = build_model(config, seed=cfg.seed)
@@ -200,162 +248,64 @@ def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
     parallel, optimizer, groups = setup_parallel(model, cfg, device, accum)
     scheduler = build_scheduler(cfg.schedule.name, optimizer, **_schedule_kwargs(cfg))
     forward_model = torch.compile(parallel.forward_module) if cfg.model.compile else parallel.forward_module
-    params = [p for g in groups for p in g["params"]]
+    return Run(
+        cfg=cfg,
+        env=env,
+        device=device,
+        out=out,
+        data=data,
+        model=model,
+        parallel=parallel,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        forward_model=forward_model,
+        params=[p for g in groups for p in g["params"]],
+        accum=accum,
+        resume_candidates=resume_candidates,
+        config_yaml=dump_yaml(cfg),
+        sampler=GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed),
+        tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
+    )
 
-    # 3. Outputs (rank 0 writes).
-    config_yaml = dump_yaml(cfg)
-    metrics = None
-    start_step, resume_from, unreadable = 0, None, []
-    for i, candidate in enumerate(resume_candidates):
-        error = None
-        try:
-            trainer_state = parallel.load(candidate, optimizer, env.rank, cfg.checkpoint.load_optimizer)
-        except (Exception, CheckpointException) as exc:  # corrupt, partial or unsafe: say so in one line, go back
-            if isinstance(exc, FlatlmError) and not isinstance(exc, UnsafeCheckpointError):
-                raise  # a request flatlm refuses is said once (every rank refuses alike)
-            error = unreadable_reason(candidate, exc)
-        # The ranks fall back together or not at all: one rank's unreadable RNG file must not leave it loading an
-        # older checkpoint (a collective) while the others train on.
-        if failures := agree_on_errors(error):
-            reasons = list(dict.fromkeys(msg for _, msg in failures))
-            reason = (
-                reasons[0]
-                if len(reasons) == 1 and len(failures) == env.world_size
-                else "; ".join(f"rank {r}: {msg}" for r, msg in failures)
-            )
-            unreadable.append(f"{candidate.name}: {reason}")
-            then = f"trying {resume_candidates[i + 1].name}" if i + 1 < len(resume_candidates) else "no older one"
-            log.warning(f"cannot resume from {candidate} ({reason}); {then}")
-            continue
-        restore_schedule(scheduler, trainer_state["scheduler"], cfg.checkpoint.load_optimizer)
-        start_step, resume_from = trainer_state["step"], candidate
+
+# -- resume or start -----------------------------------------------------------------------------------------------
+
+
+def resume_from_checkpoint(run: Run) -> tuple[int, Path | None]:
+    """(step, checkpoint) of the newest checkpoint every rank loaded, with the schedule put at that step; (0, None)
+    when there is none to resume. Collective."""
+    cfg = run.cfg
+    if resumed := resume(run.resume_candidates, run.parallel, run.optimizer, cfg.checkpoint.load_optimizer):
+        restore_schedule(run.scheduler, resumed.trainer_state["scheduler"], cfg.checkpoint.load_optimizer)
+        start_step, resume_from = resumed.trainer_state["step"], resumed.path
         log.info(f"resuming from {resume_from} (step {start_step})")
-        break
-    if resume_candidates and resume_from is None:
-        raise FlatlmError(
-            f"no checkpoint in {out / 'checkpoints'} can be read ({'; '.join(unreadable)}); "
-            "pass overwrite=true to start the run over"
-        )
+        return start_step, resume_from
+    return 0, None
+
+
+def resume_or_start(run: Run) -> tuple[int, MetricsLogger | None]:
+    """Resume (``resume_from_checkpoint``) or start the run directory; rank 0 writes it and opens the metrics
+    files (returned; None on the other ranks). Returns the first step to run."""
+    cfg, env, out = run.cfg, run.env, run.out
+    start_step, resume_from = resume_from_checkpoint(run)
+    metrics = None
     if env.is_main:
         if resume_from is not None:
             dropped = remove_partial_saves(out)
             if dropped:
                 log.warning(f"removed the partial checkpoint(s) {', '.join(dropped)} an interrupted save left")
-            continue_run_dir(out, config_yaml, start_step)
+            continue_run_dir(out, run.config_yaml, start_step)
         else:
             dropped = [] if cfg.overwrite else remove_partial_saves(out)
             logged = not cfg.overwrite and (out / METRICS_FILE).is_file() and (out / METRICS_FILE).stat().st_size > 0
             if dropped or logged:  # e.g. a second Ctrl-C stopped the run before its first save: say it starts over
                 partial = f" (removed the partial save(s) {', '.join(dropped)})" if dropped else ""
                 log.warning(f"{out} has no complete checkpoint{partial}: starting from step 0")
-            start_run_dir(out, config_yaml, overwrite=cfg.overwrite)
-        save_run_tokenizer(out / TOKENIZER_FILE, data.tokenizer)  # the run's own, never replaced on resume
+            start_run_dir(out, run.config_yaml, overwrite=cfg.overwrite)
+        save_run_tokenizer(out / TOKENIZER_FILE, run.data.tokenizer)  # the run's own, never replaced on resume
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
-    sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed)
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    log.info(  # only rank 0 logs at INFO (see flatlm.train.cli)
-        f"model {cfg.model.name}: {count_parameters(model):,} parameters; backend {cfg.parallel.backend} x "
-        f"{env.world_size}; {len(data.train):,} training sequences of {cfg.data.seq_len} tokens; "
-        f"{accum} micro-batch(es) of {cfg.train.micro_batch_size} per step and process"
-    )
-    result = RunResult(out)
-    show = cfg.train.progress_bar and env.is_main  # a bar on a terminal, else a log line every log_interval_s
-    bar = Progress(cfg.train.max_steps, start_step, enabled=show, interval_s=cfg.train.log_interval_s, log=log.info)
-    model.train()
-    preemption = Preemption().__enter__()
-    try:
-        for step in range(start_step, cfg.train.max_steps):
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            micro = sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
-            batches = [tuple(t.to(device) for t in data.train.batch(m)) for m in micro]
-            stats = train_step(
-                parallel,
-                optimizer,
-                batches,
-                params,
-                grad_clip=cfg.train.grad_clip,
-                bf16=cfg.train.bf16,
-                model=forward_model,
-                replica_perturbation=cfg.sam.perturbation == "replica",
-            )
-            scheduler.step()
-            loss_value = mean_across_ranks(stats.loss).item()
-            dt = time.perf_counter() - t0
-            record = {
-                "step": step + 1,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": float(stats.grad_norm),
-                "tokens_per_s": tokens_per_step / dt,
-                "tokens": (step + 1) * tokens_per_step,
-                "epoch": sampler.epoch_of(step + 1),
-                "step_time_s": dt,
-                "optim_state_bytes": optimizer_state_bytes(optimizer),
-            }
-            result.losses.append(loss_value)
-            if metrics is not None:
-                metrics.log_train(record)
-            bar.update(record)
-            if not math.isfinite(loss_value):
-                raise FlatlmError(
-                    f"the loss became {loss_value} at step {step + 1}; lower optim.lr or enable train.grad_clip"
-                )
-            stop = preemption.should_stop()
-            last = step + 1 == cfg.train.max_steps
-            if data.val is not None and ((cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0) or last):
-                # Every rank evaluates the same batches on its (replicated) module: no collective needed.
-                ev = {"step": step + 1, **evaluate(model, data.val, cfg, device)}
-                result.evals.append(ev)
-                if metrics is not None:
-                    metrics.log_eval(ev)
-                log.info(f"step {step + 1}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
-            if last or stop or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-                trainer_state = {
-                    "tokens": (step + 1) * tokens_per_step,
-                    "epoch": sampler.epoch_of(step + 1),  # the data position is a function of (seed, step)
-                    "scheduler": scheduler.state_dict(),
-                    "backend": cfg.parallel.backend,
-                    "world_size": env.world_size,
-                }
-                with preemption.saving():  # a second Ctrl-C now would kill the save it asked for: ignored
-                    result.checkpoint = save_checkpoint(
-                        out,
-                        step + 1,
-                        parallel.checkpoint_state(optimizer),
-                        trainer_state,
-                        config_yaml,
-                        cfg.checkpoint.keep_last,
-                        rank=env.rank,
-                        legacy_files=parallel.legacy_files(optimizer, env.rank),
-                        save_engine=parallel.save_engine,
-                    )
-            if stop:
-                name = signal.Signals(preemption.signal).name if preemption.signal else "a signal on another rank"
-                log.info(f"stopped by {name} after step {step + 1}; checkpoint saved, rerun to resume")
-                break
-    finally:
-        preemption.__exit__()
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    if env.is_main:
-        if cfg.train.plot:
-            plot_loss(
-                read_jsonl(out / METRICS_FILE),
-                read_jsonl(out / EVAL_FILE),
-                out / PLOT_FILE,
-                f"{cfg.model.name} · {cfg.optim.name} lr={cfg.optim.lr:g} · {out.name}",
-            )
-        if result.losses:
-            log.info(
-                f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
-                f"outputs in {out}"
-            )
-        else:
-            log.info(f"nothing to do: the run is at step {start_step} of train.max_steps={cfg.train.max_steps}")
-    return result
+    return start_step, metrics
 
 
 def restore_schedule(scheduler: Any, saved: dict[str, Any], same_optimizer: bool) -> None:
@@ -368,3 +318,140 @@ def restore_schedule(scheduler: Any, saved: dict[str, Any], same_optimizer: bool
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose here
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
+
+
+# -- the step loop -------------------------------------------------------------------------------------------------
+
+
+def read_step(stats: StepStats, stop_requested: bool) -> tuple[float, float, bool]:
+    """(global loss, gradient norm, whether any rank was asked to stop): the step's one host sync.
+
+    The loss sum and this rank's stop flag share one all-reduce (sums: the vote is the number of ranks asked to
+    stop); the loss over the global count, the norm and the vote then come to the host in one transfer."""
+    flag = stats.loss_sum.new_full((), 1.0 if stop_requested else 0.0)
+    summed = all_reduce_sum(torch.stack([stats.loss_sum.float(), flag]))  # [global loss sum, stop votes]
+    loss = summed[0] / stats.counted.clamp(min=1)
+    loss_value, grad_norm, votes = torch.stack([loss, stats.grad_norm.to(loss), summed[1]]).tolist()
+    return loss_value, grad_norm, votes > 0
+
+
+def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: RunResult) -> None:
+    """Steps ``start_step`` .. ``train.max_steps`` (or until preempted), each logged, then ``after_step``."""
+    cfg, env = run.cfg, run.env
+    log.info(  # only rank 0 logs at INFO (see flatlm.train.cli)
+        f"model {cfg.model.name}: {count_parameters(run.model):,} parameters; backend {cfg.parallel.backend} x "
+        f"{env.world_size}; {len(run.data.train):,} training sequences of {cfg.data.seq_len} tokens; "
+        f"{run.accum} micro-batch(es) of {cfg.train.micro_batch_size} per step and process"
+    )
+    show = cfg.train.progress_bar and env.is_main  # a bar on a terminal, else a log line every log_interval_s
+    bar = Progress(cfg.train.max_steps, start_step, enabled=show, interval_s=cfg.train.log_interval_s, log=log.info)
+    run.model.train()
+    state_bytes: int | None = None
+    preemption = Preemption().__enter__()
+    try:
+        for step in range(start_step, cfg.train.max_steps):
+            t0 = time.perf_counter()
+            lr = run.optimizer.param_groups[0]["lr"]
+            micro = run.sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
+            stats = train_step(
+                run.parallel,
+                run.optimizer,
+                [run.data.train.batch(m).to(run.device) for m in micro],
+                run.params,
+                grad_clip=cfg.train.grad_clip,
+                bf16=cfg.train.bf16,
+                model=run.forward_model,
+                replica_perturbation=cfg.sam.perturbation == "replica",
+            )
+            run.scheduler.step()
+            loss_value, grad_norm, stop = read_step(stats, preemption.requested)
+            dt = time.perf_counter() - t0
+            if state_bytes is None:  # the state exists after the first step; its size does not change
+                state_bytes = optimizer_state_bytes(run.optimizer)
+            record = {
+                "step": step + 1,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": run.tokens_per_step / dt,
+                "tokens": (step + 1) * run.tokens_per_step,
+                "epoch": run.sampler.epoch_of(step + 1),
+                "step_time_s": dt,
+                "optim_state_bytes": state_bytes,
+            }
+            result.losses.append(loss_value)
+            if metrics is not None:
+                metrics.log_train(record)
+            bar.update(record)
+            if not math.isfinite(loss_value):
+                raise FlatlmError(
+                    f"the loss became {loss_value} at step {step + 1}; lower optim.lr or enable train.grad_clip"
+                )
+            after_step(run, step + 1, stop, preemption, metrics, result)
+            if stop:
+                name = signal.Signals(preemption.signal).name if preemption.signal else "a signal on another rank"
+                log.info(f"stopped by {name} after step {step + 1}; checkpoint saved, rerun to resume")
+                break
+    finally:
+        preemption.__exit__()
+        bar.close()
+
+
+def after_step(
+    run: Run, done: int, stop: bool, preemption: Preemption, metrics: MetricsLogger | None, result: RunResult
+) -> None:
+    """The cadence after ``done`` steps: evaluation (every ``eval_every`` steps, and the last), then a checkpoint
+    (every ``checkpoint.every`` steps, the last, and when stopping)."""
+    cfg = run.cfg
+    last = done == cfg.train.max_steps
+    if run.data.val is not None and ((cfg.train.eval_every and done % cfg.train.eval_every == 0) or last):
+        # Every rank evaluates the same batches on its (replicated) module: no collective needed.
+        ev = {"step": done, **evaluate(run.model, run.data.val, cfg, run.device)}
+        result.evals.append(ev)
+        if metrics is not None:
+            metrics.log_eval(ev)
+        log.info(f"step {done}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
+    if last or stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+        trainer_state = {
+            "tokens": done * run.tokens_per_step,
+            "epoch": run.sampler.epoch_of(done),  # the data position is a function of (seed, step)
+            "scheduler": run.scheduler.state_dict(),
+            "backend": cfg.parallel.backend,
+            "world_size": run.env.world_size,
+        }
+        with preemption.saving():  # a second Ctrl-C now would kill the save it asked for: ignored
+            result.checkpoint = save_checkpoint(
+                run.out,
+                done,
+                run.parallel.checkpoint_state(run.optimizer),
+                trainer_state,
+                run.config_yaml,
+                cfg.checkpoint.keep_last,
+                rank=run.env.rank,
+                legacy_files=run.parallel.legacy_files(run.optimizer, run.env.rank),
+                save_engine=run.parallel.save_engine,
+            )
+
+
+# -- finish --------------------------------------------------------------------------------------------------------
+
+
+def finish(run: Run, result: RunResult, start_step: int) -> None:
+    """Rank 0: the loss plot and the closing line."""
+    cfg, out = run.cfg, run.out
+    if not run.env.is_main:
+        return
+    if cfg.train.plot:
+        plot_loss(
+            read_jsonl(out / METRICS_FILE),
+            read_jsonl(out / EVAL_FILE),
+            out / PLOT_FILE,
+            f"{cfg.model.name} · {cfg.optim.name} lr={cfg.optim.lr:g} · {out.name}",
+        )
+    if result.losses:
+        log.info(
+            f"done: {len(result.losses)} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
+            f"outputs in {out}"
+        )
+    else:
+        log.info(f"nothing to do: the run is at step {start_step} of train.max_steps={cfg.train.max_steps}")

@@ -1,8 +1,10 @@
 """Preemption: SIGTERM or SIGINT (how SLURM and schedulers preempt, or Ctrl-C) finishes the current step,
 saves a checkpoint and exits 0; rerunning the same command resumes from it.
 
-The handler only records the request. After every step the loop asks ``should_stop()``; with several
-processes the ranks agree through one scalar all-reduce (any rank signalled -> all stop after the same step).
+The handler only records the request (``requested``: this rank's flag, no communication). After every step the
+loop asks ``should_stop()``; with several processes the ranks agree through one scalar all-reduce
+(``flatlm.parallel.collectives``: any rank signalled -> all stop after the same step). A loop that already
+all-reduces something every step can fold ``requested`` into that exchange instead.
 A second signal stops at once (the default action), except while a checkpoint is being written
 (``saving()``): then it is ignored with a message, so a double Ctrl-C never kills the save it asked for. A run
 stopped at once before any checkpoint exists says so when rerun (it starts from step 0, with a warning).
@@ -18,7 +20,8 @@ from collections.abc import Iterator
 from types import FrameType
 
 import torch
-import torch.distributed as dist
+
+from flatlm.parallel.collectives import all_reduce_max
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -59,9 +62,12 @@ class Preemption:
         finally:
             self._saving = False
 
+    @property
+    def requested(self) -> bool:
+        """Whether this rank was signalled (local: no communication)."""
+        return self.signal is not None
+
     def should_stop(self) -> bool:
-        """Whether any rank was asked to stop (collective when several processes run)."""
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Whether any rank was asked to stop (one scalar all-reduce when several processes run)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        return bool(all_reduce_max(flag).item())

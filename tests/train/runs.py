@@ -60,7 +60,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
 
 def reload_and_resave(args: list[str], checkpoint: str, out: str, load_optimizer: bool = True) -> int:
     """In a fresh run built from ``args`` (this process's share of it), load ``checkpoint`` as a resume does
-    (``Parallel.load``) and save what the model and optimizer now hold, as a DCP checkpoint in ``out``: reading
+    (``load_checkpoint``) and save what the model and optimizer now hold, as a DCP checkpoint in ``out``: reading
     ``out`` back by name shows exactly what the resume restored, on this backend and world size.
     ``load_optimizer=False`` plants a bug (a load that drops the optimizer state). Every rank calls this."""
     import torch.distributed.checkpoint as dcp
@@ -70,7 +70,7 @@ def reload_and_resave(args: list[str], checkpoint: str, out: str, load_optimizer
     from flatlm.parallel import environment
     from flatlm.parallel.distributed import destroy_process_group, init_process_group, resolve_backend
     from flatlm.train.backend import setup_parallel
-    from flatlm.train.checkpoint import _distributed
+    from flatlm.train.checkpoint import _distributed, load_checkpoint
     from flatlm.train.loop import grad_accumulation, load_data, seed_everything
 
     cfg = load_config(None, args)
@@ -90,7 +90,7 @@ def reload_and_resave(args: list[str], checkpoint: str, out: str, load_optimizer
         )
         model = build_model(config, seed=cfg.seed)
         parallel, optimizer, _ = setup_parallel(model, cfg, device, grad_accumulation(cfg.train, env.world_size))
-        parallel.load(Path(checkpoint), optimizer, env.rank, load_optimizer)
+        load_checkpoint(Path(checkpoint), parallel, optimizer, load_optimizer)
         state = parallel.checkpoint_state(optimizer)
         dcp.save(state, checkpoint_id=Path(out) / "state", no_dist=not _distributed())
         if env.is_main:

@@ -152,7 +152,7 @@ RESHARD = [
 @pytest.mark.timeout(600)
 def test_resharded_resume_restores_exactly_the_saved_state(tmp_path: Path, text_corpus: Path) -> None:
     """A checkpoint written by one backend and number of processes, loaded by another as a resume loads it
-    (``Parallel.load``): the weights and optimizer state it then holds, read back by name, equal the saved ones
+    (``load_checkpoint``): the weights and optimizer state it then holds, read back by name, equal the saved ones
     bit for bit. Planted bug: the same load without the optimizer state must fail that comparison."""
     nproc = {"single": 1}
     runs = [tmp_path / f"{a}-to-{b}-{o}" for a, b, o in RESHARD]

@@ -1,5 +1,6 @@
-"""Data: sources, the sentencepiece tokenizer, token caches, packing and sampling."""
+"""Data: sources, the sentencepiece tokenizer, token caches, packing and sampling into ``Batch``es."""
 
+from flatlm.data.batch import Batch, as_batch
 from flatlm.data.cache import TokenCache, load_or_build
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
 from flatlm.data.sampler import GlobalBatchSampler
@@ -7,11 +8,13 @@ from flatlm.data.sources import SourceStats, iter_documents
 from flatlm.data.tokenizer import Tokenizer
 
 __all__ = [
+    "Batch",
     "GlobalBatchSampler",
     "PackedSequences",
     "SourceStats",
     "TokenCache",
     "Tokenizer",
+    "as_batch",
     "iter_documents",
     "load_or_build",
     "require_sequences",

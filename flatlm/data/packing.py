@@ -4,7 +4,8 @@ A split is the concatenation of its documents' tokens (each ending with EOS), in
 Sequence ``i`` of length ``L`` is the window ``stream[i*L : i*L + L + 1]``: inputs are its first
 ``L`` tokens, targets its last ``L`` (consecutive windows share one token, so no target is lost).
 Windows run across document boundaries; the EOS between documents marks them. The tail that does
-not fill a window is dropped. Nothing is copied: windows are gathered from the memory map.
+not fill a window is dropped. Nothing is copied: windows are gathered from the memory map. ``batch`` gives a
+``flatlm.data.batch.Batch`` with every target counted (no loss mask) and default positions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from flatlm.data.batch import Batch
 from flatlm.errors import FlatlmError
 
 
@@ -68,10 +70,11 @@ class PackedSequences:
             span += 1
         return out
 
-    def batch(self, indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each ``[len(indices), seq_len]`` int64."""
+    def batch(self, indices: np.ndarray | list[int]) -> Batch:
+        """The windows ``indices`` as a batch: inputs and targets each ``[len(indices), seq_len]`` int64, every
+        target counted (pretraining)."""
         windows = torch.from_numpy(np.stack([self[int(i)] for i in indices]))  # [B, L+1]
-        return windows[:, :-1], windows[:, 1:]
+        return Batch(windows[:, :-1], windows[:, 1:])
 
 
 def require_sequences(packed: PackedSequences, split: str, min_count: int = 1) -> None:

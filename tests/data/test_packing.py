@@ -27,8 +27,11 @@ def test_windows_are_the_concatenated_stream_shifted() -> None:
     assert len(packed) == (18 - 1) // 4 == 4
     for i in range(len(packed)):
         assert packed[i].tolist() == stream[i * 4 : i * 4 + 5].tolist()
-    x, y = packed.batch([0, 3])
+    batch = packed.batch([0, 3])
+    x, y = batch.inputs, batch.targets
     assert x.shape == y.shape == (2, 4)
+    assert batch.loss_mask is None and batch.position_ids is None  # pretraining: every target counts
+    assert batch.counted().tolist() == [4, 4]
     assert x[1, 1:].tolist() == y[1, :-1].tolist()
 
 

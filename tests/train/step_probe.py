@@ -166,7 +166,7 @@ def _wrap(real: Any, probe: Probe) -> Any:
             before=before,
             after={n: full(p) for n, p in named},
             grads=grads,
-            grad_norm=stats.grad_norm,
+            grad_norm=float(stats.grad_norm),
             lr=lr,
             sublayer_calls=calls,
             saved_bytes=saved[0],
@@ -184,7 +184,7 @@ def _wrap(real: Any, probe: Probe) -> Any:
             was_training = parallel.forward_module.training
             parallel.forward_module.eval()
             with torch.no_grad():
-                record.logits = parallel.forward_module(input_ids=PROBE_IDS.to(batches[0][0].device)).logits.detach()
+                record.logits = parallel.forward_module(input_ids=PROBE_IDS.to(batches[0].inputs.device)).logits.detach()
             parallel.forward_module.train(was_training)
         probe.steps.append(record)
         return stats

@@ -22,12 +22,14 @@ done_step
 step "flatlm${extras} in editable mode, with transformers, datasets, accelerate, sentencepiece, tensorboard${extras:+, pytest, ruff, lion-pytorch}"
 $PIP install -e ".${extras}"
 done_step
-# DeepSpeed builds its ops lazily; it must see the installed torch (no build isolation).
-if ! python -c "import deepspeed" >/dev/null 2>&1; then
-    step "deepspeed (DS_BUILD_OPS=0, no build isolation: its ops compile on first use, not now)"
-    DS_BUILD_OPS=0 $PIP install --no-build-isolation "deepspeed>=0.16"
+# DeepSpeed builds its ops lazily; it must see the installed torch (no build isolation). flatlm's ZeRO backends read
+# DeepSpeed internals checked on this version only (flatlm.parallel.zero_views.DEEPSPEED_CHECKED; they refuse others).
+deepspeed_version="0.19.8"
+if ! python -c "import deepspeed, sys; sys.exit(deepspeed.__version__ != '$deepspeed_version')" >/dev/null 2>&1; then
+    step "deepspeed==$deepspeed_version (DS_BUILD_OPS=0, no build isolation: its ops compile on first use, not now)"
+    DS_BUILD_OPS=0 $PIP install --no-build-isolation "deepspeed==$deepspeed_version"
     done_step
 else
-    echo "[install] deepspeed: already installed"
+    echo "[install] deepspeed $deepspeed_version: already installed"
 fi
 echo "[install] flatlm is installed ($((SECONDS - started)) s); try: flatlm train --help"

@@ -47,7 +47,7 @@ def test_every_pip_step_is_announced_first(tmp_path: Path, deepspeed_present: bo
     lines = _install(tmp_path, "--test", **env)
     pips = [i for i, line in enumerate(lines) if line.startswith("PIP ")]
     assert len(pips) == (2 if deepspeed_present else 3)
-    what = {"torch==2.13.0": "torch", "-e .[test]": "flatlm[test]", "deepspeed>=0.16": "deepspeed"}
+    what = {"torch==2.13.0": "torch", "-e .[test]": "flatlm[test]", "deepspeed==0.19.8": "deepspeed"}
     previous = -1
     for i in pips:
         call = lines[i]
@@ -58,4 +58,4 @@ def test_every_pip_step_is_announced_first(tmp_path: Path, deepspeed_present: bo
         previous = i
     assert lines[-1].startswith("[install] flatlm is installed")
     if deepspeed_present:
-        assert "[install] deepspeed: already installed" in lines
+        assert "[install] deepspeed 0.19.8: already installed" in lines

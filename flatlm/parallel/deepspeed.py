@@ -37,6 +37,7 @@ import torch
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
 from flatlm.parallel.backend import Parallel
+from flatlm.parallel.zero_views import check_deepspeed_version, keep_client_adagrad, skip_shm_comm_build
 
 ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"  # checkpoints/step-N/deepspeed/state/*.pt
 SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
@@ -217,28 +218,12 @@ class DeepSpeedParallel(Parallel):
         recorded and re-raised after DeepSpeed's save returns: raising inside it would leave the other ranks at one
         of DeepSpeed's barriers; this way every rank reaches them and the checkpoint module's agreement fails the
         save everywhere. The writes that can fail on one rank only: the state files (``checkpoint_engine.save``),
-        rank 0's directory (``checkpoint_engine.makedirs``) and rank 0's copy of DeepSpeed's recovery scripts."""
-        writer, engine, failures = self.engine.checkpoint_engine, self.engine, []
+        rank 0's directory (``checkpoint_engine.makedirs``) and rank 0's copy of DeepSpeed's recovery scripts
+        (``zero_views.recorded_write_failures``)."""
+        from flatlm.parallel.zero_views import recorded_write_failures
 
-        def record(real: Any) -> Any:
-            def call_or_record(*args: Any, **kwargs: Any) -> None:
-                if failures:  # this rank's save has failed already: skip its remaining files
-                    return
-                try:
-                    real(*args, **kwargs)
-                except Exception as exc:
-                    failures.append(exc)
-
-            return call_or_record
-
-        patched = [(writer, "save"), (writer, "makedirs"), (engine, "_copy_recovery_script")]
-        for obj, name in patched:
-            setattr(obj, name, record(getattr(obj, name)))
-        try:
+        with recorded_write_failures(self.engine) as failures:
             self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
-        finally:
-            for obj, name in patched:
-                delattr(obj, name)  # the class's method again
         if failures:
             raise failures[0]
 
@@ -278,6 +263,7 @@ def deepspeed_parallel(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, accum: int
 ) -> tuple[DeepSpeedParallel, torch.optim.Optimizer]:
     """Initialise the DeepSpeed engine around ``model`` with ``optimizer`` as its client optimizer."""
+    check_deepspeed_version()  # before anything of DeepSpeed runs: its internals are read as checked
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     import deepspeed
 
@@ -285,43 +271,11 @@ def deepspeed_parallel(
     config = deepspeed_config(cfg, cfg.parallel.world_size, accum, model_numel=numel)
     if hasattr(optimizer, "swap_weights"):
         optimizer.swap_weights = False  # DeepSpeed keeps views of its partitions: perturb by copy, in place
-    _skip_shm_comm_build()
+    skip_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
-    _keep_client_adagrad(engine, optimizer)
+    keep_client_adagrad(engine, optimizer)
     _shape_aware_on_partitions(optimizer, engine, model)
     return DeepSpeedParallel(cfg.parallel.backend, model, engine), optimizer
-
-
-def _skip_shm_comm_build() -> None:
-    """On the CPU accelerator DeepSpeed compiles its shared-memory all-reduce extension (``deepspeed_shm_comm``,
-    one to two minutes of g++ in every fresh environment) when its communication backend starts. That kernel only
-    serves ``inference_all_reduce``, which training never calls (ZeRO's reductions go through torch.distributed),
-    so flatlm marks it unavailable instead of compiling it."""
-    import deepspeed.ops
-
-    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def _keep_client_adagrad(engine: Any, optimizer: torch.optim.Optimizer) -> None:
-    """DeepSpeed's ZeRO optimizers replace a ``torch.optim.Adagrad`` client by a new Adagrad over all flat partitions
-    in one param group with the defaults (``initialize_optimizer_states``, because Adagrad creates its state eagerly):
-    flatlm's groups (no weight decay for norms and embeddings) and the scheduler's optimizer are lost, and ZeRO-1/2
-    fail in the first backward (IndexError on the second group). Put the client back on its partitions, with the
-    state Adagrad would have created for them."""
-    zero = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Adagrad) or getattr(zero, "optimizer", optimizer) is optimizer:
-        return
-    from flatlm.parallel.zero_views import flat_partitions
-
-    init = optimizer.defaults["initial_accumulator_value"]
-    optimizer.state.clear()  # keyed by the model's parameters, which DeepSpeed's client never steps
-    for flat in flat_partitions(engine):
-        optimizer.state[flat] = {"step": torch.tensor(0.0), "sum": torch.full_like(flat.detach(), init)}
-    zero.optimizer = optimizer
-    if hasattr(zero, "_create_param_mapping"):  # ZeRO-1/2 linked the weights of the replacement's one group only
-        zero._link_all_hp_params()
-        zero._param_slice_mappings = zero._create_param_mapping()  # saved in its checkpoints
 
 
 def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, model: torch.nn.Module) -> None:

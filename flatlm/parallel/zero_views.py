@@ -32,16 +32,33 @@ Between backward and step: ``pending_grads`` returns this rank's reduced gradien
 on the gradient-accumulation boundary), ``clear_pending_grads`` drops them so the next backward starts from
 zero, and ``push_master_to_model`` makes the model's forward see values written into the fragments (SAM's
 w + eps, and the exact w again on restore).
+
+This is the one module that reads DeepSpeed's private attributes (the ZeRO optimizers' partition bookkeeping,
+``deepspeed.ops.__compatible_ops__``, the engine's checkpoint writer and recovery-script copy, the classes its
+checkpoints pickle). They change between releases without notice, so the ZeRO backends first check the installed
+DeepSpeed against ``DEEPSPEED_CHECKED``, the versions these reads were checked on (``check_deepspeed_version``):
+another version is one clear error at setup, not a silent misreading. scripts/install.sh installs that version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from torch import Tensor, nn
+
+from flatlm.errors import FlatlmError
+
+DEEPSPEED_CHECKED = SpecifierSet("==0.19.8")
+"""The DeepSpeed releases flatlm's reads of its internals were checked against (by the test suite): 0.19.8 only."""
 
 
 @dataclass
@@ -233,3 +250,83 @@ def pickled_classes() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_deepspeed_version(installed: str | None = None) -> None:
+    """Refuse a DeepSpeed outside ``DEEPSPEED_CHECKED`` (``installed``: the version to judge, default the installed
+    one), with one line naming both and the fix; a missing DeepSpeed is the same kind of error."""
+    if installed is None:
+        try:
+            installed = metadata.version("deepspeed")
+        except metadata.PackageNotFoundError:
+            raise FlatlmError(
+                "the ZeRO backends need DeepSpeed, which is not installed: run scripts/install.sh (it installs "
+                f"deepspeed{DEEPSPEED_CHECKED}), or choose parallel.backend=ddp or fsdp2"
+            ) from None
+    if Version(installed) not in DEEPSPEED_CHECKED:
+        raise FlatlmError(
+            f"DeepSpeed {installed} is installed, but flatlm's ZeRO backends read DeepSpeed internals checked only "
+            f"against deepspeed{DEEPSPEED_CHECKED}: install that (DS_BUILD_OPS=0 pip install --no-build-isolation "
+            f"'deepspeed{DEEPSPEED_CHECKED}', as scripts/install.sh does), or choose parallel.backend=ddp or fsdp2"
+        )
+
+
+def skip_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed compiles its shared-memory all-reduce extension (``deepspeed_shm_comm``,
+    one to two minutes of g++ in every fresh environment) when its communication backend starts. That kernel only
+    serves ``inference_all_reduce``, which training never calls (ZeRO's reductions go through torch.distributed),
+    so flatlm marks it unavailable instead of compiling it."""
+    import deepspeed.ops
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def keep_client_adagrad(engine: Any, optimizer: torch.optim.Optimizer) -> None:
+    """DeepSpeed's ZeRO optimizers replace a ``torch.optim.Adagrad`` client by a new Adagrad over all flat partitions
+    in one param group with the defaults (``initialize_optimizer_states``, because Adagrad creates its state eagerly):
+    flatlm's groups (no weight decay for norms and embeddings) and the scheduler's optimizer are lost, and ZeRO-1/2
+    fail in the first backward (IndexError on the second group). Put the client back on its partitions, with the
+    state Adagrad would have created for them."""
+    zero = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Adagrad) or getattr(zero, "optimizer", optimizer) is optimizer:
+        return
+    init = optimizer.defaults["initial_accumulator_value"]
+    optimizer.state.clear()  # keyed by the model's parameters, which DeepSpeed's client never steps
+    for flat in flat_partitions(engine):
+        optimizer.state[flat] = {"step": torch.tensor(0.0), "sum": torch.full_like(flat.detach(), init)}
+    zero.optimizer = optimizer
+    if hasattr(zero, "_create_param_mapping"):  # ZeRO-1/2 linked the weights of the replacement's one group only
+        zero._link_all_hp_params()
+        zero._param_slice_mappings = zero._create_param_mapping()  # saved in its checkpoints
+
+
+@contextlib.contextmanager
+def recorded_write_failures(engine: Any) -> Iterator[list[Exception]]:
+    """Inside the body (an ``engine.save_checkpoint``), the writes that can fail on one rank only record their
+    exception in the yielded list instead of raising, and once one failed this rank's remaining writes are
+    skipped: the state files (``checkpoint_engine.save``), rank 0's directory (``checkpoint_engine.makedirs``)
+    and rank 0's copy of DeepSpeed's recovery scripts (``_copy_recovery_script``). Raising inside DeepSpeed's save
+    would leave the other ranks at one of its barriers."""
+    failures: list[Exception] = []
+
+    def record(real: Any) -> Any:
+        def call_or_record(*args: Any, **kwargs: Any) -> None:
+            if failures:  # this rank's save has failed already: skip its remaining files
+                return
+            try:
+                real(*args, **kwargs)
+            except Exception as exc:
+                failures.append(exc)
+
+        return call_or_record
+
+    writer = engine.checkpoint_engine
+    patched = [(writer, "save"), (writer, "makedirs"), (engine, "_copy_recovery_script")]
+    for obj, name in patched:
+        setattr(obj, name, record(getattr(obj, name)))
+    try:
+        yield failures
+    finally:
+        for obj, name in patched:
+            delattr(obj, name)  # the class's method again

@@ -125,10 +125,10 @@ def test_deepspeed_never_compiles_its_shm_kernel_on_cpu(monkeypatch: pytest.Monk
 
     import deepspeed.ops
 
-    from flatlm.parallel.deepspeed import _skip_shm_comm_build
+    from flatlm.parallel.zero_views import skip_shm_comm_build
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
-    _skip_shm_comm_build()
+    skip_shm_comm_build()
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None

@@ -48,7 +48,8 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
     import deepspeed
 
     from flatlm.optim import build_optimizer, model_param_groups
-    from flatlm.parallel.deepspeed import _shape_aware_on_partitions, _skip_shm_comm_build
+    from flatlm.parallel.deepspeed import _shape_aware_on_partitions
+    from flatlm.parallel.zero_views import skip_shm_comm_build
     from flatlm.parallel.zero_views import zero_fragments
 
     model = _model()
@@ -70,7 +71,7 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-    _skip_shm_comm_build()  # as flatlm's backend does: no g++ build of DeepSpeed's inference all-reduce
+    skip_shm_comm_build()  # as flatlm's backend does: no g++ build of DeepSpeed's inference all-reduce
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
     _shape_aware_on_partitions(opt, engine, model)
 

@@ -63,6 +63,8 @@ class ESAM(SAM):
     Args: as ``SAM``, plus ``beta`` in (0, 1] (0.6), ``gamma`` in (0, 1] (0.5), ``seed`` >= 0 (0).
     """
 
+    selects_tensors = True  # a random subset of tensors: of parameters only where each view is a whole one
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -95,6 +97,11 @@ class ESAM(SAM):
         super().add_param_group(param_group)
 
     def _perturb(self, index: int, params: list[Tensor], grads: list[Tensor]) -> bool:
+        if not self._whole:
+            raise RuntimeError(
+                "ESAM selects whole parameters, but these views hold pieces of parameters (a sharded layout); "
+                "flatlm.parallel.compat refuses this pair before training"
+            )
         norm = self._grad_norm(grads)  # the whole gradient's norm
         mask = swp_mask(int(self.param_groups[0]["esam_seed"]), index, len(params), self.beta)
         self._moved = [p for p, m in zip(params, mask, strict=True) if m]

@@ -41,6 +41,9 @@ class GSAM(SAM):
     Args: as ``SAM``, plus ``alpha`` >= 0 (0.2), ``rho_min`` in [0, rho] or None (constant rho), ``lr_min`` >= 0.
     """
 
+    writes_final_grad = True  # g' - alpha g_perp, in g' 's storage
+    final_grad_uses_first_pass = True  # g_perp is built from this rank's g
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

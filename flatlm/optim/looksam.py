@@ -18,9 +18,9 @@ t counts ``perturb`` calls from 0 (``sam_step`` in the param groups), so the fir
 paper's defaults: k = 5, alpha = 0.7. Norms and the dot product are global over every parameter.
 
 Reductions: full step: perturb one (||g||^2), restore one (<g, g_s>); other steps: one call for the vector
-(||g||^2, ||g_v||^2). State per parameter: ``sam_g_v`` (as the parameter; created zero by the first ``step`` so
-that a fresh optimizer's state_dict has it); on full steps, between perturb and restore, a scratch copy of w and
-the pass-1 gradient tensors (which then become the new g_v: no extra copy).
+(||g||^2, ||g_v||^2). State per view (``ParamView.key``): ``sam_g_v`` (as the parameter; created zero by the first
+``step`` so that a fresh optimizer's state_dict has it); on full steps, between perturb and restore, a scratch copy of
+w and the pass-1 gradient tensors (which then become the new g_v: no extra copy).
 Cost: full step SAM's 8 streams + <g, g_s> 2 + g_v built in place 5 = 15; reuse step ||g|| 1 + ||g_v|| 1 +
 g += s g_v 3 = 5; a cycle of k = 5 steps averages 7 per step, AdamW's 7.
 """
@@ -44,6 +44,11 @@ class LookSAM(SAM):
     Args: as ``SAM``, plus ``k`` >= 1 (5) and ``alpha`` >= 0 (0.7).
     """
 
+    writes_final_grad = True  # reuse steps rewrite pass 1's gradient
+    final_grad_uses_first_pass = True  # g_v is built from this rank's g
+    keeps_state = True  # sam_g_v
+    may_skip_second_pass = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -64,17 +69,14 @@ class LookSAM(SAM):
     def _hyperparameters(self) -> dict[str, Any]:
         return {**super()._hyperparameters(), "k": self.k, "alpha": self.alpha}
 
-    def _g_v(self, params: list[Tensor]) -> list[Tensor]:
-        out = []
-        for p in params:
-            st = self.sam_state[p]
-            if G_V not in st:
-                st[G_V] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out.append(st[G_V])
-        return out
-
     def _init_state(self) -> None:
-        self._g_v([p for g in self.param_groups for p in g["params"] if p.requires_grad])
+        """g_v = 0 for every trainable tensor of this optimizer's own views, once (a backend's views get theirs on
+        the first step, which is a full one)."""
+        if self.sam_state:
+            return
+        for v in self.param_views():
+            if v.tensor.requires_grad:
+                self.sam_state[v.key][G_V] = torch.zeros_like(v.tensor, memory_format=torch.preserve_format)
 
     def _perturb(self, index: int, params: list[Tensor], grads: list[Tensor]) -> bool:
         fe = self.foreach
@@ -84,8 +86,8 @@ class LookSAM(SAM):
             self._save_and_move(params, grads, self.rho / (self._first_sq.sqrt() + EPS), grads_kept=True)
             return True
         # reuse step: params that have no g_v yet (never had a grad on a full step) get g unchanged
-        with_v = [i for i, p in enumerate(params) if G_V in self.sam_state.get(p, {})]
-        gv = [self.sam_state[params[i]][G_V] for i in with_v]
+        with_v = [i for i, p in enumerate(params) if G_V in self.sam_state.get(self._key(p), {})]
+        gv = [self.sam_state[self._key(params[i])][G_V] for i in with_v]
         gp = [grads[i] for i in with_v]
         sq_g, sq_v = self._global(_sumsq(grads, fe), _sumsq(gv, fe))
         _add_scaled_(gp, gv, self.alpha * sq_g.sqrt() / (sq_v.sqrt() + EPS), fe, src_is_scratch=False)
@@ -97,4 +99,4 @@ class LookSAM(SAM):
         _mul_(g, -coef, self.foreach)  # g_v = g_s - coef g, built in the pass-1 gradient's storage
         _add_(g, grads, 1.0, self.foreach)
         for p, v in zip(params, g, strict=True):  # the new g_v replaces the old one; g_final stays g_s
-            self.sam_state[p][G_V] = v
+            self.sam_state[self._key(p)][G_V] = v

@@ -67,6 +67,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatlm.optim.views import ParamView, plain_views
+
 BaseFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 EPS = 1e-12  # added to every norm we divide by (google-research/sam and davda54/sam use 1e-12)
@@ -80,12 +82,6 @@ def default_base_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimize
         p.device.type in ("cpu", "cuda") for p in params
     )
     return torch.optim.AdamW(groups, fused=fused or None)
-
-
-def _owns_storage(p: Tensor) -> bool:
-    """Whether ``p`` is the whole of its storage (not a slice of a flat buffer) and not partitioned (ZeRO-3)."""
-    whole = p.storage_offset() == 0 and p.untyped_storage().nbytes() == p.numel() * p.element_size()
-    return whole and not hasattr(p, "ds_id")
 
 
 def identity(x: Tensor) -> Tensor:
@@ -260,14 +256,27 @@ class SAM(torch.optim.Optimizer):
             sums (an all-reduce, given by the backend when the optimizer is built); identity by default.
 
     Attributes:
-        swap_weights: ``None`` (auto: swap ``p.data`` for plain tensors, copy for DTensors and views), True or
-            False. Swapping saves two of the eight memory passes of the wrapper's own work.
-        sum_across_ranks: ``Tensor -> Tensor``, turns a vector of local sums (squares / products) into global
-            sums; identity by default. Every norm and dot product of the family goes through it.
-        sam_state: per-parameter wrapper state (``sam_*`` keys), checkpointed with the base's state.
+        swap_weights: ``None`` (the views decide: ``ParamView.swappable``), True or False (force one mode; for
+            tests and benchmarks). Swapping saves two of the eight memory passes of the wrapper's own work.
+        sam_state: per-view wrapper state (``sam_*`` keys) keyed by ``ParamView.key``, checkpointed with the
+            base's state.
+
+    What a variant needs from a backend, declared as class attributes (``flatlm.parallel.compat`` reads them):
+        writes_final_grad: the final gradient is not pass 2's g' as it is: ``restore`` (and a skipped pass 2)
+            rewrites the gradients the step reads, so they must be writable there.
+        final_grad_uses_first_pass: the final gradient depends on this rank's pass-1 gradient (or its norm); under
+            replica perturbation that gradient is rank-local, so the step's gradients must be laid out like it.
+        keeps_state: per-view state lives from step to step (keyed by the view, checkpointed).
+        may_skip_second_pass: ``perturb`` may return False (the final gradient is then pass 1's, rewritten).
+        selects_tensors: the math picks a subset of tensors, meaningful per parameter only on whole parameters.
     """
 
     swap_weights: bool | None = None  # see Attributes
+    writes_final_grad: bool = False
+    final_grad_uses_first_pass: bool = False
+    keeps_state: bool = False
+    may_skip_second_pass: bool = False
+    selects_tensors: bool = False
 
     def __init__(
         self,
@@ -282,9 +291,14 @@ class SAM(torch.optim.Optimizer):
         self.rho = float(rho)
         self.foreach = True if foreach is None else bool(foreach)
         self.sum_across_ranks: Callable[[Tensor], Tensor] = sum_across_ranks or identity
-        self.sam_state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
-        self._scratch: dict[Tensor, dict[str, Tensor]] = {}  # transient per-param buffers, never checkpointed
-        self._perturbed: list[Tensor] | None = None  # params moved to w + eps, waiting for restore()
+        self.sam_state: defaultdict[str, dict[str, Any]] = defaultdict(dict)
+        self._scratch: dict[str, dict[str, Tensor]] = {}  # per-view buffers by ParamView.key, never checkpointed
+        self._views: tuple[tuple[int, ...], list[ParamView]] | None = None  # own views, built once per group layout
+        self._keys: dict[int, str] = {}  # id(tensor) -> view key, for the tensors of the current perturb/restore
+        self._swappable = False  # every view of the current perturb/restore may be swapped
+        self._whole = True  # every view of the current perturb/restore is one whole parameter
+        self._transient = False  # every view of the current perturb/restore is a copy dropped after the step
+        self._perturbed: list[ParamView] | None = None  # views moved to w + eps, waiting for restore()
         self._swapped = False  # whether the kept w is in scratch by a p.data swap (restore swaps back)
 
         groups = list(params)
@@ -354,26 +368,35 @@ class SAM(torch.optim.Optimizer):
             g["sam_step"] = index + 1
         return index
 
+    # -- views ----------------------------------------------------------------------------------------------------
+
+    def param_views(self) -> list[ParamView]:
+        """Views of this optimizer's own tensors, keyed by their position in the param groups (torch's
+        ``state_dict`` numbering, so the keys are the checkpoint's too). Built once per group layout."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = tuple(id(p) for p in params)
+        if self._views is None or self._views[0] != ids:
+            self._views = (ids, plain_views([(str(i), p) for i, p in enumerate(params)]))
+        return self._views[1]
+
+    def _bind(self, views: list[ParamView]) -> list[Tensor]:
+        """Make the tensors of ``views`` known to the helpers below for this call; returns them."""
+        self._keys = {id(v.tensor): v.key for v in views}
+        self._swappable = all(v.swappable for v in views)
+        self._whole = all(v.whole for v in views)
+        self._transient = all(v.transient for v in views)
+        return [v.tensor for v in views]
+
+    def _key(self, t: Tensor) -> str:
+        return self._keys[id(t)]
+
     # -- helpers for the variants -------------------------------------------------------------------------------
 
-    def _params_with_grad(self) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads, seen = [], [], set()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or id(p) in seen:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("the SAM family does not support sparse gradients")
-                seen.add(id(p))
-                params.append(p)
-                grads.append(p.grad)
-        return params, grads
-
     def _buffers(self, params: list[Tensor], name: str) -> list[Tensor]:
-        """Scratch tensor ``name`` for each param (allocated once, like the param, then reused)."""
+        """Scratch tensor ``name`` for each tensor's view (allocated once, then reused: keyed by the view)."""
         out = []
         for p in params:
-            slot = self._scratch.setdefault(p, {})
+            slot = self._scratch.setdefault(self._key(p), {})
             buf = slot.get(name)
             if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
                 buf = slot[name] = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -390,13 +413,12 @@ class SAM(torch.optim.Optimizer):
     def _grad_norm(self, grads: list[Tensor]) -> Tensor:
         return self._global(_sumsq(grads, self.foreach))[0].sqrt()
 
-    def _can_swap(self, params: list[Tensor]) -> bool:
-        """Whether w can be kept aside by swapping ``p.data`` instead of copying (``swap_weights``, auto)."""
+    def _can_swap(self) -> bool:
+        """Whether w can be kept aside by swapping ``p.data`` instead of copying (the views say; or
+        ``swap_weights``)."""
         if self.swap_weights is not None:
             return bool(self.swap_weights)
-        # Only plain tensors that own their storage: a DTensor (FSDP2), a view into a flat buffer (DeepSpeed
-        # ZeRO) or a partitioned parameter must keep its storage, so those are copied.
-        return all(type(p) in (Tensor, torch.nn.Parameter) and _owns_storage(p) for p in params)
+        return self._swappable
 
     def _save_and_move(
         self, params: list[Tensor], grads: list[Tensor], scale: Tensor, grads_kept: bool = False
@@ -405,9 +427,13 @@ class SAM(torch.optim.Optimizer):
 
         Swap mode (plain tensors): w + scale g is written into a scratch buffer (one read of w and g, one write)
         and the buffer becomes ``p.data``; the original storage is kept and swapped back by ``restore``, so w
-        comes back bit for bit with no copy. Copy mode: w is copied to scratch and moved in place.
+        comes back bit for bit with no copy. Copy mode: w is copied to scratch and moved in place. Transient
+        views (copies the backend drops after the step): moved in place, nothing kept.
         """
-        if self._can_swap(params):
+        if self._transient:
+            _add_scaled_(params, grads, scale, self.foreach, src_is_scratch=not grads_kept)
+            return
+        if self._can_swap():
             moved = self._buffers(params, "w")
             if scale.device.type == "cpu":
                 alpha = scale.item()
@@ -417,7 +443,7 @@ class SAM(torch.optim.Optimizer):
                 _copy_(moved, params, self.foreach)
                 _add_scaled_sync_free(moved, grads, scale, self.foreach, src_is_scratch=not grads_kept)
             for p, m in zip(params, moved, strict=True):
-                self._scratch[p]["w"] = p.data
+                self._scratch[self._key(p)]["w"] = p.data
                 p.data = m
             self._swapped = True
             return
@@ -426,9 +452,11 @@ class SAM(torch.optim.Optimizer):
 
     def _put_back(self, params: list[Tensor]) -> None:
         """Restore the w that ``_save_and_move`` (or a variant's copy) kept aside."""
+        if self._transient:
+            return
         if self._swapped:
             for p in params:
-                slot = self._scratch[p]
+                slot = self._scratch[self._key(p)]
                 slot["w"], p.data = p.data, slot["w"]
             self._swapped = False
         else:
@@ -437,9 +465,14 @@ class SAM(torch.optim.Optimizer):
     @staticmethod
     def _keep(grads: list[Tensor]) -> list[Tensor]:
         """Keep g for ``restore`` without copying it: ``perturb`` drops the tensors from p.grad, so pass 2
-        writes fresh ones. A gradient that is a view of a shared buffer (DDP's gradient_as_bucket_view) would be
-        overwritten by pass 2, so that one is copied."""
+        writes fresh ones. A gradient that is a view of a shared buffer (DDP's gradient_as_bucket_view, ZeRO's
+        gradient partitions) would be overwritten by pass 2, so that one is copied."""
         return [g.clone() if g._is_view() else g for g in grads]
+
+    def scratch_bytes(self) -> tuple[int, int]:
+        """(number of scratch buffers held, their bytes): constant from step to step (the leak tests read it)."""
+        bufs = [t for slot in self._scratch.values() for t in slot.values()]
+        return len(bufs), sum(t.numel() * t.element_size() for t in bufs)
 
     # -- the interface the training loop drives -----------------------------------------------------------------
 
@@ -450,54 +483,55 @@ class SAM(torch.optim.Optimizer):
 
         False means this step needs no second pass: p.grad already holds the final gradient, weights unchanged.
         """
-        params, grads = self._params_with_grad()
-        second = self.perturb_tensors(params, grads)
+        views = [v for v in self.param_views() if v.tensor.grad is not None]
+        for v in views:
+            if v.tensor.grad.is_sparse:
+                raise RuntimeError("the SAM family does not support sparse gradients")
+        second = self.perturb_views(views, [v.tensor.grad for v in views])
         if second:
-            for p in params:  # torch's zero_grad(set_to_none=True): pass 2 starts from fresh gradients
-                p.grad = None
+            for v in views:  # torch's zero_grad(set_to_none=True): pass 2 starts from fresh gradients
+                v.tensor.grad = None
         return second
 
     @torch.no_grad()
-    def perturb_tensors(self, params: list[Tensor], grads: list[Tensor]) -> bool:
-        """``perturb`` on explicit (weight, gradient) tensors, e.g. DeepSpeed's flat fp32 partitions and their
-        reduced gradients; leaves the gradients to the caller."""
+    def perturb_views(self, views: list[ParamView], grads: list[Tensor]) -> bool:
+        """``perturb`` on explicit views (a backend's: DeepSpeed's flat fp32 partitions, FSDP2's unsharded copies)
+        and their pass-1 gradients; leaves the gradients to the caller. Where it returns False the final gradient
+        has been written into ``grads``."""
         if self._perturbed is not None:
             raise RuntimeError("perturb() called twice without restore(): the weights are still at w + eps")
         index = self._advance()
-        if not params:
+        if not views:
             return False
-        second = self._perturb(index, params, grads)
+        second = self._perturb(index, self._bind(views), list(grads))
         if second:
-            self._perturbed = params
+            self._perturbed = list(views)
         return second
 
     @torch.no_grad()
     def restore(self) -> None:
         """After pass 2 (p.grad = g' at w + eps): put w back exactly and write the final gradient into p.grad."""
-        params = self._perturbed
-        if params is None:
+        views = self._perturbed
+        if views is None:
             raise RuntimeError("restore() called without a perturb() that returned True")
-        for p in params:  # a param used in pass 1 but not in pass 2 (rare): its g' is zero
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.restore_tensors(params, [p.grad for p in params])
-
-    def forget_perturbation(self) -> None:
-        """End a perturbation whose tensors were temporary copies (FSDP2's unsharded weights in replica SAM):
-        nothing to put back, the final gradient is g' as it is (SAM and ASAM)."""
-        if self._perturbed is None:
-            raise RuntimeError("forget_perturbation() called without a perturb() that returned True")
-        self._perturbed = None
+        for v in views:  # a param used in pass 1 but not in pass 2 (rare): its g' is zero
+            if v.tensor.grad is None:
+                v.tensor.grad = torch.zeros_like(v.tensor)
+        self.restore_views(views, [v.tensor.grad for v in views])
 
     @torch.no_grad()
-    def restore_tensors(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        """``restore`` on the tensors ``perturb_tensors`` moved, with pass 2's gradients ``grads`` (final
-        gradient written into them)."""
+    def restore_views(self, views: list[ParamView], grads: list[Tensor]) -> None:
+        """``restore`` on the views ``perturb_views`` moved, with pass 2's gradients ``grads`` (the final
+        gradient is written into them)."""
         if self._perturbed is None:
             raise RuntimeError("restore() called without a perturb() that returned True")
+        if [v.key for v in views] != [v.key for v in self._perturbed]:
+            raise RuntimeError("restore() got other views than the perturb() it ends")
+        params = self._bind(views)
         self._restore_weights(params)
-        self._final_grad(params, grads)
+        self._final_grad(params, list(grads))
         self._perturbed = None
+        self._keys = {}
 
     def second_pass_loss(self, per_sample_loss: Tensor, first_pass_per_sample_loss: Tensor) -> Tensor:
         """The scalar to backward in pass 2 from the per-sample losses at w + eps (and at w); the mean here."""
@@ -542,7 +576,7 @@ class SAM(torch.optim.Optimizer):
         """SAM: the base optimizer steps with g' as it is."""
 
     def _init_state(self) -> None:
-        """Create persistent per-parameter state that must exist before the first step (LookSAM's g_v).
+        """Create persistent per-view state that must exist before the first step (LookSAM's g_v).
 
         Called by ``step`` so that torch.distributed.checkpoint's state initialisation (a step on zero grads)
         also creates the wrapper's state, and a fresh optimizer's state_dict lists every key a checkpoint has.
@@ -551,16 +585,15 @@ class SAM(torch.optim.Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base's state_dict with each parameter's ``sam_*`` state merged in (new dicts; base untouched)."""
+        """The base's state_dict with each parameter's ``sam_*`` state merged in (new dicts; base untouched).
+
+        A view's state is keyed by the view, and a view of an optimizer tensor is keyed by its position in the
+        param groups (``param_views``; a backend's views of the tensors it hands the optimizer likewise, e.g.
+        ZeRO's flat partition k is position k): the position is torch's numbering here."""
         sd = self.base_optimizer.state_dict()
         state = dict(sd["state"])
-        # the base numbered its params by position in the groups, as its packed groups list them
-        for key, p in zip(
-            (k for g in sd["param_groups"] for k in g["params"]),
-            (p for g in self.param_groups for p in g["params"]),
-            strict=True,
-        ):
-            mine = self.sam_state.get(p)
+        for position, key in enumerate(k for g in sd["param_groups"] for k in g["params"]):
+            mine = self.sam_state.get(str(position))
             if mine:
                 state[key] = {**state.get(key, {}), **mine}
         return {**sd, "state": state}
@@ -575,17 +608,17 @@ class SAM(torch.optim.Optimizer):
         current = [p for g in self.param_groups for p in g["params"]]
         if len(saved) != len(current):
             raise ValueError(f"state_dict has {len(saved)} parameters in its groups, this optimizer {len(current)}")
-        key_to_param = dict(zip(saved, current, strict=True))
+        position = {key: i for i, key in enumerate(saved)}
         base_state: dict[Any, dict[str, Any]] = {}
-        mine: dict[Tensor, dict[str, Any]] = {}
+        mine: dict[str, dict[str, Any]] = {}
         for key, st in state_dict["state"].items():
             b = {k: v for k, v in st.items() if not str(k).startswith(STATE_PREFIX)}
             m = {k: v for k, v in st.items() if str(k).startswith(STATE_PREFIX)}
             if b:
                 base_state[key] = b
             if m:
-                p = key_to_param[key]
-                mine[p] = {
+                p = current[position[key]]
+                mine[str(position[key])] = {
                     k: v.to(device=p.device, dtype=p.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
                     for k, v in m.items()
                 }

@@ -29,6 +29,9 @@ from flatlm.optim.sam import EPS, SAM, _mul_
 class SSAM(SAM):
     """SAM with g_final = g' ||g|| / ||g'|| (Tan et al. 2024). Args as ``SAM``."""
 
+    writes_final_grad = True  # g' rescaled in place
+    final_grad_uses_first_pass = True  # by this rank's ||g||
+
     def _perturb(self, index: int, params: list[Tensor], grads: list[Tensor]) -> bool:
         norm = self._grad_norm(grads)
         self._first_norm = norm  # ||g||, a 0-d tensor: no host sync

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from flatlm.parallel.collectives import clip_grad_norm_
+from flatlm.optim.views import ParamView, plain_views
+from flatlm.parallel.collectives import average_, clip_grad_norm_
 
 
 @dataclass
@@ -37,21 +36,23 @@ class Parallel:
     """Each rank holds a different part of the gradients (norms need an all-reduce)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # -- capabilities: what may run here (flatlm.parallel.compat computes the impossible pairs from them) --------
+
+    whole_weights: ClassVar[bool] = True
+    """Every rank can hold every parameter's whole values for a step (replica perturbation is possible)."""
+    grads_writable: ClassVar[bool] = True
+    """Under global perturbation a variant may rewrite the synchronised gradients the step reads
+    (``commit_gradients`` puts them there)."""
+    tensors_are_parameters: ClassVar[bool] = True
+    """The optimizer's tensors are whole parameters (a per-tensor choice is a per-parameter choice)."""
+    replica_grads_like_first_pass: ClassVar[bool] = True
+    """Under replica perturbation the gradients the step reads have the layout of this rank's pass-1 gradient (a
+    final gradient built from pass 1, or a skipped pass 2, can be averaged into them)."""
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward inside this context accumulates gradients locally, without synchronising them."""
-        module = self.forward_module
-        if self.backend == "ddp":
-            with module.no_sync():
-                yield
-        elif self.backend == "fsdp2":
-            module.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                module.set_requires_gradient_sync(True)
-        else:
-            yield
+        yield
 
     def local_pass(self) -> contextlib.AbstractContextManager:
         """A backward whose gradients stay on this rank for the whole pass (replica SAM's first pass)."""
@@ -63,15 +64,7 @@ class Parallel:
         return model
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """Average gradients accumulated under ``no_sync`` over the ranks (one flat all-reduce)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.backend != "ddp" or not grads:
-            return
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for g, new in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(new)
+        """Average gradients accumulated under ``no_sync`` over the ranks (nothing to do in one process)."""
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -86,26 +79,68 @@ class Parallel:
             if g is not None:
                 acc.add_(g)
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """Clip to ``max_norm`` by the global norm over every shard, step, zero the gradients; returns the norm
-        before clipping."""
+        before clipping as a 0-d tensor (no host sync)."""
         norm = clip_grad_norm_(params, max_norm, sharded=self.grads_sharded)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    # -- the SAM family between the passes, written once (``flatlm.parallel.sam_step``) over the members below ------
+
     def perturb(self, optimizer: Any) -> bool:
         """SAM family after pass 1: move to w + eps (True: pass 2 must run)."""
-        return optimizer.perturb()
+        from flatlm.parallel.sam_step import perturb
+
+        return perturb(self, optimizer)
 
     def restore(self, optimizer: Any) -> None:
-        """SAM family after pass 2: w back, the final gradient in place. After a replica pass 1 (DDP), a variant's
-        final gradient can use this rank's own pass-1 gradient (SSAM, GSAM): the ranks' final gradients are then
-        averaged (one flat all-reduce), else each rank would step its whole weights differently (they diverged
-        after the first step, unseen: a DDP checkpoint keeps rank 0's copy)."""
-        optimizer.restore()
-        if self.__dict__.pop("_replica_step", False):
-            self.average_gradients([p for p in self.model.parameters() if p.grad is not None])
+        """SAM family after pass 2: w back, the final gradient where the step reads it."""
+        from flatlm.parallel.sam_step import restore
+
+        restore(self, optimizer)
+
+    def first_pass_was_local(self) -> bool:
+        """Whether this step's pass 1 ran under ``local_pass`` (asked once, by ``perturb``)."""
+        return bool(self.__dict__.pop("_replica_step", False))
+
+    def sam_views(self, optimizer: Any, local: bool) -> list[ParamView]:
+        """The weight views to perturb for this pass, built once: here the optimizer's own tensors (whole
+        parameters or FSDP2's DTensors), keyed by their position in its param groups (its state_dict numbering)."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        ids = tuple(id(p) for p in params)
+        cached = self.__dict__.get("_views")
+        if cached is None or cached[0] != ids:
+            cached = self.__dict__["_views"] = (ids, plain_views([(str(i), p) for i, p in enumerate(params)]))
+        return cached[1]
+
+    def sam_grads(self, views: list[ParamView], local: bool) -> list[torch.Tensor | None]:
+        """This pass's gradients of ``views`` (None: no gradient), where the step reads them."""
+        return [v.tensor.grad for v in views]
+
+    def drop_gradients(self, views: list[ParamView], local: bool) -> None:
+        """Pass 2 starts from no gradient (torch's ``zero_grad(set_to_none=True)``)."""
+        for v in views:
+            v.tensor.grad = None
+
+    def second_pass_grads(self, views: list[ParamView], local: bool) -> list[torch.Tensor] | None:
+        """Pass 2's synchronised gradients laid out like ``views`` (None: another layout, so no variant may
+        rewrite them from pass-1 values). A view without one gets zeros (a parameter pass 2 did not use)."""
+        for v in views:
+            if v.tensor.grad is None:
+                v.tensor.grad = torch.zeros_like(v.tensor)
+        return [v.tensor.grad for v in views]
+
+    def publish_weights(self, local: bool) -> None:
+        """Make the next forward see the values written into the views (ZeRO pushes its master partitions)."""
+
+    def commit_gradients(self, grads: list[torch.Tensor], local: bool) -> None:
+        """Put gradients a variant rewrote (from ``sam_grads`` / ``second_pass_grads``) where the step reads them;
+        nothing where those already are the step's tensors."""
+
+    def end_local_pass(self) -> None:
+        """After a replica step's restore: put the backend back in its usual mode (FSDP2 reshards)."""
 
     # -- checkpoint format: what the checkpoint module (flatlm.train.checkpoint) saves and loads -----------------
 
@@ -165,6 +200,22 @@ class Parallel:
     def load_engine(self, directory: Path, load_optimizer: bool) -> None:
         """Load an "engine" format's files from checkpoint ``directory``. Collective."""
         raise TypeError(f"the {self.backend} backend checkpoints with DCP (checkpoint_state / load_state)")
+
+
+class DDPParallel(Parallel):
+    """DistributedDataParallel: whole weights, gradients and (unless owned) optimizer state on every rank."""
+
+    def __init__(self, model: torch.nn.Module, forward_module: torch.nn.Module) -> None:
+        super().__init__("ddp", model, forward_module)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        with self.forward_module.no_sync():
+            yield
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """Average gradients accumulated under ``no_sync`` over the ranks (one flat all-reduce)."""
+        average_([p.grad for p in params if p.grad is not None])
 
 
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -10,14 +10,19 @@ One step (the train step drives it through ``Parallel``):
                                already divided by the accumulation count: ``scale_wrt_gas=False``)
     step                       ``engine.step()``: DeepSpeed clips by the global norm (``gradient_clipping``), calls
                                the client optimizer once per flat partition, writes the weights back
-SAM family, global perturbation, between the passes, on this rank's flat fp32 partitions
-(``parallel.zero_views``): read the reduced gradient partitions, perturb the master partitions with the
-global norm (one scalar all-reduce), push them to the model (DeepSpeed's own all-gather / re-partition), drop the
-pass-1 gradients; after pass 2 restore the master partitions exactly and push again. Variants whose final gradient
-differs from g' (SSAM, GSAM, LookSAM) and ESAM's per-tensor subsets are refused under ZeRO.
+SAM family (the protocol is ``flatlm.parallel.sam_step``, the same on every backend; this class supplies its
+views and gradients). Global perturbation: the views are this rank's flat fp32 master partitions, built once and
+keyed by position ("k", the client optimizer's state_dict numbering, so LookSAM's g_v checkpoints with the rest),
+the gradients the reduced partitions (``parallel.zero_views.pending_grads``); w + eps uses the global norm (one
+scalar all-reduce), is pushed to the model (DeepSpeed's own all-gather / re-partition), the pass-1 gradients are
+dropped; after pass 2 the masters come back exactly and are pushed again, and a variant's final gradient (SSAM,
+GSAM, LookSAM: rewritten in the pending partitions) is written back where ``engine.step()`` reads it
+(``write_pending_grads``; ZeRO-3's are views of that buffer already). ESAM's per-tensor subsets are refused: a
+partition is not a parameter (``flatlm.parallel.compat``).
 Replica perturbation (ZeRO-1/2, whose ranks hold whole weights): pass 1 runs through the bare module with
 ``torch.autograd.grad`` (DeepSpeed's reduction hooks never fire, nothing is communicated), each rank moves its
-replicated weights by its own eps, pass 2 is a normal reduced pass, then the weights are copied back.
+replicated weights (views keyed by name) by its own eps, pass 2 is a normal reduced pass, then the weights are
+copied back; the step reads reduced partitions, so only variants whose final gradient is g' run that way.
 Muon and Adafactor need whole matrices: after ``deepspeed.initialize`` they get the map from each flat partition
 back to every rank's pieces of each matrix (``parallel.zero_layout``) and run as ``ZeroMuon`` (gather ->
 Newton-Schulz once per matrix -> scatter) and ``ZeroAdafactor`` (factored, n + m numbers all-reduced per matrix).
@@ -30,29 +35,17 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
+from flatlm.optim.views import ParamView, Piece
 from flatlm.parallel.backend import Parallel
 from flatlm.parallel.zero_views import check_deepspeed_version, keep_client_adagrad, skip_shm_comm_build
 
 ENGINE_DIR, ENGINE_TAG = "deepspeed", "state"  # checkpoints/step-N/deepspeed/state/*.pt
-SAM_ON_ZERO = ("sam", "asam")  # SAM-family members whose math runs on flat partitions unchanged
-
-
-def check_zero_optimizer(cfg: RunConfig) -> None:
-    """Refuse optimizer x ZeRO pairs that cannot run on flat partitions (one clear error each)."""
-    name, backend = cfg.optim.name, cfg.parallel.backend
-    from flatlm.optim.registry import get_spec
-
-    if get_spec(name).wrapper and name not in SAM_ON_ZERO:
-        raise FlatlmError(
-            f"optim.name={name} cannot run under {backend}: its final gradient or perturbation is not elementwise on "
-            f"DeepSpeed's flat partitions; under ZeRO use {' or '.join(SAM_ON_ZERO)}, or run {name} with fsdp2 or ddp"
-        )
 
 
 def deepspeed_config(
@@ -115,22 +108,31 @@ def deepspeed_config(
 
 
 class DeepSpeedParallel(Parallel):
-    """``Parallel`` over a DeepSpeed engine (see the module docstring for the order of one step)."""
+    """``Parallel`` over a DeepSpeed engine (see the module docstring for the order of one step).
+
+    Capabilities: the optimizer's tensors are flat partitions holding pieces of many parameters
+    (``tensors_are_parameters`` False); the reduced gradient partitions can be rewritten before ``engine.step()``
+    (``commit_gradients``); ZeRO-1/2 ranks hold whole weights (replica perturbation), but the step reads reduced
+    partitions, not pass 1's whole local gradients."""
+
+    tensors_are_parameters: ClassVar[bool] = False
+    replica_grads_like_first_pass: ClassVar[bool] = False
 
     def __init__(self, backend: str, model: torch.nn.Module, engine: Any) -> None:
         super().__init__(backend, model, engine, grads_sharded=True)
         self.engine = engine
         self._boundary = True
-        self._flats: list[torch.Tensor] = []
         self._local_mode = False  # replica SAM's pass 1: gradients by autograd.grad, never reduced
         self._local_grads: list[torch.Tensor] | None = None
-        self._replica_params: list[torch.Tensor] | None = None
+        self._flat_views: tuple[tuple[int, ...], list[ParamView]] | None = None
+        self._replica_views: list[ParamView] | None = None
 
     @contextlib.contextmanager
     def local_pass(self) -> Iterator[None]:
         """Pass 1 of replica SAM (ZeRO-1/2): ``torch.autograd.grad`` on the bare module keeps this rank's
         gradient to itself (DeepSpeed reduces through post-accumulate-grad hooks, which autograd.grad never
         fires, and ``engine.no_sync`` asserts under ZeRO-2/3)."""
+        self._replica_step = True
         self._local_mode = True
         try:
             yield
@@ -156,54 +158,76 @@ class DeepSpeedParallel(Parallel):
         self.engine.set_gradient_accumulation_boundary(self._boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> float:
-        """DeepSpeed clips (gradient_clipping) and steps; returns its global gradient norm before clipping."""
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """DeepSpeed clips (gradient_clipping) and steps; returns its global gradient norm before clipping (0-d)."""
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return torch.as_tensor(norm if norm is not None else float("nan"))
 
-    # -- SAM between the passes, on flat partitions -------------------------------------------------------------
+    # -- SAM's views and gradients (the protocol is flatlm.parallel.sam_step) -------------------------------------
 
-    def perturb(self, optimizer: Any) -> bool:
-        from flatlm.parallel.zero_views import (
-            clear_pending_grads,
-            flat_partitions,
-            pending_grads,
-            push_master_to_model,
-        )
+    def sam_views(self, optimizer: Any, local: bool) -> list[ParamView]:
+        """Global: this rank's flat fp32 master partitions, partition k keyed "k" (its position in the client
+        optimizer's state_dict); replica (ZeRO-1/2): the model's replicated weights by name. Built once (the flat
+        tensors are checked: a reload that replaced them gets new views under the same keys)."""
+        from flatlm.parallel.zero_views import flat_partitions, zero_fragments
 
-        if self._local_grads is not None:  # replica: this rank's whole weights move by its own gradient
-            self._replica_params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-            with torch.no_grad():
-                second = optimizer.perturb_tensors(self._replica_params, self._local_grads)
+        if local:
+            if self._replica_views is None:
+                self._replica_views = [
+                    ParamView(f"replica.{n}", p.detach(), p.shape, swappable=False, whole=True)
+                    for n, p in self.model.named_parameters()
+                    if p.requires_grad
+                ]
+            return self._replica_views
+        flats = flat_partitions(self.engine)
+        ids = tuple(id(f) for f in flats)
+        if self._flat_views is None or self._flat_views[0] != ids:
+            pieces = [
+                tuple(Piece(f.name, f.start, f.numel, f.offset) for f in frags)
+                for frags in zero_fragments(self.engine, self.model)
+            ]
+            views = [
+                ParamView(str(k), f.detach(), f.shape, swappable=False, whole=False, param=f, pieces=pieces[k])
+                for k, f in enumerate(flats)
+            ]
+            self._flat_views = (ids, views)
+        return self._flat_views[1]
+
+    def sam_grads(self, views: list[ParamView], local: bool) -> list[torch.Tensor | None]:
+        from flatlm.parallel.zero_views import pending_grads
+
+        if local:
+            return list(self._local_grads or [None] * len(views))
+        return list(pending_grads(self.engine))
+
+    def drop_gradients(self, views: list[ParamView], local: bool) -> None:
+        from flatlm.parallel.zero_views import clear_pending_grads
+
+        if local:
             self._local_grads = None
-            return second
-
-        # The same tensor objects must reach restore (SAM keeps w per tensor): detach once, keep them.
-        self._flats = [f.detach() for f in flat_partitions(self.engine)]
-        grads = [g.clone() for g in pending_grads(self.engine)]
-        with torch.no_grad():
-            second = optimizer.perturb_tensors(self._flats, grads)
-        if second:
-            push_master_to_model(self.engine)
+        else:
             clear_pending_grads(self.engine)
-        return second
 
-    def restore(self, optimizer: Any) -> None:
-        from flatlm.parallel.zero_views import pending_grads, push_master_to_model
+    def second_pass_grads(self, views: list[ParamView], local: bool) -> list[torch.Tensor] | None:
+        from flatlm.parallel.zero_views import pending_grads
 
-        if self._replica_params is not None:  # the master partitions never moved: put the model's w back
-            with torch.no_grad():
-                optimizer.restore_tensors(self._replica_params, [])
-            self._replica_params = None
-            return
+        return None if local else list(pending_grads(self.engine))
 
-        with torch.no_grad():
-            optimizer.restore_tensors(self._flats, pending_grads(self.engine))
-        push_master_to_model(self.engine)
+    def publish_weights(self, local: bool) -> None:
+        """Global: the master partitions moved, push them to the model (DeepSpeed's own all-gather or
+        re-partition); replica: the model's weights themselves moved."""
+        from flatlm.parallel.zero_views import push_master_to_model
 
-    checkpoint_format = "engine"  # DeepSpeed's own checkpoint (save_engine / load_engine), not DCP
+        if not local:
+            push_master_to_model(self.engine)
+
+    def commit_gradients(self, grads: list[torch.Tensor], local: bool) -> None:
+        from flatlm.parallel.zero_views import write_pending_grads
+
+        if not local:
+            write_pending_grads(self.engine, grads)
 
     def checkpoint_state(
         self, optimizer: torch.optim.Optimizer, *, with_optimizer: bool = True
@@ -259,6 +283,12 @@ class DeepSpeedParallel(Parallel):
         return files
 
 
+class Zero3Parallel(DeepSpeedParallel):
+    """ZeRO-3: the weights themselves are partitioned; no rank holds them whole (no replica perturbation)."""
+
+    whole_weights: ClassVar[bool] = False
+
+
 def deepspeed_parallel(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, accum: int
 ) -> tuple[DeepSpeedParallel, torch.optim.Optimizer]:
@@ -269,13 +299,12 @@ def deepspeed_parallel(
 
     numel = sum(p.numel() for p in model.parameters())
     config = deepspeed_config(cfg, cfg.parallel.world_size, accum, model_numel=numel)
-    if hasattr(optimizer, "swap_weights"):
-        optimizer.swap_weights = False  # DeepSpeed keeps views of its partitions: perturb by copy, in place
     skip_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     keep_client_adagrad(engine, optimizer)
     _shape_aware_on_partitions(optimizer, engine, model)
-    return DeepSpeedParallel(cfg.parallel.backend, model, engine), optimizer
+    cls = Zero3Parallel if cfg.parallel.backend == "zero3" else DeepSpeedParallel
+    return cls(cfg.parallel.backend, model, engine), optimizer
 
 
 def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, model: torch.nn.Module) -> None:

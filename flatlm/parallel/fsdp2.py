@@ -1,14 +1,15 @@
 """FSDP2: ``fully_shard`` on every transformer block, then the root (torchtitan's order), and the ``Parallel``
-that drives it, with replica SAM's local first pass on unsharded copies."""
+that drives it: SAM views over the DTensor parameters (global) or this step's unsharded copies (replica)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from flatlm.optim.views import ParamView
 from flatlm.parallel.backend import Parallel
 
 
@@ -38,22 +39,29 @@ def shard_fsdp2(model: torch.nn.Module, *, reshard_after_forward: bool, bf16: bo
 class FSDP2Parallel(Parallel):
     """``Parallel`` over a ``fully_shard``-ed model, with replica SAM's local first pass.
 
+    Global perturbation: the SAM views are the optimizer's DTensor parameters (the base ``sam_views``); norms are
+    global through the optimizer's ``sum_across_ranks``.
+
     Replica SAM needs each rank's *whole* weights moved by its own eps, but FSDP2 gathers every forward's
     weights from shards that all ranks share. So for replica steps the blocks are unsharded once (one
     all-gather) and kept unsharded through both passes: pass 1 takes this rank's gradient with
     ``torch.autograd.grad`` w.r.t. the unsharded weights (``set_requires_gradient_sync(False)``; nothing is
-    reduced), eps is added to this rank's unsharded copy, pass 2 reduce-scatters the gradients into the
-    shards as usual, and ``restore`` drops the unsharded copies (the shards, w, were never touched). Cost:
-    DDP's memory for the step (whole weights, whole local gradient, the copy of w) and one all-gather
-    instead of one per pass.
+    reduced), eps is added to this rank's unsharded copy (transient views, keyed by name: nothing is kept aside),
+    pass 2 reduce-scatters the gradients into the shards as usual, and ``end_local_pass`` drops the unsharded
+    copies (the shards, w, were never touched). Cost: DDP's memory for the step (whole weights, whole local
+    gradient) and one all-gather instead of one per pass. The step reads sharded gradients, unlike pass 1's
+    whole local ones (``replica_grads_like_first_pass`` False): variants whose final gradient uses pass 1 run
+    with global perturbation here.
     """
+
+    replica_grads_like_first_pass: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, reshard_after_forward: bool) -> None:
         super().__init__("fsdp2", model, model, grads_sharded=True)
         self.reshard_after_forward = reshard_after_forward
         self._local_mode = False
         self._local_grads: list[torch.Tensor] | None = None
-        self._replica_params: list[torch.Tensor] | None = None
+        self._replica_views: list[ParamView] | None = None  # keys and flags, built once; tensors per step
 
     def _fsdp_modules(self) -> list[Any]:
         from torch.distributed.fsdp import FSDPModule
@@ -61,7 +69,16 @@ class FSDP2Parallel(Parallel):
         return [m for m in self.model.modules() if isinstance(m, FSDPModule)]
 
     @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.forward_module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.forward_module.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
     def local_pass(self) -> Iterator[None]:
+        self._replica_step = True
         if self._local_grads is None:  # first micro-batch of pass 1: gather whole weights and keep them
             for m in self._fsdp_modules():
                 m.set_reshard_after_forward(False)
@@ -78,25 +95,40 @@ class FSDP2Parallel(Parallel):
         if not self._local_mode:
             loss.backward()
             return
-        self._accumulate_local(loss, [p for p in self.model.parameters() if p.requires_grad])  # unsharded now
+        self._accumulate_local(loss, self._trainable())  # unsharded now
 
-    def perturb(self, optimizer: Any) -> bool:
-        if self._local_grads is None:
-            return optimizer.perturb()
-        self._replica_params = [p.detach() for p in self.model.parameters() if p.requires_grad]
-        with torch.no_grad():
-            second = optimizer.perturb_tensors(self._replica_params, self._local_grads)
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def sam_views(self, optimizer: Any, local: bool) -> list[ParamView]:
+        if not local:
+            return super().sam_views(optimizer, local)
+        tensors = [p.detach() for p in self._trainable()]  # this step's unsharded copies
+        if self._replica_views is None:
+            names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+            self._replica_views = [
+                ParamView(f"unsharded.{n}", t, t.shape, swappable=False, whole=True, transient=True)
+                for n, t in zip(names, tensors, strict=True)
+            ]
+        return [v.with_tensor(t) for v, t in zip(self._replica_views, tensors, strict=True)]
+
+    def sam_grads(self, views: list[ParamView], local: bool) -> list[torch.Tensor | None]:
+        if not local:
+            return super().sam_grads(views, local)
+        return list(self._local_grads or [None] * len(views))
+
+    def drop_gradients(self, views: list[ParamView], local: bool) -> None:
+        if not local:
+            super().drop_gradients(views, local)
+            return
         self._local_grads = None
         for m in self._fsdp_modules():  # pass 2 reduces its gradients into the shards as usual
             m.set_requires_gradient_sync(True)
-        return second
 
-    def restore(self, optimizer: Any) -> None:
-        if self._replica_params is None:
-            optimizer.restore()
-            return
-        optimizer.forget_perturbation()  # the perturbed tensors are the unsharded copies, dropped now
-        self._replica_params = None
+    def second_pass_grads(self, views: list[ParamView], local: bool) -> list[torch.Tensor] | None:
+        return None if local else super().second_pass_grads(views, local)
+
+    def end_local_pass(self) -> None:
         for m in self._fsdp_modules():
             m.reshard()
             m.set_reshard_after_forward(self.reshard_after_forward)

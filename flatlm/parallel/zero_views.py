@@ -193,6 +193,28 @@ def pending_grads(engine: Any) -> list[Tensor]:
     return out
 
 
+@torch.no_grad()
+def write_pending_grads(engine: Any, grads: list[Tensor]) -> None:
+    """Put rewritten ``pending_grads`` back where ``engine.step()`` reads them (SAM variants' final gradients).
+
+    Stage 1/2: copied into the per-parameter pieces of ``averaged_gradients[k]``, which step() flattens (and
+    takes the clipping norm of). Stage 3: ``pending_grads`` are views of the buffer step() reads; copied only
+    where a caller passes other tensors."""
+    zero = _zero_optimizer(engine)
+    if int(engine.zero_optimization_stage()) == 3:
+        for own, new in zip(pending_grads(engine), grads, strict=True):
+            if own.data_ptr() != new.data_ptr():
+                own.copy_(new)
+        return
+    for k, new in enumerate(grads):
+        offset = 0
+        for piece in zero.averaged_gradients[k]:
+            piece.copy_(new.narrow(0, offset, piece.numel()).view_as(piece))
+            offset += piece.numel()
+        if offset != new.numel():
+            raise RuntimeError(f"flat {k}: pieces cover {offset} elements, the gradient has {new.numel()}")
+
+
 def clear_pending_grads(engine: Any) -> None:
     """Forget the reduced gradients so the next backward (on the boundary) yields its own gradient alone."""
     zero = _zero_optimizer(engine)

@@ -15,32 +15,11 @@ from typing import Any
 import torch
 
 from flatlm.config import RunConfig
-from flatlm.errors import FlatlmError
 from flatlm.optim import build_optimizer, model_param_groups
-from flatlm.parallel.backend import Parallel, wrap_ddp
+from flatlm.parallel.backend import DDPParallel, Parallel, wrap_ddp
+from flatlm.parallel.compat import check_parallel  # re-exported: train/loop.py and train/checks.py call it
 from flatlm.parallel.fsdp2 import FSDP2Parallel, shard_fsdp2
 from flatlm.parallel.hooks import OwnedParamsOptimizer, install_hooks
-
-REPLICA_BACKENDS = ("single", "ddp", "zero1", "zero2", "fsdp2")  # fsdp2: unsharded for the step
-
-
-def check_parallel(cfg: RunConfig) -> None:
-    """Combinations of backend and options that cannot run; each is one clear error (checked before any write)."""
-    backend = cfg.parallel.backend
-    if cfg.sam.perturbation == "replica" and backend not in REPLICA_BACKENDS:
-        raise FlatlmError(
-            f"sam.perturbation=replica perturbs each rank's whole weights by its own gradient, but {backend} "
-            f"shards the weights; use sam.perturbation=global, or {', '.join(REPLICA_BACKENDS[1:])}"
-        )
-    if cfg.sam.perturbation == "replica" and backend == "fsdp2" and cfg.optim.name not in ("sam", "asam"):
-        raise FlatlmError(
-            f"sam.perturbation=replica under fsdp2 runs sam and asam (optim.name={cfg.optim.name}: its final "
-            "gradient needs pass 1's gradient, which stays on each rank); use sam.perturbation=global or ddp"
-        )
-    if backend in ("zero1", "zero2", "zero3"):
-        from flatlm.parallel.deepspeed import check_zero_optimizer
-
-        check_zero_optimizer(cfg)
 
 
 def setup_parallel(
@@ -60,11 +39,9 @@ def setup_parallel(
 
         parallel, optimizer = deepspeed_parallel(model, optimizer, cfg, accum)
     elif backend == "ddp":
-        parallel = Parallel(backend, model, wrap_ddp(model, device))
+        parallel = DDPParallel(model, wrap_ddp(model, device))
     elif backend == "fsdp2":
         parallel = FSDP2Parallel(model, cfg.parallel.reshard_after_forward)
-        if replica and hasattr(optimizer, "swap_weights"):
-            optimizer.swap_weights = False  # perturb the unsharded copies in place
     else:
         parallel = Parallel(backend, model, model)
     replicated = backend == "ddp" and not cfg.parallel.shard_optimizer_state  # whole state on every rank

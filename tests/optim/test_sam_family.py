@@ -256,15 +256,20 @@ def test_restore_is_bit_exact_and_perturb_drops_grads(name, dtype, swap):
     assert [p.data_ptr() for p in model.parameters()] == storage  # the same storage is back, in both modes
 
 
-def test_swap_is_auto_for_plain_tensors_and_off_for_views():
+def test_swap_is_decided_by_the_views():
     model = Net()
     opt = SAM(model.parameters(), BASES["sgd"], rho=0.1)
     params = list(model.parameters())
-    assert opt._can_swap(params)
+    assert all(v.swappable for v in opt.param_views())
     flat = torch.zeros(sum(p.numel() for p in params), dtype=DT)
     views = [torch.nn.Parameter(flat[:30].view(6, 5))]  # like DeepSpeed's params inside a flat buffer
     views[0].data = flat[:30].view(6, 5)
-    assert not opt._can_swap(views)
+    in_flat = SAM(views, BASES["sgd"], rho=0.1)
+    assert not in_flat.param_views()[0].swappable
+    views[0].grad = torch.ones(6, 5, dtype=DT)
+    assert in_flat.perturb()
+    assert views[0].data_ptr() == flat.data_ptr()  # w + eps written into the flat buffer itself, not swapped out
+    assert torch.all(flat[:30] != 0) and torch.all(flat[30:] == 0)
 
 
 @pytest.mark.parametrize("name", ["gsam", "looksam"])

@@ -12,7 +12,7 @@ from flatlm.errors import FlatlmError
 from flatlm.parallel import Environment
 from flatlm.parallel.deepspeed import deepspeed_config
 from flatlm.parallel.distributed import launcher_bf16, resolve_backend
-from flatlm.train.backend import check_parallel
+from flatlm.parallel.compat import check_parallel
 from flatlm.train.loop import grad_accumulation
 
 ONE, TWO = Environment(), Environment(rank=0, world_size=2, local_world_size=2)
@@ -68,9 +68,9 @@ def _cfg(**overrides: object) -> RunConfig:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"parallel.backend": "zero3", "optim.name": "looksam"}, "optim.name=looksam cannot run under zero3"),
+        ({"parallel.backend": "zero3", "optim.name": "esam"}, "optim.name=esam cannot run under zero3"),
         ({"parallel.backend": "zero1", "optim.name": "esam"}, "optim.name=esam cannot run under zero1"),
-        ({"parallel.backend": "zero2", "optim.name": "gsam"}, "optim.name=gsam cannot run under zero2"),
+        ({"parallel.backend": "zero2", "optim.name": "gsam", "sam.perturbation": "replica"}, "under zero2 runs sam"),
         ({"parallel.backend": "fsdp2", "optim.name": "gsam", "sam.perturbation": "replica"}, "under fsdp2 runs sam"),
         ({"parallel.backend": "zero3", "optim.name": "sam", "sam.perturbation": "replica"}, "zero3 shards the weights"),
     ],

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flatlm.models import build_model, model_config
 from flatlm.optim import build_optimizer
-from flatlm.parallel.backend import Parallel
+from flatlm.parallel.backend import DDPParallel
 from flatlm.train.step import per_sequence_loss, train_step
 from tests.conftest import make_documents
 from tests.ranks import run_ranks
@@ -75,7 +75,7 @@ def _run(rank: int, world: int) -> None:
     model = _model()
     reference = copy.deepcopy(model)
     opt = build_optimizer("sam", model.parameters(), rho=RHO, lr=LR, weight_decay=0.0)
-    parallel = Parallel("ddp", model, DistributedDataParallel(model))
+    parallel = DDPParallel(model, DistributedDataParallel(model))
     params = list(model.parameters())
     for step in range(STEPS):
         train_step(parallel, opt, _batches(step, rank), params, grad_clip=0.0, replica_perturbation=True)
@@ -136,7 +136,7 @@ def _run_looksam(rank: int, world: int, alpha: float = ALPHA) -> None:
     model = _model()
     reference = copy.deepcopy(model)
     opt = build_optimizer("looksam", model.parameters(), rho=RHO, k=K, alpha=alpha, lr=LR, weight_decay=0.0)
-    parallel = Parallel("ddp", model, DistributedDataParallel(model))
+    parallel = DDPParallel(model, DistributedDataParallel(model))
     params = list(model.parameters())
     for step in range(LOOK_STEPS):
         stats = train_step(parallel, opt, _batches(step, rank), params, grad_clip=0.0, replica_perturbation=True)

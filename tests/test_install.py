@@ -59,3 +59,13 @@ def test_every_pip_step_is_announced_first(tmp_path: Path, deepspeed_present: bo
     assert lines[-1].startswith("[install] flatlm is installed")
     if deepspeed_present:
         assert "[install] deepspeed 0.19.8: already installed" in lines
+
+
+def test_install_pins_the_deepspeed_flatlm_checked() -> None:
+    """The DeepSpeed install.sh installs is the one the ZeRO backends accept (they refuse any other at setup)."""
+    from flatlm.parallel.zero_views import DEEPSPEED_CHECKED, check_deepspeed_version
+
+    script = (ROOT / "scripts" / "install.sh").read_text().splitlines()
+    version = next(line for line in script if line.startswith("deepspeed_version=")).split("=", 1)[1].strip('"')
+    check_deepspeed_version(version)
+    assert str(DEEPSPEED_CHECKED) == f"=={version}"

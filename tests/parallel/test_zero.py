@@ -49,8 +49,7 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
 
     from flatlm.optim import build_optimizer, model_param_groups
     from flatlm.parallel.deepspeed import _shape_aware_on_partitions
-    from flatlm.parallel.zero_views import skip_shm_comm_build
-    from flatlm.parallel.zero_views import zero_fragments
+    from flatlm.parallel.zero_views import skip_shm_comm_build, zero_fragments
 
     model = _model()
     reference = copy.deepcopy(model)

@@ -1,7 +1,17 @@
-"""Command line: ``flatlm train [--config FILE.yaml] [dotted.key=value ...]``.
+"""Command line: ``flatlm COMMAND ...``, one entry per subcommand in ``COMMANDS``.
 
-``python -m flatlm.train`` (what ``accelerate launch -m flatlm.train`` starts) takes the same
-arguments without the ``train`` word. User errors print one line and exit with status 2.
+    flatlm train [--config FILE.yaml] [dotted.key=value ...]   train (or resume) a run
+    flatlm export SOURCE OUT                                   a checkpoint as a Hugging Face model directory
+
+A command is its help line, a function that builds its argument parser (given the program name) and a function
+that runs the parsed arguments and returns the exit status; adding one (``ablate``, ``eval``, ``landscape``,
+``launch``) is one entry. Every command runs the same way (``run_command``): parse, set up logging, run; a user
+error (``FlatlmError``) is one line ``<prog>: error: ...`` on stderr (from rank 0 only when several processes run
+the command) with status 2, Ctrl-C is ``<prog>: interrupted`` with status 130. Heavy imports (torch's model code,
+transformers) happen inside the runners, after the arguments are checked.
+
+``python -m flatlm.train`` (what ``accelerate launch -m flatlm.train`` starts) is ``flatlm train`` without the
+``train`` word (``run_train``).
 """
 
 from __future__ import annotations
@@ -10,10 +20,25 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from flatlm.config import describe_keys, load_config
 from flatlm.errors import FlatlmError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    """One line for ``flatlm --help``."""
+    parser: Callable[[str], argparse.ArgumentParser]
+    """Builds the command's parser for a program name (``flatlm train``, ``python -m flatlm.train``)."""
+    run: Callable[[argparse.Namespace], int]
+    """Runs the parsed arguments; returns the exit status (user errors raise ``FlatlmError``)."""
+
+
+# -- flatlm train --------------------------------------------------------------------------------------------------
 
 
 def _keys_help() -> str:
@@ -40,6 +65,44 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from flatlm.train.checks import check_static
+
+    check_static(cfg)  # seconds before the loop's imports (transformers, checkpointing) are done
+    from flatlm.train.loop import train  # heavy imports only once the config is valid
+
+    train(cfg)
+    return 0
+
+
+# -- flatlm export -------------------------------------------------------------------------------------------------
+
+
+def _export_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Write a flatlm checkpoint as a Hugging Face model.")
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or checkpoints/step-N")
+    parser.add_argument("out", type=Path, help="a new directory for config.json, weights and tokenizer files")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flatlm.train.export import export
+
+    out = export(args.source, args.out)
+    print(f"exported to {out}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model (flatlm train --help lists every config key)", _train_parser, _train),
+    "export": Command("write a checkpoint as a Hugging Face model directory", _export_parser, _export),
+}
+
+
+# -- running a command ---------------------------------------------------------------------------------------------
+
+
 def _setup_logging() -> None:
     """flatlm's INFO from rank 0, warnings and errors from every rank (tagged with the rank when there are several).
 
@@ -61,17 +124,13 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(?!flatlm(\.|$))")
 
 
-def run_train(argv: list[str], prog: str) -> int:
-    args = _train_parser(prog).parse_args(argv)
+def run_command(name: str, argv: list[str], prog: str) -> int:
+    """Parse ``argv`` for command ``name``, run it; user errors are one line and status 2 (see the module doc)."""
+    command = COMMANDS[name]
+    args = command.parser(prog).parse_args(argv)  # argparse's own errors: usage + one line, status 2
     _setup_logging()
     try:
-        cfg = load_config(args.config, args.overrides)
-        from flatlm.train.checks import check_static
-
-        check_static(cfg)  # seconds before the loop's imports (transformers, checkpointing) are done
-        from flatlm.train.loop import train  # heavy imports only once the config is valid
-
-        train(cfg)
+        return command.run(args)
     except FlatlmError as exc:
         from flatlm.parallel import environment
 
@@ -81,41 +140,26 @@ def run_train(argv: list[str], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    return 0
+
+
+def run_train(argv: list[str], prog: str) -> int:
+    """``flatlm train`` under another program name (``python -m flatlm.train``)."""
+    return run_command("train", argv, prog)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="flatlm", description="flatlm: LM training with sharded optimizers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("train", help="train a model (flatlm train --help lists every config key)", add_help=False)
-    sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory", add_help=False)
+    for name, command in COMMANDS.items():  # listed in --help; each command parses its own arguments
+        sub.add_parser(name, help=command.help, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
-    if argv[0] == "train":
-        return run_train(argv[1:], "flatlm train")
-    if argv[0] == "export":
-        return run_export(argv[1:], "flatlm export")
-    parser.error(f"unknown command {argv[0]!r}; commands: train, export")
+    if argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:], f"flatlm {argv[0]}")
+    parser.error(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}")
     return 2
-
-
-def run_export(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Write a flatlm checkpoint as a Hugging Face model.")
-    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or checkpoints/step-N")
-    parser.add_argument("out", type=Path, help="a new directory for config.json, weights and tokenizer files")
-    args = parser.parse_args(argv)
-    _setup_logging()
-    from flatlm.train.export import export
-
-    try:
-        out = export(args.source, args.out)
-    except FlatlmError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"exported to {out}")
-    return 0
 
 
 if __name__ == "__main__":

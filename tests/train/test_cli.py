@@ -111,3 +111,34 @@ def test_static_errors_come_before_the_heavy_imports(tmp_path: Path) -> None:
         assert result["rc"] == 2 and len(lines) == 1 and lines[0].startswith(start), result
         assert result["heavy"] == [], result
     assert not (tmp_path / "run").exists()
+
+
+def test_a_command_is_one_entry_of_the_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``flatlm --help`` lists the table; a new entry is dispatched, parsed and its errors reported like the
+    others (one line, status 2), with no other change."""
+    import argparse
+
+    from flatlm.errors import FlatlmError
+    from flatlm.train import cli
+
+    def parser(prog: str) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=prog)
+        p.add_argument("what")
+        return p
+
+    def run(args: argparse.Namespace) -> int:
+        if args.what == "bad":
+            raise FlatlmError("'bad' is not a thing to probe; try 'good'")
+        print(f"probed {args.what}")
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "probe", cli.Command("probe something", parser, run))
+    assert cli.main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("train", "export", "probe")) and "probe something" in listed
+    assert cli.main(["probe", "good"]) == 0 and capsys.readouterr().out == "probed good\n"
+    assert cli.main(["probe", "bad"]) == 2
+    assert capsys.readouterr().err == "flatlm probe: error: 'bad' is not a thing to probe; try 'good'\n"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["nope"])
+    assert stop.value.code == 2 and "commands: train, export, probe" in capsys.readouterr().err

@@ -11,6 +11,16 @@ Layout of one checkpoint (single process, DDP and FSDP2):
 DeepSpeed ZeRO runs write DeepSpeed's engine checkpoint (``deepspeed/``, resumable with the same stage and number
 of processes) and ``model.safetensors`` (the whole model, rank 0) instead of ``state/``.
 
+The seam with the backends (``flatlm.parallel.backend.Parallel``): a backend only describes its format
+(``checkpoint_format``: "dcp", the state dicts of ``checkpoint_state`` / ``load_state``; or "engine", a directory it
+writes and reads itself, ``save_engine`` / ``engine_pickles`` / ``load_engine``) and never imports this module.
+Everything else is here: the directory layout, the trainer state, RNG files, the weights-only checks, which
+backend and world size may resume what, and the ranks' agreement.
+
+Resuming (``agreed_candidates`` then ``resume``, called by the loop): rank 0 lists the resumable checkpoints and
+broadcasts the list; every rank loads the first, and all confirm with one exchange of their errors; if any rank
+failed, all fall back together to the next one on rank 0's list.
+
 Atomicity: everything goes into ``.step-N.tmp``; rank 0 renames it into place once every rank has written its
 part, then replaces the ``latest`` file (a rename too), then deletes checkpoints beyond ``keep_last``. The ranks
 agree on each phase's success with one exchange of their errors (never a bare barrier a failed rank would not

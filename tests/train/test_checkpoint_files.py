@@ -82,3 +82,27 @@ def test_cleanup_failing_after_latest_is_a_warning(
         final = _save(tmp_path, 6, keep_last=1)
     assert final.name == "step-6" and (tmp_path / CHECKPOINT_DIR / LATEST).read_text().strip() == "step-6"
     assert "checkpoint step-6 is saved, but removing older checkpoints failed" in caplog.text
+
+
+def _complete(out: Path, step: int) -> None:
+    path = out / CHECKPOINT_DIR / f"step-{step}"
+    (path / checkpoint.STATE_DIR).mkdir(parents=True)
+    (path / checkpoint.STATE_DIR / ".metadata").write_bytes(b"")
+    (path / TRAINER_STATE).write_text(json.dumps({"step": step}))
+
+
+def _agree_on_rank_zeros_list(rank: int, world_size: int, base: str) -> None:
+    # Each rank sees a different directory (as a rank whose listing raced a save or clean-up would): rank 0 has
+    # step-3, rank 1 step-6. Alone they would resume different checkpoints; agreed, both take rank 0's.
+    out = Path(base) / f"rank{rank}"
+    _complete(out, 3 if rank == 0 else 6)
+    own = checkpoint.resumable_checkpoints(out)
+    assert [p.name for p in own] == ["step-3" if rank == 0 else "step-6"]  # what each would pick alone
+    assert checkpoint.agreed_candidates(out) == [Path(base) / "rank0" / CHECKPOINT_DIR / "step-3"]
+
+
+@pytest.mark.timeout(120)
+def test_ranks_resume_from_rank_zeros_list(tmp_path: Path) -> None:
+    from tests.ranks import run_ranks
+
+    run_ranks(_agree_on_rank_zeros_list, str(tmp_path))

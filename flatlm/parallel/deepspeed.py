@@ -229,6 +229,8 @@ class DeepSpeedParallel(Parallel):
         if not local:
             write_pending_grads(self.engine, grads)
 
+    checkpoint_format: ClassVar[str] = "engine"  # DeepSpeed's own checkpoint (save_engine / load_engine), not DCP
+
     def checkpoint_state(
         self, optimizer: torch.optim.Optimizer, *, with_optimizer: bool = True
     ) -> dict[str, Any] | None:

@@ -39,18 +39,21 @@ State per parameter: ``step`` (float32 scalar tensor, as torch.optim keeps it); 
 parameter) for 1-D ones; ``exp_avg`` (as the parameter) when beta1 is set. State is float32 for low-precision
 parameters. transformers also stores the last RMS(X) as ``RMS``; flatlm recomputes it and keeps no copy.
 
-Reductions and sharding. Everything above is elementwise except three reductions, which sit behind
-:class:`Reductions` (``Adafactor.reductions``): the update math calls them and nothing else that needs the whole
-parameter. In the order one step calls them:
-    1. ``rms(X)``       RMS of the parameter (scale_parameter only)       all-reduce of the sum of squares
-    2. ``row_mean(G2)`` mean over the last dim, one per row               local under dim-0 sharding
-       ``col_mean(G2)`` mean over dim -2, one per column                  all-reduce of the partial sums
-    3. ``rms(U)``       RMS of the update, for clipping                   all-reduce of the sum of squares
-Under dim-0 (row) sharding of a matrix, R is local and C is whole after 2., so mean(C) needs nothing more: a
-sharded wrapper overrides ``col_mean`` and ``rms`` to all-reduce and calls the same math (tests/optim/
-test_adafactor.py simulates this with two threads). The fast path passes ``rms`` a row-shaped tensor with the same
-RMS as U (see ``_multi_tensor_adafactor``), sharded like U's rows. Under a flat partition that splits rows, the
-factored statistics are meaningless: such a wrapper must recover (param, rows) views or refuse.
+Reductions and sharding. Everything above is elementwise except three reductions over the whole parameter. The
+update functions see only this rank's *parts* of parameters (``flatlm.optim.distribution.Part``: a whole parameter,
+an FSDP2 row shard, or a run of row-major elements of a ZeRO flat partition, which may start and end mid-row) and
+compute each reduction from local partial sums; ``shard_sum`` (injected at construction; None in one process) adds
+up the partial ones over the ranks, once per phase for all parts of the step call. In the order one step calls them:
+    1. RMS(X) per parameter (scale_parameter only)       sum of squares                      one number per part
+    2. row and column means of G2 per matrix              ``Part.row_means`` / ``col_means``  the partial ones:
+                                                                                              FSDP2 C (m), ZeRO R, C
+    3. RMS(U) per parameter, for clipping                 sum of squares (fast path:          one number per part
+                                                          ``Part.weighted_sumsq`` from G2)
+With R and C whole (or this rank's rows of R, FSDP2), mean(C) needs nothing more. Without ``shard_sum`` the work
+goes one parameter at a time (small temporaries); with it, each phase runs over every part so that each reduction
+is one call. The injected ``layout`` creates the state where its layout keeps it (FSDP2: DTensors placed like the
+parameter; ZeRO: R, C whole and V per piece, ``{part index: tensor}`` per flat partition, M flat-partition-shaped),
+so checkpoints key and reshard it as before; tests/optim/test_adafactor.py simulates dim-0 sharding with threads.
 
 Differences from ``torch.optim.Adafactor`` (torch >= 2.5), a separate implementation of the same paper:
     - always a relative step with rho_t = min(lr, 1/sqrt(t)) and always the parameter scale: no absolute-lr mode,
@@ -74,53 +77,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatlm.optim.distribution import LOCAL_LAYOUT, Layout, Part, SumFn, sum_list
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class Reductions:
-    """The reductions Adafactor needs over a whole parameter; these are the local (unsharded) versions.
-
-    Each takes a tensor shaped like the parameter (or like its rows, ``[..., n]``) and returns the statistic
-    of the *whole* parameter. A sharded wrapper subclasses this, computes the local partial sums,
-    all-reduces them and divides by the global count; then it calls the same update functions.
-    Row and column means are matrix-vector products: on CPU BLAS reads the matrix once, faster than ``mean``.
-    """
-
-    def row_mean(self, x: Tensor) -> Tensor:
-        """Mean over the last dim, one per row: ``[..., n, m] -> [..., n]``. Local under dim-0 sharding."""
-        return x @ x.new_full((x.shape[-1],), 1.0 / x.shape[-1])
-
-    def col_mean(self, x: Tensor) -> Tensor:
-        """Mean over dim -2, one per column: ``[..., n, m] -> [..., m]``. Dim-0 sharded: all-reduce the sums."""
-        return x.new_full((x.shape[-2],), 1.0 / x.shape[-2]) @ x
-
-    def rms(self, x: Tensor) -> Tensor:
-        """sqrt(mean(x^2)) over all of x, a 0-d tensor. Under sharding: all-reduce the sum of squares."""
-        return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
-
-
-LOCAL_REDUCTIONS = Reductions()
-
-
-def _local(x: Tensor) -> Tensor:
-    """This rank's part of a dim-0 sharded DTensor (same storage), else ``x``."""
-    return x.to_local() if hasattr(x, "to_local") else x
-
-
-def _local_or_none(x: Tensor | None) -> Tensor | None:
-    return None if x is None else _local(x)
-
-
-def _like_rows(local: Tensor, param: Tensor, shape: torch.Size, replicated: bool = False) -> Tensor:
-    """State for ``param``: a plain tensor, or for a DTensor parameter a DTensor on its mesh, sharded by rows
-    like it (or replicated: column statistics), so checkpoints key and reshard it like the parameter."""
-    if not hasattr(param, "to_local"):
-        return local
-    from torch.distributed.tensor import DTensor, Replicate
-
-    placements = [Replicate()] * len(param.placements) if replicated else param.placements
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, param.device_mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def _relative_step(t: float, *, lr: float | None, relative_step: bool, warmup_init: bool) -> float:
@@ -133,6 +92,63 @@ def _relative_step(t: float, *, lr: float | None, relative_step: bool, warmup_in
     return min(min_step, 1.0 / math.sqrt(t))
 
 
+def _step_counts(state_steps: list[Tensor]) -> list[float]:
+    """Add 1 to every step counter once (parts of one optimizer tensor share its counter), return t per part."""
+    counted: dict[int, float] = {}
+    for s in state_steps:
+        if id(s) not in counted:
+            counted[id(s)] = s.add_(1).item()
+    return [counted[id(s)] for s in state_steps]
+
+
+def _rms(local_sumsqs: list[Tensor], parts: list[Part], shard_sum: SumFn | None) -> list[Tensor]:
+    """RMS of each whole parameter from this rank's sums of squares: one ``shard_sum`` call for the list."""
+    if not local_sumsqs:
+        return []
+    dtype = local_sumsqs[0].dtype
+    (total,) = sum_list([torch.stack([x.to(dtype) for x in local_sumsqs])], shard_sum)
+    return [(total[k] / part.numel).sqrt() for k, part in enumerate(parts)]
+
+
+def _sumsq(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x).square()
+
+
+def _alphas(
+    xs: list[Tensor],
+    parts: list[Part],
+    rhos: list[float],
+    *,
+    scale_parameter: bool,
+    eps2: float,
+    shard_sum: SumFn | None,
+) -> list[Any]:
+    """alpha_t = max(eps2, RMS(X_{t-1})) rho_t per parameter (reduction 1), or rho_t."""
+    if not scale_parameter:
+        return list(rhos)
+    rms = _rms([_sumsq(x) for x in xs], parts, shard_sum)
+    return [r.clamp(min=eps2) * rho for r, rho in zip(rms, rhos, strict=True)]
+
+
+def _factored_means(g2s: list[Tensor], parts: list[Part], shard_sum: SumFn | None) -> tuple[list[Tensor], list[Tensor]]:
+    """Row and column means of each whole G2 from this rank's parts (reduction 2: one call for every partial one)."""
+    rows = [part.row_means(g2) for g2, part in zip(g2s, parts, strict=True)]
+    cols = [part.col_means(g2) for g2, part in zip(g2s, parts, strict=True)]
+    if shard_sum is not None:
+        partial = [(rows, k) for k, p in enumerate(parts) if p.rows_partial]
+        partial += [(cols, k) for k, p in enumerate(parts) if p.cols_partial]
+        summed = sum_list([out[k] for out, k in partial], shard_sum)
+        for (out, k), total in zip(partial, summed, strict=True):
+            out[k] = total
+    return rows, cols
+
+
+def _chunks(n: int, shard_sum: SumFn | None) -> list[list[int]]:
+    """The order of work: without communication one parameter at a time (its temporaries stay small and in cache);
+    with it every parameter in each phase, so that each reduction is one call for all of them."""
+    return [[i] for i in range(n)] if shard_sum is None else ([list(range(n))] if n else [])
+
+
 def _single_tensor_adafactor(
     params: list[Tensor],
     grads: list[Tensor],
@@ -141,6 +157,7 @@ def _single_tensor_adafactor(
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
     state_steps: list[Tensor],
+    parts: list[Part],
     *,
     lr: float | None,
     eps: tuple[float, float],
@@ -151,44 +168,51 @@ def _single_tensor_adafactor(
     scale_parameter: bool,
     relative_step: bool,
     warmup_init: bool,
-    reductions: Reductions = LOCAL_REDUCTIONS,
+    shard_sum: SumFn | None = None,
 ) -> None:
-    """The update, one tensor at a time, in the order of the module docstring. State lists hold None where unused."""
+    """The update as the module docstring writes it, materialising G^2 and U. State lists hold None where unused."""
     eps1, eps2 = eps
-    for i, param in enumerate(params):
-        x = param.float() if param.dtype in _LOW_PRECISION else param  # fp32 copy for bf16/fp16
-        grad = grads[i].to(x.dtype)  # no copy when the dtypes agree
-        step = state_steps[i]
-        step += 1
-        t = step.item()
-        rho = _relative_step(t, lr=lr, relative_step=relative_step, warmup_init=warmup_init)
-        alpha = reductions.rms(x).clamp(min=eps2) * rho if scale_parameter else rho
-        beta2 = 1.0 - t**decay_rate
+    ts = _step_counts(state_steps)
+    rhos = [_relative_step(t, lr=lr, relative_step=relative_step, warmup_init=warmup_init) for t in ts]
+    xs = [p.float() if p.dtype in _LOW_PRECISION else p for p in params]  # fp32 copies for bf16/fp16
+    gs = [g.to(x.dtype) for g, x in zip(grads, xs, strict=True)]  # no copy when the dtypes agree
+    alphas = _alphas(xs, parts, rhos, scale_parameter=scale_parameter, eps2=eps2, shard_sum=shard_sum)
 
-        row, col = exp_avg_sq_rows[i], exp_avg_sq_cols[i]
-        if row is not None and col is not None:  # factored: [..., n, m]
-            grad2 = grad * grad + eps1  # G2 [..., n, m]
-            row.lerp_(reductions.row_mean(grad2), 1.0 - beta2)  # R [..., n]
-            col.lerp_(reductions.col_mean(grad2), 1.0 - beta2)  # C [..., m]
+    for chunk in _chunks(len(params), shard_sum):
+        g2s = {i: gs[i] * gs[i] + eps1 for i in chunk}  # G2
+        mats = [i for i in chunk if exp_avg_sq_rows[i] is not None]  # factored: [..., n, m]
+        row_means, col_means = _factored_means([g2s[i] for i in mats], [parts[i] for i in mats], shard_sum)
+        updates: dict[int, Tensor] = {}
+        for i, row_mean, col_mean in zip(mats, row_means, col_means, strict=True):
+            row, col = exp_avg_sq_rows[i], exp_avg_sq_cols[i]
+            assert row is not None and col is not None
+            one_minus_beta2 = ts[i] ** decay_rate
+            row.lerp_(row_mean, one_minus_beta2)  # R [..., n]
+            col.lerp_(col_mean, one_minus_beta2)  # C [..., m]
             r = (row / col.mean(dim=-1, keepdim=True)).rsqrt()  # 1/sqrt(R / mean(R)), mean(R) == mean(C)
-            update = grad * r.unsqueeze(-1) * col.rsqrt().unsqueeze(-2)  # G / sqrt(V), [..., n, m]
-        else:
-            v = exp_avg_sqs[i]
-            assert v is not None
-            v.lerp_(grad * grad + eps1, 1.0 - beta2)
-            update = grad * v.rsqrt()
-        update.div_((reductions.rms(update) / clip_threshold).clamp_(min=1.0))  # clip the RMS to <= d
-        update.mul_(alpha)
-
-        m = exp_avgs[i]
-        if m is not None:
-            m.lerp_(update, 1.0 - beta1)  # type: ignore[operator]
-            update = m
-        if weight_decay != 0:
-            x.mul_(1.0 - weight_decay * alpha)
-        x.sub_(update)
-        if x is not param:
-            param.copy_(x)
+            updates[i] = gs[i] * parts[i].outer(r, col.rsqrt())  # G / sqrt(V)
+        for i in chunk:
+            if i not in updates:  # unfactored
+                v = exp_avg_sqs[i]
+                assert v is not None
+                v.lerp_(g2s[i], ts[i] ** decay_rate)
+                updates[i] = gs[i] * v.rsqrt()
+        del g2s
+        rms = _rms([_sumsq(updates[i]) for i in chunk], [parts[i] for i in chunk], shard_sum)  # reduction 3
+        for i, update_rms in zip(chunk, rms, strict=True):
+            update = updates[i]
+            update.div_((update_rms / clip_threshold).clamp_(min=1.0))  # clip the RMS to <= d
+            update.mul_(alphas[i])
+            m = exp_avgs[i]
+            if m is not None:
+                m.lerp_(update, 1.0 - beta1)  # type: ignore[operator]
+                update = m
+            x = xs[i]
+            if weight_decay != 0:
+                x.mul_(1.0 - weight_decay * alphas[i])
+            x.sub_(update)
+            if x is not params[i]:
+                params[i].copy_(x)
 
 
 def _multi_tensor_adafactor(
@@ -199,6 +223,7 @@ def _multi_tensor_adafactor(
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
     state_steps: list[Tensor],
+    parts: list[Part],
     *,
     lr: float | None,
     eps: tuple[float, float],
@@ -209,127 +234,106 @@ def _multi_tensor_adafactor(
     scale_parameter: bool,
     relative_step: bool,
     warmup_init: bool,
-    reductions: Reductions = LOCAL_REDUCTIONS,
+    shard_sum: SumFn | None = None,
 ) -> None:
     """The same update with fewer passes over memory and fewer allocations (the step is memory-bound on CPU).
 
-    Per matrix, one scratch buffer (shared by all matrices, allocated once per call) holds G^2 and then the
-    rank-1 factor; neither V nor U is ever materialised. With c = C^(-1/2) per column and r = (R / mean(C))^(-1/2)
-    per row, U_ij = G_ij r_i c_j, and
+    Per matrix, one scratch buffer (allocated once per call; shared by all matrices when nothing is communicated)
+    holds G^2 and then the rank-1 factor; neither V nor U is ever materialised. With c = C^(-1/2) per column and
+    r = (R / mean(C))^(-1/2) per row, U_ij = G_ij r_i c_j, and
 
-        RMS(U)^2 = mean_i r_i^2 mean_j G2_ij c_j^2      a matrix-vector product on G2, so RMS(U) = rms(r s)
-                                                        with s_i = sqrt(mean_j G2_ij c_j^2), a row-shaped tensor
+        RMS(U)^2 = mean_ij G2_ij r_i^2 c_j^2            ``Part.weighted_sumsq``: a matrix-vector product on G2
         X <- X - (k r) outer c * G                      k = alpha_t / max(1, RMS(U) / d) folded into the row vector
 
     (eps1 is added to the means of G^2 rather than to G^2: equal up to rounding). Matrix-sized traffic without
-    beta1: X read twice and written once, G read twice, the buffer written twice and read four times (it stays in
+    beta1: X read twice and written once, G read twice, the buffer written twice and read three times (it stays in
     cache); transformers allocates about six matrix-sized temporaries instead. 1-D parameters go through
     torch._foreach_* ops together.
     """
     eps1, eps2 = eps
-    steps = [s.add_(1).item() for s in state_steps]
-    rhos = [_relative_step(t, lr=lr, relative_step=relative_step, warmup_init=warmup_init) for t in steps]
-    one_minus_beta2 = [t**decay_rate for t in steps]
-
-    vector_idx = [i for i, row in enumerate(exp_avg_sq_rows) if row is None]
-    matrix_idx = [i for i, row in enumerate(exp_avg_sq_rows) if row is not None]
-
-    sizes: dict[tuple[torch.device, torch.dtype], int] = {}  # per device and compute dtype: the largest matrix
-    for i in matrix_idx:
-        key = (params[i].device, torch.float32 if params[i].dtype in _LOW_PRECISION else params[i].dtype)
-        sizes[key] = max(sizes.get(key, 0), params[i].numel())
-    scratch = {key: torch.empty(numel, device=key[0], dtype=key[1]) for key, numel in sizes.items()}
-
-    for i in matrix_idx:
-        param, row, col = params[i], exp_avg_sq_rows[i], exp_avg_sq_cols[i]
-        assert row is not None and col is not None
-        x = param.float() if param.dtype in _LOW_PRECISION else param
-        grad = grads[i].to(x.dtype)
-        buf = scratch[(param.device, x.dtype)][: param.numel()].view(param.shape)
-        alpha = reductions.rms(x).clamp_(min=eps2).mul_(rhos[i]) if scale_parameter else rhos[i]
-
-        grad2 = torch.mul(grad, grad, out=buf)  # G2 without eps1, [..., n, m]
-        row.lerp_(reductions.row_mean(grad2).add_(eps1), one_minus_beta2[i])  # R [..., n]
-        col.lerp_(reductions.col_mean(grad2).add_(eps1), one_minus_beta2[i])  # C [..., m]
-        c = col.rsqrt()  # [..., m]
-        r = (row / col.mean(dim=-1, keepdim=True)).rsqrt_()  # [..., n]; mean(R) == mean(C)
-        s = (grad2 @ (c * c).unsqueeze(-1)).squeeze(-1).div_(c.shape[-1]).sqrt_()  # [..., n]
-        update_rms = reductions.rms(s.mul_(r))  # == RMS(U)
-        k = alpha / (update_rms / clip_threshold).clamp_(min=1.0)
-        factor = torch.mul(r.mul_(k).unsqueeze(-1), c.unsqueeze(-2), out=buf)  # k r_i c_j, [..., n, m]
-
-        m = exp_avgs[i]
-        if m is not None:
-            m.lerp_(factor.mul_(grad), 1.0 - beta1)  # type: ignore[operator]  # M <- beta1 M + (1 - beta1) U
-        if weight_decay != 0:
-            x.mul_(1.0 - weight_decay * alpha)
-        if m is not None:
-            x.sub_(m)
-        else:
-            x.addcmul_(factor, grad, value=-1.0)
-        if x is not param:
-            param.copy_(x)
-
-    if vector_idx:
-        _foreach_unfactored(
-            [params[i] for i in vector_idx],
-            [grads[i] for i in vector_idx],
-            [exp_avg_sqs[i] for i in vector_idx],  # type: ignore[misc]
-            [exp_avgs[i] for i in vector_idx],
-            rhos=[rhos[i] for i in vector_idx],
-            one_minus_beta2=[one_minus_beta2[i] for i in vector_idx],
-            eps1=eps1,
-            eps2=eps2,
-            clip_threshold=clip_threshold,
-            beta1=beta1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            reductions=reductions,
-        )
-
-
-def _foreach_unfactored(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    exp_avgs: list[Tensor | None],
-    *,
-    rhos: list[float],
-    one_minus_beta2: list[float],
-    eps1: float,
-    eps2: float,
-    clip_threshold: float,
-    beta1: float | None,
-    weight_decay: float,
-    scale_parameter: bool,
-    reductions: Reductions,
-) -> None:
-    """The unfactored (1-D) update for a list of tensors with torch._foreach_* ops; the RMS hooks stay per tensor."""
+    ts = _step_counts(state_steps)
+    rhos = [_relative_step(t, lr=lr, relative_step=relative_step, warmup_init=warmup_init) for t in ts]
+    one_minus_beta2 = [t**decay_rate for t in ts]
     xs = [p.float() if p.dtype in _LOW_PRECISION else p for p in params]
     gs = [g.to(x.dtype) for g, x in zip(grads, xs, strict=True)]
-    if scale_parameter:
-        alphas: list[Any] = [reductions.rms(x).clamp_(min=eps2).mul_(rho) for x, rho in zip(xs, rhos, strict=True)]
-    else:
-        alphas = rhos
-    g2 = torch._foreach_mul(gs, gs)
-    torch._foreach_add_(g2, eps1)
-    torch._foreach_lerp_(exp_avg_sqs, g2, one_minus_beta2)  # V
-    updates = torch._foreach_rsqrt(exp_avg_sqs)
-    torch._foreach_mul_(updates, gs)  # G / sqrt(V)
-    scales = [
-        alpha / (reductions.rms(u) / clip_threshold).clamp_(min=1.0) for u, alpha in zip(updates, alphas, strict=True)
-    ]
-    torch._foreach_mul_(updates, scales)
-    if beta1 is not None:
-        ms: list[Tensor] = exp_avgs  # type: ignore[assignment]
-        torch._foreach_lerp_(ms, updates, 1.0 - beta1)
-        updates = ms
-    if weight_decay != 0:
-        torch._foreach_mul_(xs, [1.0 - weight_decay * a for a in alphas])
-    torch._foreach_sub_(xs, updates)
-    for x, p in zip(xs, params, strict=True):
-        if x is not p:
-            p.copy_(x)
+    alphas = _alphas(xs, parts, rhos, scale_parameter=scale_parameter, eps2=eps2, shard_sum=shard_sum)
+    chunks = _chunks(len(params), shard_sum)
+
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}  # per device and dtype: the largest chunk's matrices
+    for chunk in chunks:
+        need: dict[tuple[torch.device, torch.dtype], int] = {}
+        for i in chunk:
+            if exp_avg_sq_rows[i] is not None:
+                key = (xs[i].device, xs[i].dtype)
+                need[key] = need.get(key, 0) + xs[i].numel()
+        for key, numel in need.items():
+            sizes[key] = max(sizes.get(key, 0), numel)
+    scratch = {key: torch.empty(numel, device=key[0], dtype=key[1]) for key, numel in sizes.items()}
+
+    for chunk in chunks:
+        mats = [i for i in chunk if exp_avg_sq_rows[i] is not None]
+        vecs = [i for i in chunk if exp_avg_sq_rows[i] is None]
+        used: dict[tuple[torch.device, torch.dtype], int] = {}
+        bufs: dict[int, Tensor] = {}
+        for i in mats:
+            key = (xs[i].device, xs[i].dtype)
+            at = used.get(key, 0)
+            bufs[i] = scratch[key][at : at + xs[i].numel()].view(xs[i].shape)
+            used[key] = at + xs[i].numel()
+            torch.mul(gs[i], gs[i], out=bufs[i])  # G2 without eps1
+        row_means, col_means = _factored_means([bufs[i] for i in mats], [parts[i] for i in mats], shard_sum)
+        factors: dict[int, tuple[Tensor, Tensor]] = {}
+        sumsqs: dict[int, Tensor] = {}
+        for i, row_mean, col_mean in zip(mats, row_means, col_means, strict=True):
+            row, col = exp_avg_sq_rows[i], exp_avg_sq_cols[i]
+            assert row is not None and col is not None
+            row.lerp_(row_mean.add_(eps1), one_minus_beta2[i])  # R [..., n]
+            col.lerp_(col_mean.add_(eps1), one_minus_beta2[i])  # C [..., m]
+            c = col.rsqrt()  # [..., m]
+            r = (row / col.mean(dim=-1, keepdim=True)).rsqrt_()  # [..., n]; mean(R) == mean(C)
+            sumsqs[i] = parts[i].weighted_sumsq(bufs[i], r * r, c * c)  # ||U||^2 on this rank
+            factors[i] = (r, c)
+        if vecs:
+            v_gs = [gs[i] for i in vecs]
+            g2 = torch._foreach_mul(v_gs, v_gs)
+            torch._foreach_add_(g2, eps1)
+            v_sqs: list[Tensor] = [exp_avg_sqs[i] for i in vecs]  # type: ignore[misc]
+            torch._foreach_lerp_(v_sqs, g2, [one_minus_beta2[i] for i in vecs])  # V
+            v_updates = torch._foreach_rsqrt(v_sqs)
+            torch._foreach_mul_(v_updates, v_gs)  # G / sqrt(V)
+            for i, u in zip(vecs, v_updates, strict=True):
+                sumsqs[i] = _sumsq(u)
+        rms = dict(zip(chunk, _rms([sumsqs[i] for i in chunk], [parts[i] for i in chunk], shard_sum), strict=True))
+
+        for i in mats:  # reduction 3 done: the step
+            r, c = factors[i]
+            k = alphas[i] / (rms[i] / clip_threshold).clamp_(min=1.0)
+            factor = parts[i].outer(r.mul_(k), c, out=bufs[i])  # k r_i c_j
+            x, m = xs[i], exp_avgs[i]
+            if m is not None:
+                m.lerp_(factor.mul_(gs[i]), 1.0 - beta1)  # type: ignore[operator]  # M <- beta1 M + (1 - beta1) U
+            if weight_decay != 0:
+                x.mul_(1.0 - weight_decay * alphas[i])
+            if m is not None:
+                x.sub_(m)
+            else:
+                x.addcmul_(factor, gs[i], value=-1.0)
+            if x is not params[i]:
+                params[i].copy_(x)
+        if vecs:
+            scales = [alphas[i] / (rms[i] / clip_threshold).clamp_(min=1.0) for i in vecs]
+            torch._foreach_mul_(v_updates, scales)
+            if beta1 is not None:
+                ms: list[Tensor] = [exp_avgs[i] for i in vecs]  # type: ignore[misc]
+                torch._foreach_lerp_(ms, v_updates, 1.0 - beta1)
+                v_updates = ms
+            v_xs = [xs[i] for i in vecs]
+            if weight_decay != 0:
+                torch._foreach_mul_(v_xs, [1.0 - weight_decay * alphas[i] for i in vecs])
+            torch._foreach_sub_(v_xs, v_updates)
+            for i in vecs:
+                if xs[i] is not params[i]:
+                    params[i].copy_(xs[i])
 
 
 def adafactor(
@@ -340,13 +344,21 @@ def adafactor(
     exp_avg_sqs: list[Tensor | None],
     exp_avgs: list[Tensor | None],
     state_steps: list[Tensor],
+    parts: list[Part] | None = None,
     *,
     foreach: bool | None = None,
     **hparams: Any,
 ) -> None:
-    """Functional Adafactor: the per-tensor path (``foreach=False``) or the fast one (None/True, the default)."""
+    """Functional Adafactor: the per-tensor path (``foreach=False``) or the fast one (None/True, the default).
+
+    Every list holds one entry per part: this rank's tensors of one parameter (a whole parameter, an FSDP2 row
+    shard, a run of a ZeRO partition), ``parts`` their geometry (default: whole parameters, ``Part(p.shape)``),
+    ``shard_sum`` (in ``hparams``) the sum over ranks of partial statistics (None: nothing is partial).
+    """
+    if parts is None:
+        parts = [Part(p.shape) for p in params]
     fn = _single_tensor_adafactor if foreach is False else _multi_tensor_adafactor
-    fn(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, state_steps, **hparams)
+    fn(params, grads, exp_avg_sq_rows, exp_avg_sq_cols, exp_avg_sqs, exp_avgs, state_steps, parts, **hparams)
 
 
 class Adafactor(torch.optim.Optimizer):
@@ -357,10 +369,13 @@ class Adafactor(torch.optim.Optimizer):
     clipped normalised update directly). ``relative_step=True`` with an ``lr`` caps the relative step by it,
     ``min(lr, 1/sqrt(t))`` (as torch.optim.Adafactor; transformers refuses the pair), so ``lr=1e-2`` is the paper.
     ``foreach``: None or True for the fast path, False for the per-tensor one.
-    Subclasses or sharded wrappers may replace ``reductions`` (see :class:`Reductions`).
-    """
 
-    reductions: Reductions = LOCAL_REDUCTIONS
+    Injected by the backend at construction (keyword-only, never hyperparameters; ``flatlm.optim.distribution``):
+        layout: the parts of parameters each optimizer tensor holds on this rank, and how their state is created and
+            stored (default: whole parameters, plain tensors).
+        shard_sum: ``Tensor -> Tensor``, the sum over the ranks of partial statistics (an all-reduce); None where
+            every part is a whole parameter.
+    """
 
     def __init__(
         self,
@@ -375,7 +390,12 @@ class Adafactor(torch.optim.Optimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
         foreach: bool | None = None,
+        *,
+        layout: Layout | None = None,
+        shard_sum: SumFn | None = None,
     ) -> None:
+        self._layout = layout or LOCAL_LAYOUT
+        self._shard_sum = shard_sum
         defaults = {
             "lr": lr,
             "eps": tuple(eps),
@@ -395,36 +415,59 @@ class Adafactor(torch.optim.Optimizer):
         super().add_param_group(param_group)
         _validate(self.param_groups[-1])  # groups may override any default: check each
 
+    def _new_state(self, p: Tensor, parts: list[Part], beta1: float | None) -> dict[str, Any]:
+        """Zero state for p: R and C per factored part, V per unfactored part (``Layout.zeros`` places them; a
+        layout keyed by part stores ``{part index: tensor}``), M laid out like p."""
+        layout = self._layout
+        dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        factored = [j for j, part in enumerate(parts) if len(part.shape) >= 2]
+        vectors = [j for j, part in enumerate(parts) if len(part.shape) < 2]
+        kinds = {
+            "exp_avg_sq_row": ("row", factored),
+            "exp_avg_sq_col": ("col", factored),
+            "exp_avg_sq": ("elem", vectors),
+        }
+        for key, (kind, idx) in kinds.items():
+            made = {j: layout.zeros(p, parts[j], kind, dtype) for j in idx}
+            if layout.keyed_by_part:
+                state[key] = made
+            elif made:
+                (state[key],) = made.values()
+        if beta1 is not None:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Any], ...]:
-        params, grads, rows, cols, sqs, exp_avgs, steps = [], [], [], [], [], [], []
+        """One entry per part of every parameter with a gradient: this rank's tensors and their state."""
+        layout = self._layout
+        params, grads, rows, cols, sqs, exp_avgs, steps, parts = [], [], [], [], [], [], [], []
+
+        def of(state: dict[str, Any], key: str, j: int) -> Tensor | None:
+            value = state.get(key)
+            if isinstance(value, dict):
+                value = value.get(j)
+            return None if value is None else layout.local(value)
+
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("Adafactor does not support sparse gradients")
+            tensor_parts = layout.parts(p)
+            if not self.state[p]:
+                self.state[p].update(self._new_state(p, tensor_parts, group["beta1"]))
             state = self.state[p]
-            x = _local(p)  # a DTensor's rows on this rank (FSDP2); the reductions combine the ranks' rows
-            if not state:
-                state_dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-                zeros = dict(device=p.device, dtype=state_dtype)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                if p.ndim >= 2:
-                    row = torch.zeros(x.shape[:-1], **zeros)  # [..., n] (this rank's rows)
-                    state["exp_avg_sq_row"] = _like_rows(row, p, p.shape[:-1])
-                    col = torch.zeros(x.shape[:-2] + x.shape[-1:], **zeros)  # [..., m]
-                    state["exp_avg_sq_col"] = _like_rows(col, p, p.shape[:-2] + p.shape[-1:], replicated=True)
-                else:
-                    state["exp_avg_sq"] = _like_rows(torch.zeros(x.shape, **zeros), p, p.shape)
-                if group["beta1"] is not None:
-                    state["exp_avg"] = _like_rows(torch.zeros(x.shape, **zeros), p, p.shape)
-            params.append(x)
-            grads.append(_local(p.grad))
-            rows.append(_local_or_none(state.get("exp_avg_sq_row")))
-            cols.append(_local_or_none(state.get("exp_avg_sq_col")))
-            sqs.append(_local_or_none(state.get("exp_avg_sq")))
-            exp_avgs.append(_local_or_none(state.get("exp_avg")) if group["beta1"] is not None else None)
-            steps.append(state["step"])
-        return params, grads, rows, cols, sqs, exp_avgs, steps
+            for j, part in enumerate(tensor_parts):
+                params.append(part.view(p))
+                grads.append(part.view(p.grad))
+                rows.append(of(state, "exp_avg_sq_row", j))
+                cols.append(of(state, "exp_avg_sq_col", j))
+                sqs.append(of(state, "exp_avg_sq", j))
+                exp_avgs.append(part.view(state["exp_avg"]) if group["beta1"] is not None else None)
+                steps.append(state["step"])
+                parts.append(part)
+        return params, grads, rows, cols, sqs, exp_avgs, steps, parts
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -448,7 +491,7 @@ class Adafactor(torch.optim.Optimizer):
                 scale_parameter=group["scale_parameter"],
                 relative_step=group["relative_step"],
                 warmup_init=group["warmup_init"],
-                reductions=self.reductions,
+                shard_sum=self._shard_sum,
             )
         return loss
 

@@ -44,13 +44,15 @@ bias correction) with the group's lr and weight_decay, ``adamw_betas`` and ``ada
 State per parameter: Muon params ``momentum_buffer`` (as the param); AdamW params ``step`` (float32 scalar),
 ``exp_avg``, ``exp_avg_sq`` (as torch.optim.AdamW's).
 
-Reductions and sharding. Momentum, weight decay and the final update are elementwise: they work on any shard.
-The only reductions are inside NS5 (the Frobenius norm and the matmuls), which need each whole matrix; they sit
-behind one hook, ``Muon.orthogonalize_fn`` (default: ``orthogonalize`` below, which batches same-shape matrices into
-one ``zeropower_via_newtonschulz5`` call). A sharded Muon gathers the updates, calls the same ``orthogonalize`` and
-scatters the result back; it should run the batched path (``foreach=True``), which calls the hook once per step with
-every matrix, where the per-tensor path calls it once per matrix. The scale s is computed from ``param.shape``: the
-global shape for a DTensor.
+Reductions and sharding. Momentum, weight decay and the final update are elementwise: they work on any part of a
+matrix. The only reductions are inside NS5 (the Frobenius norm and the matmuls), which need each whole matrix. So
+there is one update, ``muon``, over this rank's tensors of each matrix (whole matrices in one process or under
+DDP; FSDP2 row shards; 1-D pieces of a DeepSpeed ZeRO flat partition), their global shapes (the scale s) and an
+``orthogonalize`` callable; the backend injects that callable and the ``layout`` (which parts of which matrices
+each optimizer tensor holds, ``flatlm.optim.distribution``) when it builds the optimizer. Default: ``orthogonalize``
+below on whole matrices, one at a time on the per-tensor path; an injected one (``flatlm.parallel.muon``: gather
+each matrix on one owner rank, the same ``orthogonalize``, scatter; or, under DDP, owner-computes-and-broadcasts)
+is called once per step with every matrix, so that it can batch its communication.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.optimizer import _default_to_fused_or_foreach
+
+from flatlm.optim.distribution import LOCAL_LAYOUT, Layout, OrthogonalizeFn, Part
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: slope 3.4445 at 0, iterates stay in ~[0.7, 1.2]
 ADJUST_LR = {
@@ -134,18 +138,19 @@ def orthogonalize(
     return out
 
 
-OrthogonalizeFn = Callable[..., list[Tensor]]  # same signature as `orthogonalize`
-
-
 def update_scale(shape: Sequence[int], adjust_lr: str) -> float:
     """s(rows, cols): the factor on lr for a matrix of ``shape`` (its global shape)."""
     return ADJUST_LR[adjust_lr](shape[0], shape[1])
+
+
+LocalOrthogonalize = Callable[..., list[Tensor]]  # updates -> NS5 of each, shaped like them (ns keywords)
 
 
 def _single_tensor_muon(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    shapes: list[torch.Size],
     *,
     lr: float,
     weight_decay: float,
@@ -156,31 +161,32 @@ def _single_tensor_muon(
     eps: float,
     adjust_lr: str,
     ns_dtype: torch.dtype,
-    orthogonalize_fn: OrthogonalizeFn = orthogonalize,
+    orthogonalize_fn: LocalOrthogonalize | None = None,
 ) -> None:
     ns = {"steps": ns_steps, "coefficients": ns_coefficients, "eps": eps, "dtype": ns_dtype}
-    if orthogonalize_fn is not orthogonalize:  # a sharded orthogonalize_fn gets every matrix in one call,
-        updates = []  # so that it can batch its communication (one gather and one scatter per step)
-        for grad, buf in zip(grads, momentum_buffers, strict=True):
-            buf.lerp_(grad, 1 - momentum)
-            updates.append(grad.lerp(buf, momentum) if nesterov else buf)
-        orths = orthogonalize_fn(updates, **ns)
-        for param, orth in zip(params, orths, strict=True):
-            param.mul_(1 - lr * weight_decay)
-            param.add_(orth, alpha=-lr * update_scale(param.shape, adjust_lr))
+    if orthogonalize_fn is None:  # whole matrices here: one at a time, the least memory
+        for param, grad, buf, shape in zip(params, grads, momentum_buffers, shapes, strict=True):
+            buf.lerp_(grad, 1 - momentum)  # B <- mu B + (1 - mu) G
+            update = grad.lerp(buf, momentum) if nesterov else buf  # (1 - mu) G + mu B
+            (orth,) = orthogonalize([update], **ns)
+            param.mul_(1 - lr * weight_decay)  # decoupled weight decay, unscaled lr
+            param.add_(orth.view(param.shape), alpha=-lr * update_scale(shape, adjust_lr))
         return
-    for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
-        buf.lerp_(grad, 1 - momentum)  # B <- mu B + (1 - mu) G
-        update = grad.lerp(buf, momentum) if nesterov else buf  # (1 - mu) G + mu B
-        (orth,) = orthogonalize_fn([update], **ns)  # one matrix at a time: the least memory
-        param.mul_(1 - lr * weight_decay)  # decoupled weight decay, unscaled lr
-        param.add_(orth, alpha=-lr * update_scale(param.shape, adjust_lr))
+    updates = []  # an injected orthogonalize gets every matrix in one call, so that it can batch its
+    for grad, buf in zip(grads, momentum_buffers, strict=True):  # communication (one gather, one scatter per step)
+        buf.lerp_(grad, 1 - momentum)
+        updates.append(grad.lerp(buf, momentum) if nesterov else buf)
+    orths = orthogonalize_fn(updates, **ns)
+    for param, orth, shape in zip(params, orths, shapes, strict=True):
+        param.mul_(1 - lr * weight_decay)
+        param.add_(orth.view(param.shape), alpha=-lr * update_scale(shape, adjust_lr))
 
 
 def _multi_tensor_muon(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    shapes: list[torch.Size],
     *,
     lr: float,
     weight_decay: float,
@@ -191,22 +197,26 @@ def _multi_tensor_muon(
     eps: float,
     adjust_lr: str,
     ns_dtype: torch.dtype,
-    orthogonalize_fn: OrthogonalizeFn = orthogonalize,
+    orthogonalize_fn: LocalOrthogonalize | None = None,
 ) -> None:
     if not params:
         return
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
     updates = torch._foreach_lerp(grads, momentum_buffers, momentum) if nesterov else momentum_buffers
-    orths = orthogonalize_fn(updates, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+    orths = (orthogonalize_fn or orthogonalize)(
+        updates, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype
+    )
     del updates
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     by_shape: dict[tuple[int, ...], list[int]] = {}  # one scale per shape: one foreach add per shape
-    for i, p in enumerate(params):
-        by_shape.setdefault(tuple(p.shape), []).append(i)
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(i)
     for shape, idx in by_shape.items():
         torch._foreach_add_(
-            [params[i] for i in idx], [orths[i] for i in idx], alpha=-lr * update_scale(shape, adjust_lr)
+            [params[i] for i in idx],
+            [orths[i].view(params[i].shape) for i in idx],
+            alpha=-lr * update_scale(shape, adjust_lr),
         )
 
 
@@ -214,19 +224,28 @@ def muon(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    shapes: list[torch.Size] | None = None,
     *,
     foreach: bool | None = None,
     **hparams: Any,
 ) -> None:
-    """Functional Muon on lists of 2-D tensors: the batched path if ``foreach``, else the per-tensor one.
+    """Functional Muon: the one update, for whole matrices or for this rank's parts of them.
+
+    ``params``, ``grads``, ``momentum_buffers``: this rank's tensors of each matrix (whole matrices, FSDP2 row
+    shards, 1-D pieces of a ZeRO partition); ``shapes``: each matrix's global shape (default: the tensors' own);
+    ``orthogonalize_fn`` (in ``hparams``): ``updates -> NS5`` of the whole matrices those parts belong to, shaped
+    like the parts (the backend's gather -> ``orthogonalize`` -> scatter); None: ``orthogonalize`` on whole
+    matrices. The batched path if ``foreach``, else the per-tensor one.
 
     ``foreach=None`` follows torch's choice: batched where foreach kernels exist (CUDA), per tensor elsewhere. On
     CPU the per-tensor path measured faster: batching saves no launches there, its large staging buffers cost
     page faults, and bf16 ``baddbmm`` runs 10-25% slower than per-matrix ``addmm``.
     """
+    if shapes is None:
+        shapes = [p.shape for p in params]
     if foreach is None:
         foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
-    (_multi_tensor_muon if foreach else _single_tensor_muon)(params, grads, momentum_buffers, **hparams)
+    (_multi_tensor_muon if foreach else _single_tensor_muon)(params, grads, momentum_buffers, shapes, **hparams)
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -280,10 +299,11 @@ class Muon(torch.optim.Optimizer):
         foreach=None: the fastest path: batched NS on CUDA, per tensor on CPU (see ``muon``); fused AdamW where
             available, else foreach. True: batched NS, foreach AdamW. False: per-tensor loops for both.
 
-    ``orthogonalize_fn`` is the hook a sharded wrapper replaces (gather, the same ``orthogonalize``, scatter).
+    Injected by the backend at construction (keyword-only, never hyperparameters; ``flatlm.optim.distribution``):
+        layout: which parts of which matrices each optimizer tensor holds on this rank (default: whole matrices).
+        orthogonalize: ``(updates, parts, **ns) -> NS5`` of the whole matrices from this rank's parts (the backend's
+            gather -> ``orthogonalize`` -> scatter); default: ``orthogonalize`` on the whole matrices here.
     """
-
-    orthogonalize_fn: OrthogonalizeFn = staticmethod(orthogonalize)
 
     def __init__(
         self,
@@ -300,7 +320,12 @@ class Muon(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
         ns_dtype: str | torch.dtype = "bfloat16",
         foreach: bool | None = None,
+        *,
+        orthogonalize: OrthogonalizeFn | None = None,
+        layout: Layout | None = None,
     ) -> None:
+        self._orthogonalize = orthogonalize
+        self._layout = layout or LOCAL_LAYOUT
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -357,16 +382,20 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        bufs = []
+        tensors: list[list[Tensor]] = [[], [], []]  # this rank's parts of the params, grads, momentum buffers
+        parts: list[Part] = []
         for p in params:
             state = self.state[p]
-            if "momentum_buffer" not in state:
+            if "momentum_buffer" not in state:  # laid out like p: a DTensor, a flat partition, a matrix
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
+            for part in self._layout.parts(p):
+                for out, t in zip(tensors, (p, p.grad, state["momentum_buffer"]), strict=True):
+                    out.append(part.view(t))
+                parts.append(part)
+        injected = self._orthogonalize
         muon(
-            params,
-            [p.grad for p in params],
-            bufs,
+            *tensors,
+            [part.shape for part in parts],
             foreach=group["foreach"],
             lr=group["lr"],
             weight_decay=group["weight_decay"],
@@ -377,7 +406,7 @@ class Muon(torch.optim.Optimizer):
             eps=group["eps"],
             adjust_lr=group["adjust_lr"],
             ns_dtype=NS_DTYPES[group["ns_dtype"]],
-            orthogonalize_fn=self.orthogonalize_fn,
+            orthogonalize_fn=None if injected is None else (lambda updates, **ns: injected(updates, parts, **ns)),
         )
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:

@@ -5,7 +5,9 @@ optimizer's signature (an unknown one is an error that lists the valid ones), ap
 defaults (fused/foreach kernels, LM-friendly betas) and turns the optimizer's own ``ValueError`` into
 a :class:`FlatlmError`. The SAM family wraps any other registered optimizer:
 ``build_optimizer("sam", params, base="adamw", rho=0.05, lr=1e-3, betas=(0.9, 0.95))`` passes the
-hyperparameters SAM does not take to its base.
+hyperparameters SAM does not take to its base. What a backend provides (global sums, Muon's gather-scatter
+orthogonalisation, Adafactor's layout and partial-sum reduction, the ownership step wrapper) arrives as one
+``flatlm.optim.distribution.Distribution`` and is passed to the constructors (``INJECTED`` names), never patched in.
 
 Adding an optimizer is one module and one line in ``OPTIMIZERS``.
 """
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from flatlm.errors import FlatlmError, did_you_mean
+from flatlm.optim.distribution import LOCAL, Distribution
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class OptimizerSpec:
 
 # Constructor arguments a backend passes when it builds the optimizer (how distribution gets in): never
 # hyperparameters, so never in a config, in the valid names an error lists, or in the run identity.
-INJECTED = frozenset({"sum_across_ranks"})
+INJECTED = frozenset({"sum_across_ranks", "orthogonalize", "layout", "shard_sum"})  # flatlm.optim.distribution
 
 _TORCH = "torch.optim"
 _SAM = "flatlm.optim"
@@ -108,9 +111,16 @@ def _plain_tensors(params: Any) -> bool:
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in items)
 
 
-def _instantiate(name: str, spec: OptimizerSpec, params: Any, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+def _injected(cls: type, distribution: Distribution) -> dict[str, Any]:
+    """The arguments ``distribution`` injects that ``cls``'s constructor takes (by name, from its signature)."""
+    return distribution.arguments_for(list(inspect.signature(cls).parameters))
+
+
+def _instantiate(
+    name: str, spec: OptimizerSpec, params: Any, hparams: dict[str, Any], distribution: Distribution
+) -> torch.optim.Optimizer:
     cls = spec.cls()
-    kw = {**spec.defaults, **(spec.with_lr if "lr" in hparams else {}), **hparams}
+    kw = {**spec.defaults, **(spec.with_lr if "lr" in hparams else {}), **hparams, **_injected(cls, distribution)}
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     try:
@@ -124,27 +134,30 @@ def _instantiate(name: str, spec: OptimizerSpec, params: Any, hparams: dict[str,
         raise FlatlmError(f"invalid hyperparameters for optimizer {name!r}: {exc}") from None
 
 
-StepWrapper = Callable[[list[Any], Callable[[list[Any]], torch.optim.Optimizer]], torch.optim.Optimizer]
-
-
 def build_optimizer(
-    name: str, params_or_groups: Any, *, step_wrapper: StepWrapper | None = None, **hparams: Any
+    name: str, params_or_groups: Any, *, distribution: Distribution | None = None, **hparams: Any
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``params_or_groups`` with ``hparams`` (ecosystem names).
 
-    ``step_wrapper(groups, factory)``, if given, builds the optimizer that updates the weights (the base of a
-    SAM-family wrapper) from its factory: how a sharding layer (``flatlm.parallel``) gets in without the
-    registry knowing about ranks.
+    ``distribution`` is what the backend injects (``flatlm.optim.distribution``; default: one process): each
+    optimizer gets the fields its constructor names as keyword arguments (SAM ``sum_across_ranks``, Muon
+    ``orthogonalize`` and ``layout``, Adafactor ``layout`` and ``shard_sum``), and ``step_wrapper(groups,
+    factory)``, if set, builds the optimizer that updates the weights (the base of a SAM-family wrapper): how a
+    sharding layer (``flatlm.parallel``) gets in without the registry knowing about ranks. Nothing is set on an
+    optimizer after it is built.
     """
+    distribution = distribution or LOCAL
     spec = get_spec(name)
     if isinstance(params_or_groups, torch.Tensor):
         raise FlatlmError("build_optimizer takes an iterable of parameters or parameter groups, not one tensor")
     params = list(params_or_groups)
     if not spec.wrapper:
         _check_names(name, hparams, spec.hparam_names())
-        if step_wrapper is not None:
-            return step_wrapper(params, lambda groups: _instantiate(name, spec, groups, hparams))
-        return _instantiate(name, spec, params, hparams)
+        if distribution.step_wrapper is not None:
+            return distribution.step_wrapper(
+                params, lambda groups: _instantiate(name, spec, groups, hparams, distribution)
+            )
+        return _instantiate(name, spec, params, hparams, distribution)
 
     base = str(hparams.pop("base", "adamw"))
     if base not in OPTIMIZERS or OPTIMIZERS[base].wrapper:
@@ -158,10 +171,10 @@ def build_optimizer(
     _check_names(name, base_hparams, sorted(set(OPTIMIZERS[base].hparam_names()) | set(own_names) | {"base"}))
 
     def make_base(groups: Any) -> torch.optim.Optimizer:
-        return build_optimizer(base, groups, step_wrapper=step_wrapper, **base_hparams)
+        return build_optimizer(base, groups, distribution=distribution, **base_hparams)
 
     try:
-        return spec.cls()(params, make_base, **own)
+        return spec.cls()(params, make_base, **own, **_injected(spec.cls(), distribution))
     except ValueError as exc:
         raise FlatlmError(f"invalid hyperparameters for optimizer {name!r}: {exc}") from None
 

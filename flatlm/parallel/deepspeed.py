@@ -23,9 +23,10 @@ Replica perturbation (ZeRO-1/2, whose ranks hold whole weights): pass 1 runs thr
 ``torch.autograd.grad`` (DeepSpeed's reduction hooks never fire, nothing is communicated), each rank moves its
 replicated weights (views keyed by name) by its own eps, pass 2 is a normal reduced pass, then the weights are
 copied back; the step reads reduced partitions, so only variants whose final gradient is g' run that way.
-Muon and Adafactor need whole matrices: after ``deepspeed.initialize`` they get the map from each flat partition
-back to every rank's pieces of each matrix (``parallel.zero_layout``) and run as ``ZeroMuon`` (gather ->
-Newton-Schulz once per matrix -> scatter) and ``ZeroAdafactor`` (factored, n + m numbers all-reduced per matrix).
+Muon and Adafactor need whole matrices: they are built with a ``ZeroLayout`` (``parallel.zero_layout``), bound
+after ``deepspeed.initialize`` to the map from each flat partition back to every rank's pieces of each matrix; their
+own update functions then run on the pieces (Muon: gather -> Newton-Schulz once per matrix -> scatter; Adafactor:
+factored, n + m numbers all-reduced per matrix). The optimizer's class never changes.
 """
 
 from __future__ import annotations
@@ -292,9 +293,10 @@ class Zero3Parallel(DeepSpeedParallel):
 
 
 def deepspeed_parallel(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, accum: int
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, accum: int, layout: Any = None
 ) -> tuple[DeepSpeedParallel, torch.optim.Optimizer]:
-    """Initialise the DeepSpeed engine around ``model`` with ``optimizer`` as its client optimizer."""
+    """Initialise the DeepSpeed engine around ``model`` with ``optimizer`` as its client optimizer; then bind
+    ``layout`` (the ``ZeroLayout`` the optimizer was built with, if any) to the engine's flat partitions."""
     check_deepspeed_version()  # before anything of DeepSpeed runs: its internals are read as checked
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     import deepspeed
@@ -304,28 +306,13 @@ def deepspeed_parallel(
     skip_shm_comm_build()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     keep_client_adagrad(engine, optimizer)
-    _shape_aware_on_partitions(optimizer, engine, model)
+    _shape_aware_on_partitions(layout, engine, model)
     cls = Zero3Parallel if cfg.parallel.backend == "zero3" else DeepSpeedParallel
     return cls(cfg.parallel.backend, model, engine), optimizer
 
 
-def _shape_aware_on_partitions(optimizer: torch.optim.Optimizer, engine: Any, model: torch.nn.Module) -> None:
-    """Give Muon and Adafactor the map from DeepSpeed's flat partitions back to whole matrices."""
-    from flatlm.optim.adafactor import Adafactor
-    from flatlm.optim.muon import Muon
-    from flatlm.optim.registry import inner_optimizers
-    from flatlm.parallel.zero_layout import flat_layouts
-
-    shape_aware = [o for o in inner_optimizers(optimizer) if isinstance(o, Muon | Adafactor)]
-    if not shape_aware:
-        return
-    layouts = flat_layouts(engine, model)
-    for opt in shape_aware:
-        if isinstance(opt, Muon):
-            from flatlm.parallel.zero_muon import on_zero_partitions
-
-            on_zero_partitions(opt, layouts)
-        else:
-            from flatlm.parallel.zero_adafactor import on_zero_partitions as adafactor_on_partitions
-
-            adafactor_on_partitions(opt, layouts)
+def _shape_aware_on_partitions(layout: Any, engine: Any, model: torch.nn.Module) -> None:
+    """Bind the layout Muon and Adafactor were built with to DeepSpeed's flat partitions (the map from each flat
+    partition back to every rank's pieces of each matrix). Collective: one all_gather_object at setup."""
+    if layout is not None and hasattr(layout, "bind"):
+        layout.bind(engine, model)

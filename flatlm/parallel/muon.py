@@ -1,9 +1,11 @@
 """Muon's Newton-Schulz on whole matrices when each rank holds only a piece of every matrix.
 
-The update math (``flatlm.optim.muon``) calls ``orthogonalize_fn(updates, ...)`` once per step with the
-momentum-updated matrices; this module supplies a sharded version with the same signature. Each rank
-holds, for every matrix, a contiguous range of its row-major elements (FSDP2's dim-0 shard, or a slice
-of a DeepSpeed ZeRO partition). Order of communication, per optimizer step:
+The one Muon update (``flatlm.optim.muon.muon``) runs on this rank's parts of the matrices and calls the
+``orthogonalize`` a backend injected at construction once per step with all of them: ``(updates, parts, **ns)``,
+where each part (``flatlm.optim.distribution.Part``) carries its matrix's global shape and ``pieces``, every rank's
+range of the row-major elements (FSDP2's dim-0 shard, or a run of a DeepSpeed ZeRO flat partition, see
+``parallel.layouts`` and ``parallel.zero_layout``). ``ShardedOrthogonalize`` serves both; its order of
+communication, per optimizer step:
 
     1. owners     matrix i is orthogonalised by one rank; matrices are grouped by shape, and each shape's
                   list is dealt round-robin (continuing across shapes) so same-shape matrices batch.
@@ -23,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
 
+from flatlm.optim.distribution import Part
 from flatlm.optim.muon import orthogonalize
-from flatlm.parallel.collectives import world
+from flatlm.parallel.collectives import all_to_all_single, broadcast_, world
 
 
 @dataclass(frozen=True)
@@ -113,52 +114,37 @@ def _all_to_all(
     device = like[0].device if like else torch.device("cpu")
     send = torch.cat(tensors) if tensors else torch.empty(0, dtype=dtype, device=device)
     recv = torch.empty(sum(recv_splits), dtype=dtype, device=device)
-    dist.all_to_all_single(recv, send, recv_splits, send_splits)
+    all_to_all_single(recv, send, recv_splits, send_splits)
     return list(recv.split(recv_splits))
 
 
 class ShardedOrthogonalize:
-    """``Muon.orthogonalize_fn`` for DTensor matrices sharded on dim 0 (FSDP2): same signature as
-    ``flatlm.optim.muon.orthogonalize``; returns DTensors with each update's placement.
+    """The injected ``orthogonalize`` where each rank holds pieces of every matrix (FSDP2 row shards, ZeRO flat
+    partitions): gather each matrix on its owner, the same ``flatlm.optim.muon.orthogonalize``, scatter back.
+    Returns this rank's pieces, shaped like ``updates``.
 
-    ``ns_per_rank`` counts the matrices this rank orthogonalised (tests check the sum over ranks equals the
+    ``ns_matrices`` counts the matrices this rank orthogonalised (tests check the sum over ranks equals the
     number of Muon matrices per step: no redundant Newton-Schulz).
     """
 
     def __init__(self) -> None:
         self.ns_matrices = 0
 
-    def __call__(self, updates: Sequence[Tensor], **ns_kwargs: Any) -> list[Tensor]:
-        if not updates or not isinstance(updates[0], DTensor):
-            return orthogonalize(updates, **ns_kwargs)
-        _, size = world()
-        shapes = [tuple(u.shape) for u in updates]
-        for u in updates:
-            if tuple(u.placements) != (Shard(0),):
-                raise ValueError(f"sharded Muon expects dim-0 sharded matrices, got placements {u.placements}")
-        layout = [row_chunks(m, n, size) for m, n in shapes]
+    def __call__(self, updates: Sequence[Tensor], parts: Sequence[Part], **ns_kwargs: Any) -> list[Tensor]:
+        shapes = [tuple(part.shape) for part in parts]
+        layout = [part.pieces for part in parts]  # type: ignore[attr-defined]
         dtype = ns_kwargs.get("dtype", torch.bfloat16)
 
         def ns(whole: list[Tensor]) -> list[Tensor]:
             self.ns_matrices += len(whole)
             return orthogonalize(whole, **ns_kwargs)
 
-        local_pieces = gather_orthogonalize_scatter([u.to_local() for u in updates], shapes, layout, ns, dtype)
-        return [
-            DTensor.from_local(
-                p.view(u.to_local().shape),
-                u.device_mesh,
-                u.placements,
-                run_check=False,
-                shape=u.shape,
-                stride=u.stride(),
-            )
-            for p, u in zip(local_pieces, updates, strict=True)
-        ]
+        pieces = gather_orthogonalize_scatter(list(updates), shapes, layout, ns, dtype)
+        return [p.view(u.shape) for p, u in zip(pieces, updates, strict=True)]
 
 
 class ReplicatedOrthogonalize:
-    """``Muon.orthogonalize_fn`` under plain DDP, where every rank holds the same whole matrices.
+    """The injected ``orthogonalize`` under plain DDP, where every rank holds the same whole matrices.
 
     Instead of every rank running Newton-Schulz on every matrix, each matrix's owner (``owners_by_shape``)
     orthogonalises it and broadcasts the result: one broadcast per rank of its results in the NS dtype
@@ -169,7 +155,7 @@ class ReplicatedOrthogonalize:
     def __init__(self) -> None:
         self.ns_matrices = 0
 
-    def __call__(self, updates: Sequence[Tensor], **ns_kwargs: Any) -> list[Tensor]:
+    def __call__(self, updates: Sequence[Tensor], parts: Sequence[Part] = (), **ns_kwargs: Any) -> list[Tensor]:
         rank, size = world()
         if size == 1 or not updates:
             return orthogonalize(updates, **ns_kwargs)
@@ -187,7 +173,7 @@ class ReplicatedOrthogonalize:
                 flat = torch.cat([res.reshape(-1) for res in results])
             else:
                 flat = torch.empty(sum(updates[i].numel() for i in idx), dtype=dtype, device=updates[0].device)
-            dist.broadcast(flat, src=r)
+            broadcast_(flat, src=r)
             for i, piece in zip(idx, flat.split([updates[i].numel() for i in idx]), strict=True):
                 out[i] = piece.view(updates[i].shape)
         return out

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from flatlm.parallel.collectives import world
+from flatlm.parallel.collectives import broadcast_, world
 
 Factory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -91,7 +90,7 @@ class OwnedParamsOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             flat = _flatten_dense_tensors([p.data for p in params])
-            dist.broadcast(flat, src=rank)
+            broadcast_(flat, src=rank)
             if rank != self.rank:
                 for p, new in zip(params, _unflatten_dense_tensors(flat, [p.data for p in params]), strict=True):
                     p.copy_(new)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers.optimization import Adafactor as HFAdafactor
 
-from flatlm.optim.adafactor import Adafactor, Reductions
+from flatlm.optim.adafactor import Adafactor
+from flatlm.optim.distribution import Layout, Part
 
 # 0-d, 1-D, a zero-initialised 1-D (RMS 0: eps2 sets the scale), non-square 2-D both ways, square, 3-D.
 SHAPES = [(), (7,), (6,), (5, 3), (4, 6), (5, 5), (2, 3, 5)]
@@ -317,26 +318,29 @@ class _ThreadGroup:
         return total
 
 
-class _Dim0Sharded(Reductions):
-    """Reductions for tensors evenly split along dim 0 over the group's ranks (rows of a matrix, batch of a 3-D)."""
+class _Dim0Part(Part):
+    """This rank's dim-0 shard of a parameter (rows of a matrix, a slice of a 3-D tensor's batch of matrices)."""
 
-    def __init__(self, group, rank):
-        self.group, self.rank = group, rank
+    partial = True  # sums of squares are this rank's
 
-    def col_mean(self, x):
-        rows = x.shape[-2] * (self.group.world if x.ndim == 2 else 1)  # only a 2-D tensor's rows are split
-        partial = x.sum(dim=-2)
-        return (self.group.all_reduce_sum(self.rank, partial) if x.ndim == 2 else partial) / rows
+    def __init__(self, shape, world):
+        super().__init__((shape[0] * world, *shape[1:]))
+        self.cols_partial = len(shape) == 2  # only a 2-D tensor's rows are split
 
-    def rms(self, x):
-        total = self.group.all_reduce_sum(self.rank, x.double().square().sum())
-        return (total / (x.numel() * self.group.world)).sqrt().float()
+
+class _Dim0Layout(Layout):
+    def __init__(self, world):
+        self.world = world
+
+    def parts(self, tensor):
+        return [_Dim0Part(tensor.shape, self.world)]
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "fast"])
 def test_dim0_sharded_reductions_match_unsharded(foreach):
-    """Each rank steps its row shard with only col_mean and rms all-reduced; the gathered result equals the
-    unsharded step. This checks the module docstring's claim that these hooks are the only global reductions."""
+    """Each rank steps its row shard with only the partial statistics summed over the ranks (shard_sum); the
+    gathered result equals the unsharded step. This checks the module docstring's claim that these are the only
+    global reductions."""
     world, shapes = 2, [(8,), (6, 4), (4, 6, 5)]
     kw = {"beta1": 0.9, "weight_decay": 0.1, "foreach": foreach}
     init, grads = _params(shapes), _grads(shapes)
@@ -346,8 +350,8 @@ def test_dim0_sharded_reductions_match_unsharded(foreach):
 
     def rank_main(rank):
         shard = [p.chunk(world, dim=0)[rank].clone() for p in init]
-        opt = Adafactor(shard, **kw)
-        opt.reductions = _Dim0Sharded(group, rank)
+        sums = lambda x: group.all_reduce_sum(rank, x)  # noqa: E731
+        opt = Adafactor(shard, **kw, layout=_Dim0Layout(world), shard_sum=sums)
         for gs in grads:
             for p, g in zip(shard, gs, strict=True):
                 p.grad = g.chunk(world, dim=0)[rank].clone()
@@ -395,8 +399,12 @@ def test_signature_matches_transformers():
     """Same hyperparameter names and defaults as transformers (plus foreach), so configs carry over."""
     import inspect
 
+    from flatlm.optim.registry import INJECTED
+
     ours = dict(inspect.signature(Adafactor).parameters)
     assert ours.pop("foreach").default is None
+    for name in ("layout", "shard_sum"):  # what a backend injects (keyword-only), never hyperparameters
+        assert name in INJECTED and ours.pop(name).kind is inspect.Parameter.KEYWORD_ONLY
     theirs = inspect.signature(HFAdafactor).parameters
     assert list(ours) == list(theirs)
     assert all(ours[k].default == theirs[k].default for k in ours if k != "params")

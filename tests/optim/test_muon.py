@@ -289,22 +289,20 @@ def test_ns_call_count_per_step():
         assert muon_mod.ns_stats == {"calls": calls, "matrices": 6}
 
 
-def test_orthogonalize_hook_is_used():
-    """The seam a sharded Muon uses: replace orthogonalize_fn, get the same result through it."""
+@pytest.mark.parametrize("foreach", [True, False], ids=["batched", "per-tensor"])
+def test_injected_orthogonalize_is_used(foreach):
+    """The seam a sharded Muon uses: an orthogonalize given at construction gets every matrix of the step in one
+    call with their parts (global shapes), and the result is the same through it."""
     seen = []
 
-    def spy(updates, **kw):
-        seen.append([tuple(u.shape) for u in updates])
+    def spy(updates, parts, **kw):
+        seen.append([tuple(p.shape) for p in parts])
+        assert [tuple(u.shape) for u in updates] == seen[-1]
         return orthogonalize(updates, **kw)
 
     init, grads = _params(SHAPES), _grads(SHAPES, steps=2)
-
-    def make(ps):
-        opt = Muon(ps, lr=0.02, foreach=True)
-        opt.orthogonalize_fn = spy
-        return opt
-
-    _assert_close(_run(make, init, grads), _run(lambda ps: Muon(ps, lr=0.02), init, grads), atol=0)
+    make = lambda ps: Muon(ps, lr=0.02, foreach=foreach, orthogonalize=spy)  # noqa: E731
+    _assert_close(_run(make, init, grads), _run(lambda ps: Muon(ps, lr=0.02, foreach=foreach), init, grads), atol=0)
     assert seen == [SHAPES, SHAPES]
 
 

@@ -1,4 +1,8 @@
-"""Adafactor on FSDP2's row shards equals Adafactor on whole parameters, with factored state per shard."""
+"""Adafactor on FSDP2's row shards equals Adafactor on whole parameters, with factored state per shard.
+
+The sharded optimizer is built as FSDP2's backend builds it: ``flatlm.parallel.layouts.distribution("fsdp2")``
+passed to ``build_optimizer`` (the row-shard layout and the all-reduce of partial statistics, at construction).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,8 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from flatlm.optim.adafactor import Adafactor
-from flatlm.parallel.adafactor import RowShardedReductions
-from flatlm.parallel.hooks import install_hooks
+from flatlm.optim import build_optimizer
+from flatlm.parallel.layouts import RowShards, distribution
 from tests.ranks import run_ranks
 
 SHAPES = [(9, 6), (4, 10), (7,), (1, 5)]  # uneven rows, a vector, a matrix with fewer rows than ranks
@@ -25,9 +28,9 @@ def _run(rank: int, world: int, hparams: dict) -> None:
     gen = torch.Generator().manual_seed(0)
     full = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
     sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in full]
-    ref, opt = Adafactor(full, **hparams), Adafactor(sharded, **hparams)
-    install_hooks(opt, grads_sharded=True, replica_perturbation=False)
-    assert isinstance(opt.reductions, RowShardedReductions)
+    ref = build_optimizer("adafactor", full, **hparams)
+    opt = build_optimizer("adafactor", sharded, distribution=distribution("fsdp2"), **hparams)
+    assert isinstance(opt._layout, RowShards) and opt._shard_sum is not None  # injected at construction
     for _ in range(4):
         for p, s in zip(full, sharded, strict=True):
             p.grad = torch.randn(p.shape, generator=gen)

@@ -8,6 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from flatlm.optim.muon import orthogonalize
+from flatlm.parallel.layouts import RowShards
 from flatlm.parallel.muon import ReplicatedOrthogonalize, ShardedOrthogonalize, owners_by_shape, row_chunks
 from tests.ranks import run_ranks
 
@@ -36,12 +37,14 @@ def _sharded_equals_single(rank: int, world: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(s, generator=gen) for s in SHAPES]
     updates = [distribute_tensor(m, mesh, [Shard(0)]) for m in full]
+    parts = [part for u in updates for part in RowShards().parts(u)]  # FSDP2's layout: global shapes, row pieces
+    assert [tuple(p.shape) for p in parts] == SHAPES
     fn = ShardedOrthogonalize()
-    out = fn(updates, steps=5, eps=1e-7, dtype=dtype)
+    out = fn([part.view(u) for part, u in zip(parts, updates, strict=True)], parts, steps=5, eps=1e-7, dtype=dtype)
     expected = orthogonalize(full, steps=5, eps=1e-7, dtype=dtype)
     for o, e, u in zip(out, expected, updates, strict=True):
-        assert o.placements == u.placements and o.shape == u.shape
-        torch.testing.assert_close(o.full_tensor(), e, rtol=0, atol=0)
+        assert o.shape == u.to_local().shape  # this rank's rows
+        torch.testing.assert_close(o, e.chunk(world)[rank] if rank < len(e.chunk(world)) else e[:0], rtol=0, atol=0)
     # Each matrix is orthogonalised once across the ranks: no redundant Newton-Schulz.
     count = torch.tensor([fn.ns_matrices])
     dist.all_reduce(count)

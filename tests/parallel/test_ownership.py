@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from flatlm.optim import build_optimizer
+from flatlm.optim.distribution import Distribution
 from flatlm.optim.state_size import optimizer_state_bytes
-from flatlm.parallel.hooks import OwnedParamsOptimizer, assign_owners
+from flatlm.parallel.ownership import OwnedParamsOptimizer, assign_owners
 from tests.ranks import run_ranks
 
 SHAPES = [(12, 8), (8, 12), (16,), (12, 8), (8, 8), (8,)]
@@ -30,6 +31,7 @@ def _groups(params: list[torch.nn.Parameter], muon: bool) -> list[dict]:
 
 
 HPARAMS = {"adafactor": {"relative_step": False}}
+OWNED = Distribution(step_wrapper=OwnedParamsOptimizer)
 
 
 def _run(rank: int, world: int, name: str) -> None:
@@ -39,7 +41,7 @@ def _run(rank: int, world: int, name: str) -> None:
     b = [torch.nn.Parameter(t.clone()) for t in init]
     ref = build_optimizer(name, _groups(a, name == "muon"), lr=1e-2, **HPARAMS.get(name, {}))
     hp = HPARAMS.get(name, {})
-    owned = build_optimizer(name, _groups(b, name == "muon"), lr=1e-2, step_wrapper=OwnedParamsOptimizer, **hp)
+    owned = build_optimizer(name, _groups(b, name == "muon"), lr=1e-2, distribution=OWNED, **hp)
     for step in range(3):
         for p, q in zip(a, b, strict=True):
             p.grad = torch.randn(p.shape, generator=gen)
@@ -57,9 +59,7 @@ def _run(rank: int, world: int, name: str) -> None:
     assert optimizer_state_bytes(owned) <= limit * optimizer_state_bytes(ref)
     # state_dict round trip on this rank's shard
     sd = owned.state_dict()
-    fresh = build_optimizer(
-        name, _groups(b, name == "muon"), lr=1e-2, step_wrapper=OwnedParamsOptimizer, **HPARAMS.get(name, {})
-    )
+    fresh = build_optimizer(name, _groups(b, name == "muon"), lr=1e-2, distribution=OWNED, **HPARAMS.get(name, {}))
     fresh.load_state_dict(sd)
     for p in b:
         for k, v in owned.state.get(p, {}).items():

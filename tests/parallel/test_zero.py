@@ -49,12 +49,15 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
 
     from flatlm.optim import build_optimizer, model_param_groups
     from flatlm.parallel.deepspeed import _shape_aware_on_partitions
+    from flatlm.parallel.layouts import distribution
     from flatlm.parallel.zero_views import skip_shm_comm_build, zero_fragments
 
     model = _model()
     reference = copy.deepcopy(model)
     ref_opt = build_optimizer(name, model_param_groups(name, reference, 0.1), **HPARAMS[name])
-    opt = build_optimizer(name, model_param_groups(name, model, 0.1), **HPARAMS[name])
+    injected = distribution(f"zero{stage}")  # what the ZeRO backend builds its client optimizer with
+    opt = build_optimizer(name, model_param_groups(name, model, 0.1), distribution=injected, **HPARAMS[name])
+    before = (type(opt), sorted(vars(opt)))
     config = {
         "train_batch_size": 4,
         "train_micro_batch_size_per_gpu": 2,
@@ -72,7 +75,8 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
     }
     skip_shm_comm_build()  # as flatlm's backend does: no g++ build of DeepSpeed's inference all-reduce
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config, dist_init_required=False)
-    _shape_aware_on_partitions(opt, engine, model)
+    _shape_aware_on_partitions(injected.layout, engine, model)  # binds the layout; the optimizer is not touched
+    assert (type(opt), sorted(vars(opt))) == before
 
     # the fragments of all ranks tile every parameter exactly once
     mine = [(f.name, f.start, f.numel) for frags in zero_fragments(engine, model) for f in frags]
@@ -96,13 +100,13 @@ def _run(rank: int, world: int, name: str, stage: int) -> None:
         for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5, msg=pname)
     if name == "muon":
-        count = torch.tensor([opt.ns_matrices])
+        count = torch.tensor([injected.orthogonalize.ns_matrices])
         dist.all_reduce(count)
         n_muon = sum(len(g["params"]) for g in ref_opt.param_groups if g["use_muon"])
         assert count.item() == STEPS * n_muon  # Newton-Schulz once per matrix and step, over all ranks
     elif name == "adafactor":  # factored on the partitions: R [n] and C [m] per matrix, never a matrix
         assert opt.state
-        for lay in opt.layouts.values():
+        for lay in injected.layout.layouts.values():
             st = opt.state.get(lay.flat)
             for i, shape in enumerate(lay.shapes):
                 if st and len(shape) == 2:

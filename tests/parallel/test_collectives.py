@@ -1,5 +1,5 @@
-"""flatlm.parallel.collectives: each function's result on 3 gloo ranks (default group and a 2-rank subgroup),
-and the no-op in one process (no process group)."""
+"""flatlm.parallel.collectives: each function's result on 3 gloo ranks (default group, a 2-rank subgroup, a 1-D
+DeviceMesh), and the no-op in one process (no process group)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def _all_functions(rank: int, world_size: int) -> None:
         assert C.broadcast_object(rank, src=0, group=sub) == 1
         assert C.all_gather_object(rank, sub) == [1, 2]
         C.barrier(sub)
+
+    # A 1-D DeviceMesh (FSDP2's) stands for its process group.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    assert C.world(mesh) == (rank, world_size)
+    assert torch.equal(C.all_reduce_sum(torch.tensor([1.0]), mesh), torch.tensor([float(world_size)]))
 
     # clip_grad_norm_ with sharded gradients: the norm covers every rank's shard; returned as a 0-d tensor.
     p = torch.nn.Parameter(torch.zeros(2))

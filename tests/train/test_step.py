@@ -28,7 +28,7 @@ from flatlm.config import load_config
 from flatlm.data import Batch
 from flatlm.models import build_model, model_config
 from flatlm.optim import build_optimizer
-from flatlm.parallel.backend import Parallel
+from flatlm.parallel.backend import DDPParallel, Parallel
 from flatlm.train.step import Pass, StepPlan, plan_for, token_losses, train_step
 from tests.conftest import tiny_overrides
 from tests.ranks import run_ranks
@@ -109,7 +109,7 @@ def _ddp_masked(rank: int, world: int) -> None:
     for plant_local_count in (False, True):
         model = _model()
         opt = RecordGrads(model.parameters())
-        parallel = Parallel("ddp", model, DistributedDataParallel(model))
+        parallel = DDPParallel(model, DistributedDataParallel(model))
         with contextlib.ExitStack() as stack:
             if plant_local_count:  # the bug: each rank normalises by its own count
                 stack.enter_context(_patched(step_module, "all_reduce_sum", lambda x, group=None: x))

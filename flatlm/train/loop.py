@@ -3,7 +3,7 @@
 ``train`` runs five stages, one function each:
 
     setup            every check on user input (nothing is written before they pass), the output directory, the
-                     token cache, model, backend, optimizer and schedule (``Run``)
+                     data (flatlm.data.splits), model, backend, optimizer and schedule (``Run``)
     resume_or_start  load the newest checkpoint every rank can read (``resume``), or start the run directory;
                      rank 0 opens the metrics files
     run_steps        the step loop: one ``train_step`` (flatlm.train.step) per optimizer step, its record, then
@@ -36,15 +36,9 @@ import numpy as np
 import torch
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
-from flatlm.data import (
-    GlobalBatchSampler,
-    PackedSequences,
-    load_or_build,
-    require_sequences,
-    split_documents,
-)
-from flatlm.data.cache import resume_tokenizer
-from flatlm.data.tokenizer import Tokenizer, save_run_tokenizer
+from flatlm.data import GlobalBatchSampler, PackedSequences
+from flatlm.data.splits import Data, load_data
+from flatlm.data.tokenizer import save_run_tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
 from flatlm.optim import build_scheduler
@@ -115,36 +109,6 @@ def _check_positions(cfg: RunConfig, config: Any) -> None:
             f"model.name={cfg.model.name!r}); lower data.seq_len or set "
             f"model.overrides.max_position_embeddings={cfg.data.seq_len}"
         )
-
-
-@dataclass
-class Data:
-    train: PackedSequences
-    val: PackedSequences | None
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    tokenizer: Tokenizer
-
-
-def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
-    """The token cache of ``cfg.data``. ``run_tokenizer``: a resumed run's own tokenizer.model; the data are
-    encoded with it (a new one would renumber the pieces under the model's embedding), whatever the corpus."""
-    tokenizer = None
-    if run_tokenizer is not None and run_tokenizer.is_file():
-        tokenizer = resume_tokenizer(cfg.data, run_tokenizer, warn=log.warning)
-    elif run_tokenizer is not None:
-        log.warning(f"resuming a run without its {run_tokenizer.name}; the data's tokenizer is used and saved there")
-    cache = load_or_build(cfg.data, log=log.info, tokenizer=tokenizer, warn=log.warning)
-    train_ids, val_ids = split_documents(cache.num_documents, cfg.data.val_fraction, cfg.seed)
-    train = PackedSequences(cache.tokens, cache.offsets, train_ids, cfg.data.seq_len)
-    require_sequences(train, "training", 1)
-    val = PackedSequences(cache.tokens, cache.offsets, val_ids, cfg.data.seq_len) if len(val_ids) else None
-    if val is not None and len(val) == 0:
-        log.warning("the validation split is shorter than one sequence; evaluation is skipped")
-        val = None
-    tok = cache.tokenizer
-    return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id, tok)
 
 
 def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, device: torch.device) -> dict[str, float]:

@@ -10,9 +10,9 @@ import pytest
 from flatlm.config import ParallelConfig, RunConfig, load_config
 from flatlm.errors import FlatlmError
 from flatlm.parallel import Environment
+from flatlm.parallel.compat import check_parallel
 from flatlm.parallel.deepspeed import deepspeed_config
 from flatlm.parallel.distributed import launcher_bf16, resolve_backend
-from flatlm.parallel.compat import check_parallel
 from flatlm.train.loop import grad_accumulation
 
 ONE, TWO = Environment(), Environment(rank=0, world_size=2, local_world_size=2)

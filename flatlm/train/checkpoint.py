@@ -322,8 +322,7 @@ def load_checkpoint(
     its ``load_state``; "engine": its own directory, which only the same backend and world size resume, after its
     pickled files pass the weights-only check. The trainer state, RNG files and safety checks are read here."""
     state = json.loads((path / TRAINER_STATE).read_text())
-    world_size = world()[1]
-    rank = world()[0]
+    rank, world_size = world()
     if parallel.checkpoint_format == "engine":
         if (state.get("backend"), state.get("world_size")) != (parallel.backend, world_size):
             raise FlatlmError(

@@ -6,7 +6,7 @@ A request flatlm cannot honour is an error, never a silent fallback; the backend
 written to the resolved config. One code path on CPU (gloo) and GPU (nccl).
 
 This module joins and leaves the process group; what crosses ranks goes through ``flatlm.parallel.collectives``
-(``barrier`` and ``mean_across_ranks`` here are the loop's names for two of its functions).
+(``barrier`` here is the default group's, for the loop and ``local_main_first``).
 """
 
 from __future__ import annotations
@@ -121,11 +121,6 @@ def destroy_process_group() -> None:
 def barrier() -> None:
     """Wait for every rank of the default group (nothing in one process)."""
     collectives.barrier()
-
-
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a tensor over all ranks (the tensor itself in one process)."""
-    return collectives.all_reduce_mean(value)
 
 
 @contextlib.contextmanager

@@ -2,9 +2,8 @@
 saves a checkpoint and exits 0; rerunning the same command resumes from it.
 
 The handler only records the request (``requested``: this rank's flag, no communication). After every step the
-loop asks ``should_stop()``; with several processes the ranks agree through one scalar all-reduce
-(``flatlm.parallel.collectives``: any rank signalled -> all stop after the same step). A loop that already
-all-reduces something every step can fold ``requested`` into that exchange instead.
+loop folds the flags of all ranks into the step's one all-reduce (``flatlm.train.loop.read_step``): any rank
+signalled -> all stop after the same step.
 A second signal stops at once (the default action), except while a checkpoint is being written
 (``saving()``): then it is ignored with a message, so a double Ctrl-C never kills the save it asked for. A run
 stopped at once before any checkpoint exists says so when rerun (it starts from step 0, with a warning).
@@ -18,10 +17,6 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
-
-import torch
-
-from flatlm.parallel.collectives import all_reduce_max
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -66,8 +61,3 @@ class Preemption:
     def requested(self) -> bool:
         """Whether this rank was signalled (local: no communication)."""
         return self.signal is not None
-
-    def should_stop(self) -> bool:
-        """Whether any rank was asked to stop (one scalar all-reduce when several processes run)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        return bool(all_reduce_max(flag).item())

@@ -29,6 +29,7 @@ from flatlm.data import Batch
 from flatlm.models import build_model, model_config
 from flatlm.optim import build_optimizer
 from flatlm.parallel.backend import DDPParallel, Parallel
+from flatlm.train.metrics import read_jsonl
 from flatlm.train.step import Pass, StepPlan, plan_for, token_losses, train_step
 from tests.conftest import tiny_overrides
 from tests.ranks import run_ranks
@@ -120,6 +121,14 @@ def _ddp_masked(rank: int, world: int) -> None:
         else:
             assert worst < NOISE_BOUND, f"rank {rank}: gradient differs from global sum / count by {worst:.2e}"
     assert dist.get_world_size() == world
+
+
+def _counting_calls(fn: Callable[..., Any], calls: list[int]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
 
 
 @contextlib.contextmanager
@@ -262,14 +271,19 @@ HOST_BOUND = {"adamw": 1, "sam": 2}
 def test_one_host_read_per_step_in_one_process(tmp_path: Path, text_corpus: Path) -> None:
     """Bound asserted: at most 1 host read per step (the step's loss, grad norm and stop flag, together; SAM: 2, see
     HOST_BOUND) and no collective. A planted ``.item()`` per step is counted, over the bound."""
+    import flatlm.train.loop as loop
     from flatlm.train.loop import train
 
     for optim, bound in HOST_BOUND.items():
-        counter = Counter()
-        with counter.active():
+        counter, sized = Counter(), []
+        measure = _counting_calls(loop.optimizer_state_bytes, sized)
+        with counter.active(), _patched(loop, "optimizer_state_bytes", measure):
             train(load_config(None, tiny_overrides(tmp_path / optim, text_corpus, **STEPS, **{"optim.name": optim})))
         steps = counter.per_step()
         assert len(steps) == 4 and all(s["host"] <= bound and s["collective"] == 0 for s in steps), (optim, steps)
+        assert len(sized) == 1  # the optimizer state is measured once per run, not every step
+        records = read_jsonl(tmp_path / optim / "metrics.jsonl")
+        assert len({r["optim_state_bytes"] for r in records}) == 1 and records[0]["optim_state_bytes"] > 0
     planted = Counter()
     real = step_module.StepStats
 

@@ -34,14 +34,27 @@ the base optimizer sees), and ``second_pass_loss`` (ESAM's data selection):
 Reductions and sharding. Every norm and dot product over the parameters is computed from *local* sums
 (``_sumsq``, ``_dot``: sums of squares / products of the tensors this process holds), stacked into one vector
 per call site, and passed through ``self.sum_across_ranks`` (identity by default) before any square root or
-division. A sharded wrapper installs an all-reduce there, so each call site costs one small all-reduce and
-the norm is the global one, never a per-rank norm. Order per step for SAM: perturb: 1 reduction (||g||^2);
-restore: none. Everything else is elementwise and works on any shard.
+division. A backend passes an all-reduce there when it builds the optimizer (``sum_across_ranks=``), so each
+call site costs one small all-reduce and the norm is the global one, never a per-rank norm. Order per step for
+SAM: perturb: 1 reduction (||g||^2); restore: none. Everything else is elementwise and works on any shard.
 
-State. Per parameter, in ``self.sam_state[p]`` (checkpointed, keys start with ``sam_``): none for SAM; the
-variants document theirs (LookSAM: ``sam_g_v``). Global counters live in every param group: ``sam_step`` =
-number of ``perturb`` calls. The copy of w is a scratch buffer per parameter, kept between steps to avoid
-reallocation and never checkpointed (checkpoints are taken between steps, when w is in the parameters).
+Views. The math never keys anything by tensor object (a backend may hand it new ones every step: DeepSpeed's
+partitions through ``detach()``, FSDP2's unsharded copies). It works on ``flatlm.optim.views.ParamView`` s: a
+stable ``key``, this rank's ``tensor``, and flags the math asks instead of testing backend attributes
+(``swappable``: may ``p.data`` be swapped; ``whole``: one whole parameter; ``transient``: a copy dropped after the
+step). ``perturb()``/``restore()`` use the optimizer's own views (``param_views``: its tensors, keyed by position
+in the param groups); a backend calls ``perturb_views(views, grads)`` / ``restore_views(views, grads)`` with the
+views it built once (``flatlm.parallel.sam_step`` drives the protocol for every backend). What a variant needs
+from a backend is declared as class attributes (``writes_final_grad``, ``final_grad_uses_first_pass``,
+``keeps_state``, ``may_skip_second_pass``, ``selects_tensors``); ``flatlm.parallel.compat`` refuses a backend
+that cannot provide it, before training.
+
+State. Per view, in ``self.sam_state[view.key]`` (checkpointed, keys start with ``sam_``): none for SAM; the
+variants document theirs (LookSAM: ``sam_g_v``). A view of an optimizer tensor is keyed by its position in the
+param groups, so the merge into ``state_dict()`` needs no lookup by tensor. Global counters live in every param
+group: ``sam_step`` = number of ``perturb`` calls. The copy of w is a scratch buffer per view (``_scratch``,
+allocated once and reused: constant memory over a run, ``scratch_bytes`` counts it), never checkpointed
+(checkpoints are taken between steps, when w is in the parameters).
 
 The wrapper and its base share one ``param_groups`` list (``self.param_groups`` *is*
 ``self.base_optimizer.param_groups``, also after ``load_state_dict``), so an LR scheduler built on the SAM

@@ -8,7 +8,17 @@
     zero1-3  a DeepSpeed engine (``flatlm.parallel.deepspeed``)
 
 ``Parallel`` is what the train step sees: the module to call, how to skip gradient synchronisation for one
-backward, backward itself, the global gradient norm and clipping, the optimizer step.
+backward, backward itself, the global gradient norm and clipping, the optimizer step (returning the pre-clip norm
+as a 0-d tensor: no host sync). One class per backend (``Parallel`` for one process, ``DDPParallel``,
+``FSDP2Parallel``, ``DeepSpeedParallel`` / ``Zero3Parallel``; ``flatlm.parallel.compat.BACKENDS`` maps the names).
+
+SAM family. ``perturb`` / ``restore`` are written once (``flatlm.parallel.sam_step``) over a few members each
+backend provides: ``sam_views`` (the weights to perturb as ``ParamView`` s with stable keys, built once),
+``sam_grads`` / ``second_pass_grads`` (the gradients where the step reads them), ``drop_gradients``,
+``publish_weights`` (ZeRO's push of master partitions to the model), ``commit_gradients`` (a rewritten final
+gradient back where the step reads it) and ``end_local_pass``. What a backend allows is declared as class
+attributes (``whole_weights``, ``grads_writable``, ``tensors_are_parameters``, ``replica_grads_like_first_pass``);
+``flatlm.parallel.compat`` computes the impossible pairs from them and the variants' declared needs.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ Measured on the 2-core machine (shared with other jobs), ``rss_growth`` over ste
 at most 0.55 MiB (end minus step 10: 1.4 MiB); without ``MALLOC_MMAP_THRESHOLD_`` the same cases swung by up to
 21 MiB. The planted bug: +2.0 MiB of SAM buffers per step on zero2 (one fp32 partition), rss_growth 63 MiB (81 MiB
 end minus step 10); fsdp2 replica ASAM +4.0 MiB per step, 128 MiB. The code before the views (commit a37c84b, the
-same probe): zero1/2/3 sam +1 partition per step, fsdp2 and zero1/2 replica sam +1 whole weight copy per step.
+same probe): zero1/2/3 sam and asam +1 partition per step (+2.0 MiB, RSS +81 MiB over the 40 steps), fsdp2 and
+zero1/2 replica sam and asam +1 whole weight copy per step (+4.0 MiB, RSS +163 MiB); ddp was clean.
 Runtime: the 25 cases take ~100 s in one launch (most of it DeepSpeed and FSDP2 set-up per case).
 """
 

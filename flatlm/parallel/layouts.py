@@ -18,7 +18,6 @@ binds it (``parallel.deepspeed.deepspeed_parallel``), before the first step.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,7 +73,9 @@ class RowShards(Layout):
         return local(state)
 
 
-def distribution(backend: str, *, shard_optimizer_state: bool = False, replica_perturbation: bool = False) -> Any:
+def distribution(
+    backend: str, *, shard_optimizer_state: bool = False, replica_perturbation: bool = False
+) -> Distribution:
     """The ``Distribution`` the optimizers on ``backend`` are built with (see the module docstring)."""
     if backend == "ddp" and shard_optimizer_state:
         from flatlm.parallel.ownership import OwnedParamsOptimizer

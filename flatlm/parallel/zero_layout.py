@@ -148,7 +148,3 @@ class ZeroLayout(Layout):
         if any(len(part.shape) > 2 for part in parts):
             raise ValueError("shape-aware optimizers on ZeRO partitions support 1-D and 2-D parameters")
         return parts
-
-    def zeros(self, tensor: Tensor, part: Part, kind: str, dtype: torch.dtype) -> Tensor:
-        local_shape, _ = part.state_shape(kind, part.view(tensor))
-        return torch.zeros(local_shape, device=tensor.device, dtype=dtype)

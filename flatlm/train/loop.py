@@ -146,18 +146,24 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     init_process_group(env, device)
     try:
-        run = setup(cfg, env, device)
-        start_step, metrics = resume_or_start(run)
-        result = RunResult(run.out)
-        try:
-            run_steps(run, start_step, metrics, result)
-        finally:
-            if metrics is not None:
-                metrics.close()
-        finish(run, result, start_step)
-        return result
+        return _train(cfg, env, device)
     finally:
         destroy_process_group()
+
+
+def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
+    """The stages, in their own frame: what they build (the DDP wrapper and its reducer, engines) is freed when this
+    returns, before ``train`` destroys the process group (a reducer freed after its group can hang the rank)."""
+    run = setup(cfg, env, device)
+    start_step, metrics = resume_or_start(run)
+    result = RunResult(run.out)
+    try:
+        run_steps(run, start_step, metrics, result)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    finish(run, result, start_step)
+    return result
 
 
 # -- setup ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """sam.perturbation=replica (m-sharpness) under DDP equals an independent one-process reference that splits
 the global batch per replica: g' = mean_r grad L_r(w + rho g_r / ||g_r||), g_r from replica r's share only; LookSAM
-too, reuse path included. Through the training loop (one batched launch): every variant on ddp, sam and asam on fsdp2
-and zero1/2, ranks checked bit-identical after every step, results equal across backends and unlike global SAM."""
+too, reuse path included. Through the training loop (one batched launch): every variant on ddp, sam, asam and esam on
+fsdp2 and zero1/2 (what flatlm.parallel.compat allows there), ranks checked bit-identical after every step, results
+equal across backends (esam aside: see SAME_DRAW) and unlike global SAM."""
 
 from __future__ import annotations
 
@@ -160,8 +161,12 @@ def test_replica_looksam_reuse_path_equals_per_replica_reference() -> None:
 
 REPLICA_CASES = [
     *[Case("ddp", v) for v in SAM_VARIANTS],
-    *[Case(b, v) for b in ("fsdp2", "zero1", "zero2") for v in ("sam", "asam")],
+    *[Case(b, v) for b in ("fsdp2", "zero1", "zero2") for v in ("sam", "asam", "esam")],
 ]
+# ESAM's random subset is drawn over the backend's views in their order (DDP: the optimizer's groups; FSDP2 and
+# ZeRO replica: the model's parameters), so each backend draws a different, equally valid subset: those cases are
+# checked to run and to differ from global SAM, not to equal DDP's draw.
+SAME_DRAW = [c for c in REPLICA_CASES if c.backend != "ddp" and c.optim != "esam"]
 # fp32 rounding of the reductions: fsdp2, zero1, zero2 against ddp, sam and asam, measured worst model 6.4e-7,
 # optim 1.1e-6, grad_norm 4.3e-7, loss 1.8e-7
 REPLICA_TOL = Tolerance(model=3e-6, optim=5e-6, grad_norm=2e-6, loss=1e-6)
@@ -216,7 +221,7 @@ def test_replica_variant_runs_and_is_not_global(
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("case", [c for c in REPLICA_CASES if c.backend != "ddp"], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", SAME_DRAW, ids=lambda c: c.id)
 def test_replica_same_on_every_backend(replica_runs: tuple[Path, str], case: Case) -> None:
     """Replica SAM on FSDP2 (unsharded for the step) and ZeRO-1/2 (pass 1 by autograd.grad on the bare module)
     equals replica SAM on DDP (checked above against the per-replica reference): weights, optimizer state, grad
@@ -232,3 +237,36 @@ def test_replica_looksam_reference_sees_the_reuse_path() -> None:
     trained optimizer, the reference unchanged, fails it."""
     with pytest.raises(Exception, match="assert_close"):  # the weights comparison, not a crash elsewhere
         run_ranks(_run_looksam, ALPHA / 2)
+
+
+class _CountingDDP(DDPParallel):
+    """DDP that counts ``average_gradients`` calls (the final-gradient average after a replica pass)."""
+
+    def __init__(self, model: torch.nn.Module, forward_module: torch.nn.Module) -> None:
+        super().__init__(model, forward_module)
+        self.calls = 0
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        self.calls += 1
+        super().average_gradients(params)
+
+
+def _run_counting_averages(rank: int, world: int) -> None:
+    """One replica step per variant on DDP, counting the final-gradient averages ``restore`` asks for."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    for name, averages in (("sam", 0), ("asam", 0), ("esam", 0), ("ssam", 1), ("gsam", 1), ("looksam", 1)):
+        model = _model()
+        opt = build_optimizer(name, model.parameters(), lr=LR, weight_decay=0.0)
+        parallel = _CountingDDP(model, DistributedDataParallel(model))
+        train_step(parallel, opt, _batches(0, rank), list(model.parameters()), grad_clip=0.0, replica_perturbation=True)
+        assert parallel.calls == averages, f"{name}: {parallel.calls} averages of the final gradient, not {averages}"
+        mine = torch.cat([p.detach().flatten() for p in model.parameters()])
+        everyone = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+        assert all(torch.equal(everyone[0], x) for x in everyone), f"{name}: the ranks' weights diverged"
+
+
+def test_replica_restore_averages_only_final_gradients_built_from_pass_1() -> None:
+    """SAM, ASAM and ESAM step with g' (synchronised by pass 2 already): no extra all-reduce; SSAM, GSAM and
+    LookSAM build theirs from each rank's own pass-1 gradient: one average. The replicas stay bit-identical."""
+    run_ranks(_run_counting_averages)

@@ -101,6 +101,12 @@ class Layout:
 
     def parts(self, tensor: Tensor) -> list[Part]:
         """The parts ``tensor`` (an optimizer parameter) holds, the same list on every rank."""
+        if hasattr(tensor, "to_local"):  # a DTensor: its local shard is not the whole parameter
+            raise ValueError(
+                "a shape-aware optimizer got a sharded (DTensor) parameter but no layout for it; build it with "
+                "build_optimizer(..., distribution=flatlm.parallel.layouts.distribution(backend)) as setup_parallel "
+                "does"
+            )
         return [Part(tensor.shape)]
 
     def zeros(self, tensor: Tensor, part: Part, kind: str, dtype: torch.dtype) -> Tensor:

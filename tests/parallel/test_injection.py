@@ -230,3 +230,24 @@ def test_setup_never_patches_the_optimizer_single() -> None:
 @pytest.mark.timeout(400)
 def test_setup_never_patches_the_optimizer_on_every_backend() -> None:
     run_ranks(_every_backend)
+
+
+def _dtensor_without_layout(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flatlm.errors import FlatlmError
+    from flatlm.optim import build_optimizer
+
+    mesh = init_device_mesh("cpu", (world,))
+    for name, hp in (("muon", {}), ("adafactor", {"relative_step": False})):
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        opt = build_optimizer(name, [p], lr=1e-2, **hp)  # no distribution: NS / statistics of a shard would be wrong
+        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        with pytest.raises((ValueError, FlatlmError), match="no layout for it"):
+            opt.step()
+
+
+def test_sharded_parameters_without_a_layout_are_refused() -> None:
+    """Never quietly wrong: Muon or Adafactor built on DTensor shards without the backend's layout refuse to step."""
+    run_ranks(_dtensor_without_layout)

@@ -184,7 +184,8 @@ def _wrap(real: Any, probe: Probe) -> Any:
             was_training = parallel.forward_module.training
             parallel.forward_module.eval()
             with torch.no_grad():
-                record.logits = parallel.forward_module(input_ids=PROBE_IDS.to(batches[0].inputs.device)).logits.detach()
+                ids = PROBE_IDS.to(batches[0].inputs.device)
+                record.logits = parallel.forward_module(input_ids=ids).logits.detach()
             parallel.forward_module.train(was_training)
         probe.steps.append(record)
         return stats

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,10 +53,9 @@ def recording(log_prefix: Path, plant: bool) -> Iterator[None]:
     log = Path(f"{log_prefix}.leak-rank{rank}.jsonl")
     original_step = loop.train_step
     process = psutil.Process()
-    count: dict[str, Any] = {"step": 0, "parallel": None}
+    count = {"step": 0}
 
     def step(parallel: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        count["parallel"] = parallel  # outlives train(): see the end of this function
         stats = original_step(parallel, optimizer, *args, **kwargs)
         count["step"] += 1
         record = {"step": count["step"], **held(optimizer), "rss": process.memory_info().rss}
@@ -85,14 +82,8 @@ def recording(log_prefix: Path, plant: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        # torch 2.13 / gloo: when DDP's Reducer frees the last reference to a destroyed process group, the
-        # destructor takes the group's lock while holding the GIL; a gloo worker thread still freeing the last
-        # all-gather's Python-owned tensors holds that lock and waits for the GIL: both hang (seen 3 times in ~70
-        # DDP cases on the loaded CI machine, gdb backtraces in the H1 report). Keeping the backend alive past
-        # train() and sleeping (GIL released) before dropping it lets the worker finish first.
-        time.sleep(0.2)
-        count["parallel"] = None
-        gc.collect()
+        # nothing of the run is kept here: the loop frees the DDP reducer before it destroys the process group
+        # (flatlm.train.loop._train), which a reference held past train() would undo (a gloo exit deadlock)
         loop.train_step = original_step
         SAM.perturb_views, SAM.restore_views = perturb_views, restore_views  # type: ignore[method-assign]
 

@@ -105,6 +105,8 @@ def _rms(local_sumsqs: list[Tensor], parts: list[Part], shard_sum: SumFn | None)
     """RMS of each whole parameter from this rank's sums of squares: one ``shard_sum`` call for the list."""
     if not local_sumsqs:
         return []
+    if shard_sum is None:  # nothing to add up: no stacking (this runs once per parameter in one process)
+        return [(x / part.numel).sqrt_() for x, part in zip(local_sumsqs, parts, strict=True)]
     dtype = local_sumsqs[0].dtype
     (total,) = sum_list([torch.stack([x.to(dtype) for x in local_sumsqs])], shard_sum)
     return [(total[k] / part.numel).sqrt() for k, part in enumerate(parts)]
@@ -130,6 +132,28 @@ def _alphas(
     return [r.clamp(min=eps2) * rho for r, rho in zip(rms, rhos, strict=True)]
 
 
+def _chunk_alphas(
+    chunk: list[int],
+    xs: list[Tensor],
+    parts: list[Part],
+    rhos: list[float],
+    *,
+    scale_parameter: bool,
+    eps2: float,
+    shard_sum: SumFn | None,
+) -> dict[int, Any]:
+    """``_alphas`` of the parameters in ``chunk``, by index (just before their update: X is read while in cache)."""
+    values = _alphas(
+        [xs[i] for i in chunk],
+        [parts[i] for i in chunk],
+        [rhos[i] for i in chunk],
+        scale_parameter=scale_parameter,
+        eps2=eps2,
+        shard_sum=shard_sum,
+    )
+    return dict(zip(chunk, values, strict=True))
+
+
 def _factored_means(g2s: list[Tensor], parts: list[Part], shard_sum: SumFn | None) -> tuple[list[Tensor], list[Tensor]]:
     """Row and column means of each whole G2 from this rank's parts (reduction 2: one call for every partial one)."""
     rows = [part.row_means(g2) for g2, part in zip(g2s, parts, strict=True)]
@@ -143,10 +167,13 @@ def _factored_means(g2s: list[Tensor], parts: list[Part], shard_sum: SumFn | Non
     return rows, cols
 
 
-def _chunks(n: int, shard_sum: SumFn | None) -> list[list[int]]:
-    """The order of work: without communication one parameter at a time (its temporaries stay small and in cache);
-    with it every parameter in each phase, so that each reduction is one call for all of them."""
-    return [[i] for i in range(n)] if shard_sum is None else ([list(range(n))] if n else [])
+def _chunks(rows: list[Tensor | None], shard_sum: SumFn | None) -> list[list[int]]:
+    """The order of work: without communication one matrix at a time (its temporaries stay small and in cache),
+    then the vectors together; with it every parameter in each phase, so that each reduction is one call."""
+    if shard_sum is not None:
+        return [list(range(len(rows)))] if rows else []
+    vectors = [i for i, row in enumerate(rows) if row is None]
+    return [[i] for i, row in enumerate(rows) if row is not None] + ([vectors] if vectors else [])
 
 
 def _single_tensor_adafactor(
@@ -176,9 +203,9 @@ def _single_tensor_adafactor(
     rhos = [_relative_step(t, lr=lr, relative_step=relative_step, warmup_init=warmup_init) for t in ts]
     xs = [p.float() if p.dtype in _LOW_PRECISION else p for p in params]  # fp32 copies for bf16/fp16
     gs = [g.to(x.dtype) for g, x in zip(grads, xs, strict=True)]  # no copy when the dtypes agree
-    alphas = _alphas(xs, parts, rhos, scale_parameter=scale_parameter, eps2=eps2, shard_sum=shard_sum)
 
-    for chunk in _chunks(len(params), shard_sum):
+    for chunk in _chunks(exp_avg_sq_rows, shard_sum):
+        alphas = _chunk_alphas(chunk, xs, parts, rhos, scale_parameter=scale_parameter, eps2=eps2, shard_sum=shard_sum)
         g2s = {i: gs[i] * gs[i] + eps1 for i in chunk}  # G2
         mats = [i for i in chunk if exp_avg_sq_rows[i] is not None]  # factored: [..., n, m]
         row_means, col_means = _factored_means([g2s[i] for i in mats], [parts[i] for i in mats], shard_sum)
@@ -256,8 +283,7 @@ def _multi_tensor_adafactor(
     one_minus_beta2 = [t**decay_rate for t in ts]
     xs = [p.float() if p.dtype in _LOW_PRECISION else p for p in params]
     gs = [g.to(x.dtype) for g, x in zip(grads, xs, strict=True)]
-    alphas = _alphas(xs, parts, rhos, scale_parameter=scale_parameter, eps2=eps2, shard_sum=shard_sum)
-    chunks = _chunks(len(params), shard_sum)
+    chunks = _chunks(exp_avg_sq_rows, shard_sum)
 
     sizes: dict[tuple[torch.device, torch.dtype], int] = {}  # per device and dtype: the largest chunk's matrices
     for chunk in chunks:
@@ -271,6 +297,7 @@ def _multi_tensor_adafactor(
     scratch = {key: torch.empty(numel, device=key[0], dtype=key[1]) for key, numel in sizes.items()}
 
     for chunk in chunks:
+        alphas = _chunk_alphas(chunk, xs, parts, rhos, scale_parameter=scale_parameter, eps2=eps2, shard_sum=shard_sum)
         mats = [i for i in chunk if exp_avg_sq_rows[i] is not None]
         vecs = [i for i in chunk if exp_avg_sq_rows[i] is None]
         used: dict[tuple[torch.device, torch.dtype], int] = {}

@@ -19,6 +19,9 @@ flatlm's Llama models have no biases, so the two agree there.
 
 Reductions: perturb: one (||T g||^2); restore: none. State: none beyond SAM's scratch copy of w, whose
 parameter storage holds T while g is scaled (then w + eps is written from the copy), so no extra memory.
+Transient views (copies the backend drops after the step, FSDP2's unsharded weights under replica perturbation)
+keep nothing: T is a temporary of this call, freed when ``perturb`` returns, and w is never copied back (a kept
+copy keyed by the view would hold a whole unsharded weight copy on every rank between steps).
 Cost: 20 parameter-sized streams (copy w 2, |w| + eta 4, T g 3, norm 1, T^2 g 3, w back 2, w += s g 3,
 restore 2) against SAM's 8 and AdamW's 7.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from flatlm.optim.sam import EPS, SAM, BaseFactory, _abs_add_, _add_scaled_, _copy_, _mul_list_, check_nonnegative
@@ -58,6 +62,18 @@ class ASAM(SAM):
 
     def _perturb(self, index: int, params: list[Tensor], grads: list[Tensor]) -> bool:
         fe = self.foreach
+        if self._transient:  # nothing is put back: T in a temporary, w + eps in place, no copy kept
+            if fe and params:
+                t = torch._foreach_abs(params)
+                torch._foreach_add_(t, self.eta)
+            else:
+                t = [p.abs().add_(self.eta) for p in params]
+            _mul_list_(grads, t, fe)  # grads <- T g
+            norm = self._grad_norm(grads)
+            _mul_list_(grads, t, fe)  # grads <- T^2 g
+            del t
+            _add_scaled_(params, grads, self.rho / (norm + EPS), fe, src_is_scratch=True)
+            return True
         saved = self._buffers(params, "w")
         _copy_(saved, params, fe)  # exact copy of w; the params' storage is scratch until it is rewritten below
         t = params

@@ -464,8 +464,12 @@ class SAM(torch.optim.Optimizer):
         _add_scaled_(params, grads, scale, self.foreach, src_is_scratch=not grads_kept)
 
     def _put_back(self, params: list[Tensor]) -> None:
-        """Restore the w that ``_save_and_move`` (or a variant's copy) kept aside."""
+        """Restore the w that ``_save_and_move`` (or a variant's copy) kept aside. Transient views: nothing to put
+        back, and nothing may stay keyed by them (a copy of a transient tensor is a whole weight copy held between
+        steps): their scratch, if a variant made any, is dropped here."""
         if self._transient:
+            for p in params:
+                self._scratch.pop(self._key(p), None)
             return
         if self._swapped:
             for p in params:

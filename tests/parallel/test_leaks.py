@@ -20,6 +20,11 @@ at most 0.55 MiB (end minus step 10: 1.4 MiB); without ``MALLOC_MMAP_THRESHOLD_`
 end minus step 10); fsdp2 replica ASAM +4.0 MiB per step, 128 MiB. The code before the views (commit a37c84b, the
 same probe): zero1/2/3 sam and asam +1 partition per step (+2.0 MiB, RSS +81 MiB over the 40 steps), fsdp2 and
 zero1/2 replica sam and asam +1 whole weight copy per step (+4.0 MiB, RSS +163 MiB); ddp was clean.
+Transient views (FSDP2's unsharded copies under replica perturbation) must hold nothing at all between steps: a
+buffer keyed by a stable ``unsharded.*`` key is a whole weight copy per rank that no one frees (ASAM kept its copy
+of w there: 263,168 bytes for a 256x256 Linear, the whole weights; measured by ``test_transient_views_keep_nothing``
+against the previous asam.py, and by the fsdp2 replica cases here). The planted fresh-key bug runs on zero2, whose
+replica views are kept copies (transient ones keep nothing whatever their keys).
 Runtime: the 25 cases take ~100 s in one launch (most of it DeepSpeed and FSDP2 set-up per case).
 """
 
@@ -51,7 +56,8 @@ RSS_BOUND = 4 * 2**20  # bytes over the last 40 steps (measured: module docstrin
 GLOBAL = [(b, o, "global") for b in ("ddp", "fsdp2", "zero1", "zero2", "zero3") for o in ("sam", "asam", "looksam")]
 REPLICA = [(b, o, "replica") for b in ("ddp", "fsdp2", "zero1", "zero2") for o in ("sam", "asam")]
 CASES = GLOBAL + REPLICA
-PLANTED = [("zero2", "sam", "global"), ("fsdp2", "asam", "replica")]
+PLANTED = [("zero2", "sam", "global"), ("zero2", "asam", "replica")]
+TRANSIENT = {"fsdp2"}  # replica views there are this step's unsharded copies: nothing may be held between steps
 
 
 def case_id(case: tuple[str, str, str], planted: bool = False) -> str:
@@ -142,6 +148,10 @@ def test_sam_memory_is_constant(leak_runs: tuple[Path, str], case: tuple[str, st
     check_constant(per_rank)
     if case[1] == "looksam":  # its g_v lives from step to step (one per view) and is never reset
         assert all(recs[-1]["state_tensors"] > 0 for recs in per_rank)
+    if case[2] == "replica" and case[0] in TRANSIENT:  # a kept copy would be the whole weights on every rank
+        for rank, recs in enumerate(per_rank):
+            held = [(r["step"], r["buffers"], r["bytes"]) for r in recs if r["buffers"] or r["bytes"]]
+            assert not held, f"rank {rank}: SAM holds (step, buffers, bytes) {held[:3]} between steps"
 
 
 @pytest.mark.slow
@@ -157,3 +167,45 @@ def test_planted_fresh_keys_fail(leak_runs: tuple[Path, str], case: tuple[str, s
     assert min(grown) > 5 * RSS_BOUND, f"the planted leak held {grown} more bytes, not >> the RSS bound"
     rss = [rss_growth(recs) for recs in per_rank]
     assert min(rss) > 5 * RSS_BOUND, f"the planted leak grew RSS by only {rss} bytes"
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "esam"])  # what compat runs with replica perturbation on fsdp2
+def test_transient_views_keep_nothing(name: str) -> None:
+    """In one process: transient views of a 256x256 Linear over 3 perturb/restore steps hold 0 scratch bytes after
+    each restore, and move the weights exactly as the same views kept (non-transient) do. Fails on the previous
+    ASAM (its copy of w, 263,168 bytes, stayed keyed by the view)."""
+    import dataclasses
+
+    import torch
+
+    from flatlm.optim.registry import get_spec
+    from flatlm.optim.views import plain_views
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 256)
+    cls = get_spec(name).cls()
+    kwargs = {"beta": 1.0} if name == "esam" else {}  # every tensor moved, so the two runs compare every tensor
+
+    def run(transient: bool) -> list[list[torch.Tensor]]:
+        opt = cls(layer.parameters(), **kwargs)
+        moved = []
+        for step in range(3):
+            copies = [p.detach().clone() for p in layer.parameters()]  # a backend's fresh copies, every step
+            views = [
+                dataclasses.replace(v, swappable=False, transient=transient)
+                for v in plain_views([(f"unsharded.{i}", c) for i, c in enumerate(copies)])
+            ]
+            gen = torch.Generator().manual_seed(step)
+            grads = [torch.randn(c.shape, generator=gen) for c in copies]
+            assert opt.perturb_views(views, grads)
+            moved.append([c.clone() for c in copies])
+            opt.restore_views(views, [torch.randn(c.shape, generator=gen) for c in copies])
+            if transient:
+                assert opt.scratch_bytes() == (0, 0), f"{name} holds {opt.scratch_bytes()} after step {step}"
+        return moved
+
+    kept = run(False)
+    for step, (a, b) in enumerate(zip(run(True), kept, strict=True)):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"{name} step {step}: transient w + eps differs")
+        assert any(not torch.equal(x, w) for x, w in zip(a, layer.parameters(), strict=True))  # it did move

@@ -145,9 +145,10 @@ class Parallel:
     def publish_weights(self, local: bool) -> None:
         """Make the next forward see the values written into the views (ZeRO pushes its master partitions)."""
 
-    def commit_gradients(self, grads: list[torch.Tensor], local: bool) -> None:
-        """Put gradients a variant rewrote (from ``sam_grads`` / ``second_pass_grads``) where the step reads them;
-        nothing where those already are the step's tensors."""
+    def commit_gradients(self, views: list[ParamView], grads: list[torch.Tensor], local: bool) -> None:
+        """Put gradients a variant rewrote (from ``sam_grads`` / ``second_pass_grads``) where the step reads them,
+        ``grads[i]`` being ``views[i]``'s (matched by view, never by position in another list); nothing where those
+        already are the step's tensors. Called only for variants that ``writes_final_grad``."""
 
     def end_local_pass(self) -> None:
         """After a replica step's restore: put the backend back in its usual mode (FSDP2 reshards)."""

@@ -224,11 +224,11 @@ class DeepSpeedParallel(Parallel):
         if not local:
             push_master_to_model(self.engine)
 
-    def commit_gradients(self, grads: list[torch.Tensor], local: bool) -> None:
+    def commit_gradients(self, views: list[ParamView], grads: list[torch.Tensor], local: bool) -> None:
         from flatlm.parallel.zero_views import write_pending_grads
 
-        if not local:
-            write_pending_grads(self.engine, grads)
+        if not local:  # view "k" is flat partition k
+            write_pending_grads(self.engine, {int(v.key): g for v, g in zip(views, grads, strict=True)})
 
     checkpoint_format: ClassVar[str] = "engine"  # DeepSpeed's own checkpoint (save_engine / load_engine), not DCP
 

@@ -10,12 +10,15 @@ sequence; what differs is what its members return:
         optimizer.perturb_views(views, grads)              the math: w -> w + eps (scratch keyed by view)
         True:  parallel.publish_weights(local)             ZeRO pushes its master partitions to the model
                parallel.drop_gradients(views, local)       pass 2 starts from no gradient
-        False: parallel.commit_gradients(grads, local)     the final gradient was written into grads
-                                                           (a replica step then averages them: train.step)
+        False: parallel.commit_gradients(views, grads,     the final gradient was written into grads (only
+                                         local)            a variant that ``writes_final_grad``; a replica
+                                                           step then averages them: train.step)
     restore (after pass 2)
-        grads  = parallel.second_pass_grads(views, local)  g', laid out like the views (None: not so)
+        grads  = parallel.second_pass_grads(views, local)  g', laid out like the views (None: not so); fetched
+                                                           only where the variant ``writes_final_grad`` (else
+                                                           the step reads pass 2's gradients as they are)
         optimizer.restore_views(views, grads)              w back bit for bit, the final gradient into grads
-        parallel.publish_weights(local); parallel.commit_gradients(grads, local)
+        parallel.publish_weights(local); parallel.commit_gradients(views, grads, local)   (writers only)
         replica and the variant's final gradient uses pass 1 (``final_grad_uses_first_pass``): average it
         over the ranks (one flat all-reduce; SAM and ASAM, whose final gradient is g', skip it)
         parallel.end_local_pass() after a replica step
@@ -50,28 +53,36 @@ def perturb(parallel: Parallel, optimizer: Any) -> bool:
             f"{type(optimizer).__name__} skipped pass 2 under replica perturbation on {parallel.backend}, whose step "
             "reads gradients of another layout (flatlm.parallel.compat should have refused this pair)"
         )
-    parallel.commit_gradients(grads, local)
+    if _writes(optimizer):  # views and gradients together: a view dropped above cannot shift the others
+        parallel.commit_gradients(views, grads, local)
     return False
 
 
 def restore(parallel: Parallel, optimizer: Any) -> None:
     """After pass 2: w back exactly, the variant's final gradient where the step reads it."""
     views, local = _pending(parallel)
-    grads = parallel.second_pass_grads(views, local)
-    if grads is None and getattr(optimizer, "writes_final_grad", False):
+    # g' as it is (sam, asam, esam): the step reads pass 2's gradients where the backend left them, so they are
+    # neither fetched nor written back (on ZeRO-1/2 each fetch and each write is a copy of every partition)
+    grads = parallel.second_pass_grads(views, local) if _writes(optimizer) else []
+    if grads is None:
         raise RuntimeError(
             f"{type(optimizer).__name__} writes its final gradient, but {parallel.backend}'s pass-2 gradients are "
             "not laid out like the perturbed views (flatlm.parallel.compat should have refused this pair)"
         )
-    optimizer.restore_views(views, grads if grads is not None else [])
+    optimizer.restore_views(views, grads)
     parallel.publish_weights(local)
-    if grads is not None:
-        parallel.commit_gradients(grads, local)
+    if grads:
+        parallel.commit_gradients(views, grads, local)
     if local:
         if getattr(optimizer, "final_grad_uses_first_pass", False):
             # each rank's final gradient used its own pass-1 gradient: average, else the replicas step apart
             parallel.average_gradients([v.tensor for v in views])
         parallel.end_local_pass()
+
+
+def _writes(optimizer: Any) -> bool:
+    """Whether the variant rewrites the gradients the step reads (its final gradient is not g' as it is)."""
+    return bool(getattr(optimizer, "writes_final_grad", False))
 
 
 def _pending(parallel: Parallel) -> tuple[list[ParamView], bool]:

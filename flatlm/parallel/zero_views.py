@@ -194,19 +194,21 @@ def pending_grads(engine: Any) -> list[Tensor]:
 
 
 @torch.no_grad()
-def write_pending_grads(engine: Any, grads: list[Tensor]) -> None:
-    """Put rewritten ``pending_grads`` back where ``engine.step()`` reads them (SAM variants' final gradients).
+def write_pending_grads(engine: Any, grads: dict[int, Tensor]) -> None:
+    """Put rewritten ``pending_grads`` back where ``engine.step()`` reads them (SAM variants' final gradients),
+    ``grads[k]`` being flat partition k's (keyed, so a partition left out cannot shift the others).
 
     Stage 1/2: copied into the per-parameter pieces of ``averaged_gradients[k]``, which step() flattens (and
     takes the clipping norm of). Stage 3: ``pending_grads`` are views of the buffer step() reads; copied only
     where a caller passes other tensors."""
     zero = _zero_optimizer(engine)
     if int(engine.zero_optimization_stage()) == 3:
-        for own, new in zip(pending_grads(engine), grads, strict=True):
-            if own.data_ptr() != new.data_ptr():
-                own.copy_(new)
+        own = pending_grads(engine)
+        for k, new in grads.items():
+            if own[k].data_ptr() != new.data_ptr():
+                own[k].copy_(new)
         return
-    for k, new in enumerate(grads):
+    for k, new in grads.items():
         offset = 0
         for piece in zero.averaged_gradients[k]:
             piece.copy_(new.narrow(0, offset, piece.numel()).view_as(piece))

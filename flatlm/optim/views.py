@@ -13,30 +13,16 @@ attributes (no ``ds_id``, no ``isinstance(..., DTensor)`` in the math):
                 choices (ESAM's random subset of tensors) mean per-parameter only then
     transient   ``tensor`` is a copy dropped after the step: nothing to put back
 
-``param`` is the tensor the optimizer itself holds for this view (the key its state has in ``state_dict``), or
-None where the view is a temporary copy the optimizer never sees (replica SAM on unsharded weights). ``pieces``
-says which elements of which parameters the tensor holds, for readers that map it back to names.
-
 Pure data: importable by the math without torch.distributed; built by ``flatlm.parallel``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements [start, start + numel) of the flattened parameter ``name`` sit at ``offset`` in the view's tensor."""
-
-    name: str
-    start: int
-    numel: int
-    offset: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,10 +39,6 @@ class ParamView:
     """``tensor.data`` may be swapped for another storage during a pass."""
     whole: bool = True
     """``tensor`` is exactly one whole parameter."""
-    param: Tensor | None = None
-    """The tensor the optimizer holds for this view (its state's key), or None for a temporary copy."""
-    pieces: tuple[Piece, ...] = field(default=())
-    """Which parameters' elements the tensor holds (empty: the whole parameter ``key``)."""
     transient: bool = False
     """The tensor is a copy the backend drops after the step (FSDP2's unsharded weights): w need not be kept
     aside nor written back, the trained weights were never touched."""
@@ -80,5 +62,5 @@ def plain_views(named: Sequence[tuple[str, Tensor]], *, swappable: bool | None =
     for name, p in named:
         plain = type(p) in (Tensor, torch.nn.Parameter)
         swap = (plain and owns_storage(p)) if swappable is None else swappable
-        out.append(ParamView(name, p, p.shape, swappable=swap, whole=True, param=p))
+        out.append(ParamView(name, p, p.shape, swappable=swap, whole=True))
     return out

@@ -42,7 +42,7 @@ import torch
 
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
-from flatlm.optim.views import ParamView, Piece
+from flatlm.optim.views import ParamView
 from flatlm.parallel.backend import Parallel
 from flatlm.parallel.zero_views import check_deepspeed_version, keep_client_adagrad, skip_shm_comm_build
 
@@ -172,7 +172,7 @@ class DeepSpeedParallel(Parallel):
         """Global: this rank's flat fp32 master partitions, partition k keyed "k" (its position in the client
         optimizer's state_dict); replica (ZeRO-1/2): the model's replicated weights by name. Built once (the flat
         tensors are checked: a reload that replaced them gets new views under the same keys)."""
-        from flatlm.parallel.zero_views import flat_partitions, zero_fragments
+        from flatlm.parallel.zero_views import flat_partitions
 
         if local:
             if self._replica_views is None:
@@ -185,14 +185,7 @@ class DeepSpeedParallel(Parallel):
         flats = flat_partitions(self.engine)
         ids = tuple(id(f) for f in flats)
         if self._flat_views is None or self._flat_views[0] != ids:
-            pieces = [
-                tuple(Piece(f.name, f.start, f.numel, f.offset) for f in frags)
-                for frags in zero_fragments(self.engine, self.model)
-            ]
-            views = [
-                ParamView(str(k), f.detach(), f.shape, swappable=False, whole=False, param=f, pieces=pieces[k])
-                for k, f in enumerate(flats)
-            ]
+            views = [ParamView(str(k), f.detach(), f.shape, swappable=False, whole=False) for k, f in enumerate(flats)]
             self._flat_views = (ids, views)
         return self._flat_views[1]
 

@@ -274,9 +274,11 @@ class SAM(torch.optim.Optimizer):
         sam_state: per-view wrapper state (``sam_*`` keys) keyed by ``ParamView.key``, checkpointed with the
             base's state.
 
-    What a variant needs from a backend, declared as class attributes (``flatlm.parallel.compat`` reads them):
+    What a variant needs from a backend, declared as class attributes (``flatlm.parallel.compat`` and
+    ``flatlm.parallel.sam_step`` read them):
         writes_final_grad: the final gradient is not pass 2's g' as it is: ``restore`` (and a skipped pass 2)
-            rewrites the gradients the step reads, so they must be writable there.
+            rewrites the gradients the step reads, so the backend hands them over and writes them back (for the
+            others it does neither: their step reads g' where pass 2 left it).
         final_grad_uses_first_pass: the final gradient depends on this rank's pass-1 gradient (or its norm); under
             replica perturbation that gradient is rank-local, so the step's gradients must be laid out like it.
         keeps_state: per-view state lives from step to step (keyed by the view, checkpointed).

@@ -17,7 +17,7 @@ backend provides: ``sam_views`` (the weights to perturb as ``ParamView`` s with 
 ``sam_grads`` / ``second_pass_grads`` (the gradients where the step reads them), ``drop_gradients``,
 ``publish_weights`` (ZeRO's push of master partitions to the model), ``commit_gradients`` (a rewritten final
 gradient back where the step reads it) and ``end_local_pass``. What a backend allows is declared as class
-attributes (``whole_weights``, ``grads_writable``, ``tensors_are_parameters``, ``replica_grads_like_first_pass``);
+attributes (``whole_weights``, ``tensors_are_parameters``, ``replica_grads_like_first_pass``);
 ``flatlm.parallel.compat`` computes the impossible pairs from them and the variants' declared needs.
 """
 
@@ -50,9 +50,6 @@ class Parallel:
 
     whole_weights: ClassVar[bool] = True
     """Every rank can hold every parameter's whole values for a step (replica perturbation is possible)."""
-    grads_writable: ClassVar[bool] = True
-    """Under global perturbation a variant may rewrite the synchronised gradients the step reads
-    (``commit_gradients`` puts them there)."""
     tensors_are_parameters: ClassVar[bool] = True
     """The optimizer's tensors are whole parameters (a per-tensor choice is a per-parameter choice)."""
     replica_grads_like_first_pass: ClassVar[bool] = True

@@ -3,14 +3,15 @@
 Each SAM-family variant declares what it needs (class attributes of ``flatlm.optim.sam.SAM`` and its subclasses):
 ``writes_final_grad``, ``final_grad_uses_first_pass``, ``keeps_state``, ``may_skip_second_pass``,
 ``selects_tensors``. Each backend class declares what it allows (class attributes of ``flatlm.parallel.backend
-.Parallel`` and its subclasses): ``whole_weights``, ``grads_writable``, ``tensors_are_parameters``,
-``replica_grads_like_first_pass``. A pair is impossible when
+.Parallel`` and its subclasses): ``whole_weights``, ``tensors_are_parameters``, ``replica_grads_like_first_pass``.
+(Every backend can take a rewritten final gradient under global perturbation, through ``commit_gradients``, so
+``writes_final_grad`` decides no refusal; sam_step reads it to skip fetching and writing back g'.) A pair is
+impossible when
 
     replica perturbation   and not whole_weights                      each rank would need its whole weights
     replica perturbation   and the variant needs pass 1 after it      (uses pass 1 for its final gradient, keeps
                            and not replica_grads_like_first_pass       state built from it, or skips pass 2) but
                                                                        the step reads gradients of another layout
-    global perturbation    and writes_final_grad and not grads_writable
     global perturbation    and selects_tensors and not tensors_are_parameters
 
 and ``check_pair`` raises one ``FlatlmError`` that says which property clashes and what runs instead (the
@@ -55,8 +56,6 @@ def refusal(variant: type, backend: type[Parallel], perturbation: str) -> str | 
         if _needs_pass1_after_perturb(variant) and not backend.replica_grads_like_first_pass:
             return "replica_grads_like_first_pass"
         return None
-    if variant.writes_final_grad and not backend.grads_writable:
-        return "grads_writable"
     if variant.selects_tensors and not backend.tensors_are_parameters:
         return "tensors_are_parameters"
     return None
@@ -95,11 +94,6 @@ def check_pair(name: str, variant: type, backend_name: str, perturbation: str) -
             f"sam.perturbation=replica under {backend_name} runs {', '.join(fine)} (optim.name={name}: {needs}, "
             f"which stays on each rank while {backend_name}'s step reads reduced shards of another layout); use "
             f"sam.perturbation=global or {', '.join(others)}"
-        )
-    if why == "grads_writable":
-        raise FlatlmError(
-            f"optim.name={name} cannot run under {backend_name}: its final gradient is written where the step reads "
-            f"it, which {backend_name} does not allow; run {name} with {', '.join(others)}"
         )
     replica = " or sam.perturbation=replica" if refusal(variant, backend, "replica") is None else ""
     raise FlatlmError(

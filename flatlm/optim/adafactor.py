@@ -102,14 +102,17 @@ def _step_counts(state_steps: list[Tensor]) -> list[float]:
 
 
 def _rms(local_sumsqs: list[Tensor], parts: list[Part], shard_sum: SumFn | None) -> list[Tensor]:
-    """RMS of each whole parameter from this rank's sums of squares: one ``shard_sum`` call for the list."""
-    if not local_sumsqs:
-        return []
-    if shard_sum is None:  # nothing to add up: no stacking (this runs once per parameter in one process)
+    """RMS of each whole parameter from this rank's sums of squares: one ``shard_sum`` call for the parts whose
+    sums are partial (``Part.partial``); a part held whole here is complete as it is."""
+    partial = [k for k, part in enumerate(parts) if part.partial] if shard_sum is not None else []
+    if not partial:  # nothing to add up: no stacking (this runs once per parameter in one process)
         return [(x / part.numel).sqrt_() for x, part in zip(local_sumsqs, parts, strict=True)]
-    dtype = local_sumsqs[0].dtype
-    (total,) = sum_list([torch.stack([x.to(dtype) for x in local_sumsqs])], shard_sum)
-    return [(total[k] / part.numel).sqrt() for k, part in enumerate(parts)]
+    totals = list(local_sumsqs)
+    dtype = totals[partial[0]].dtype
+    (summed,) = sum_list([torch.stack([totals[k].to(dtype) for k in partial])], shard_sum)
+    for j, k in enumerate(partial):
+        totals[k] = summed[j]
+    return [(x / part.numel).sqrt() for x, part in zip(totals, parts, strict=True)]
 
 
 def _sumsq(x: Tensor) -> Tensor:

@@ -41,13 +41,14 @@ class Part:
     """This rank's elements of one parameter of global ``shape`` (here: the whole parameter, held as it is).
 
     Tensors "laid out like the optimizer tensor" (the parameter, its gradient, a momentum) are read through
-    ``view``. ``rows_partial`` / ``cols_partial``: the row / column means computed from this rank's elements are
-    partial sums that ``shard_sum`` must add up over the ranks (False: they are complete here).
+    ``view``. ``rows_partial`` / ``cols_partial`` / ``partial``: the row / column means / the sum of squares
+    computed from this rank's elements are partial sums that ``shard_sum`` must add up over the ranks (False: they
+    are complete here, and adding them up would count them once per rank).
     """
 
     rows_partial = False
     cols_partial = False
-    partial = False  # sums of squares over this rank's elements are partial
+    partial = False  # sums of squares over this rank's elements are partial: Adafactor's RMS adds them up
 
     def __init__(self, shape: Sequence[int]) -> None:
         self.shape = torch.Size(shape)

@@ -50,7 +50,13 @@ class RowShards(Layout):
     parameter, C replicated (DTensors on the parameter's mesh, so checkpoints reshard them like the parameter)."""
 
     def parts(self, tensor: Tensor) -> list[Part]:
-        if isinstance(tensor, DTensor) and tuple(tensor.placements) != (Shard(0),):
+        if not isinstance(tensor, DTensor):  # its elements would count as one rank's rows: W x too large sums
+            raise ValueError(
+                f"FSDP2 optimizers expect DTensor parameters sharded on dim 0, got a {type(tensor).__name__} of shape "
+                f"{tuple(tensor.shape)}: shard the model with fully_shard (flatlm.parallel.fsdp2.shard_fsdp2) before "
+                "building the optimizer, or build it without the fsdp2 distribution"
+            )
+        if tuple(tensor.placements) != (Shard(0),):
             raise ValueError(f"FSDP2 optimizers expect dim-0 sharded parameters, got placements {tensor.placements}")
         shape = tensor.shape
         rows = shape[0] if len(shape) else 1
@@ -60,8 +66,6 @@ class RowShards(Layout):
     def zeros(self, tensor: Tensor, part: Part, kind: str, dtype: torch.dtype) -> Tensor:
         local_shape, global_shape = part.state_shape(kind, part.view(tensor))
         zeros = torch.zeros(local_shape, device=local(tensor).device, dtype=dtype)
-        if not isinstance(tensor, DTensor):
-            return zeros
         replicated = kind == "col" and tensor.ndim == 2  # C is whole on every rank
         placements = [Replicate()] * len(tensor.placements) if replicated else tensor.placements
         stride = torch.empty(global_shape, device="meta").stride()

@@ -251,3 +251,51 @@ def _dtensor_without_layout(rank: int, world: int) -> None:
 def test_sharded_parameters_without_a_layout_are_refused() -> None:
     """Never quietly wrong: Muon or Adafactor built on DTensor shards without the backend's layout refuse to step."""
     run_ranks(_dtensor_without_layout)
+
+
+def test_row_shards_refuse_a_plain_tensor() -> None:
+    """FSDP2's layout on a tensor that is not a DTensor would count its elements as one rank's rows (statistics
+    W times too large): one clear error instead."""
+    from flatlm.parallel.layouts import RowShards
+
+    with pytest.raises(ValueError, match=r"expect DTensor parameters sharded on dim 0, got a Tensor of shape \(6, 4\)"):
+        RowShards().parts(torch.zeros(6, 4))
+
+
+def test_adafactor_sums_only_partial_parts() -> None:
+    """``Part.partial`` decides what Adafactor's RMS adds up over the ranks: parts held whole on every rank (not
+    partial) under a ``shard_sum`` of 2 identical ranks step exactly as one process (relative step with
+    scale_parameter, so alpha reads the RMS); marked partial, the same parts' RMS counts twice and the update moves
+    (the check would fail if ``partial`` were ignored)."""
+    from flatlm.optim.adafactor import Adafactor
+    from flatlm.optim.distribution import Layout, Part
+
+    class Whole(Part):
+        partial = False
+
+    class Counted(Part):
+        partial = True
+
+    class Held(Layout):
+        def __init__(self, part: type[Part]) -> None:
+            self.part = part
+
+        def parts(self, tensor: torch.Tensor) -> list[Part]:
+            return [self.part(tensor.shape)]
+
+    def run(layout: Layout | None) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen) for s in ((8,), (6, 4))]
+        kw: dict[str, Any] = {} if layout is None else {"layout": layout, "shard_sum": lambda x: 2 * x}
+        opt = Adafactor(params, beta1=0.9, **kw)  # lr None: relative step, scale_parameter=True
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return params
+
+    single = run(None)
+    for a, b in zip(run(Held(Whole)), single, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    moved = max((a - b).abs().max().item() for a, b in zip(run(Held(Counted)), single, strict=True))
+    assert moved > 1e-4, f"partial parts' RMS summed over 2 ranks moved the weights by only {moved}"

@@ -29,8 +29,15 @@ rose most under the perturbation:
     B+ = the ceil(gamma |B|) samples with the largest  l_i(w + eps) - l_i(w)
     g' = grad of mean_{i in B+} l_i(w + eps)
 
-``second_pass_loss(per_sample_loss, first_pass_per_sample_loss)`` does this per micro-batch (the loop divides by
-the number of micro-batches as usual). The reference keeps the samples strictly above the k-th largest increase
+``second_pass_loss(per_sample_loss, first_pass_per_sample_loss)`` does this per micro-batch. What the train step
+passes as "per-sample losses" are already-scaled per-sequence contributions ``c_b = W B / N * sum_b`` (W ranks, B
+sequences in the micro-batch, N targets counted in the global batch, sum_b the sequence's summed token loss; see
+``flatlm.train.step``), so the mean over B+ is B+'s share of the loss and no further division is needed. The
+selection therefore ranks sequences by the increase of their *summed* token loss. In pretraining every sequence
+counts the same number of targets, so that is the ranking by per-sequence mean loss (the paper's). With loss masks
+(SFT: uneven target counts per sequence) it is not: a long answer outranks a short one with a larger mean
+increase. To do with the SFT issue: pass the per-sequence target counts and rank by increase / count (the
+backward keeps ``c_b``). The reference keeps the samples strictly above the k-th largest increase
 (k - 1 of them); flatlm keeps exactly k. Note the cost: the paper saves compute by a no-grad forward on all
 samples and a forward/backward on B+ only; in flatlm's loop pass 2 runs forward with grad on every sample and
 the backward starts from B+'s loss, so the gradient is the paper's but the saving is not realised there.

@@ -100,9 +100,12 @@ TWO_PROCESS = {
     "ddp": ["muon", "looksam"],
     "ddp-owned": ["adamw", "adafactor", "muon", "looksam", "gsam"],
     "fsdp2": ["adamw", "adafactor", "lion", "muon", "sam", "asam", "ssam", "gsam", "looksam", "esam"],
-    "zero1": ["adamw", "sam"],
-    "zero2": ["adamw", "adafactor", "lion", "muon", "sam"],
-    "zero3": ["adamw", "asam"],
+    # a SAM variant that rewrites the final gradient or keeps state per ZeRO stage (gsam, looksam, ssam): their
+    # gradients go back through write_pending_grads, LookSAM's g_v checkpoints with the partitions (also run by
+    # hand, bit-identical: zero1 looksam, zero2 ssam, zero3 gsam; ~16 s a case, so 3 are kept here)
+    "zero1": ["adamw", "sam", "gsam"],
+    "zero2": ["adamw", "adafactor", "lion", "muon", "sam", "looksam"],
+    "zero3": ["adamw", "asam", "ssam"],
 }
 
 

@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from flatlm.errors import FlatlmError
 from flatlm.parallel.collectives import all_gather_object, broadcast_object, initialized, world
+from flatlm.parallel.deepspeed import ENGINE_DIR
 
 if TYPE_CHECKING:
     from flatlm.parallel.backend import Parallel
@@ -219,7 +220,7 @@ def save_checkpoint(
     return final
 
 
-def agree_on_errors(error: str | None) -> list[tuple[int, str]]:
+def agree_on_errors(error: Any) -> list[tuple[int, Any]]:
     """Every rank's error of the phase just done, as (rank, message); empty when all succeeded. Collective: the
     one exchange every rank reaches whether or not its own part failed."""
     return [(r, e) for r, e in enumerate(all_gather_object(error)) if e]
@@ -282,7 +283,7 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file() or (path / "deepspeed").is_dir()]
+    return [path for path in candidates if (path / STATE_DIR / ".metadata").is_file() or (path / ENGINE_DIR).is_dir()]
 
 
 def check_weights_only(files: list[Path], allowed: list[type] | None = None) -> None:
@@ -374,17 +375,21 @@ def resume(
     corrupt or partial file, one rank's unreadable RNG file, an unsafe pickle) is one warning line, and all ranks
     fall back together to the next one (one rank loading an older checkpoint, a collective, while the others train
     on would hang them). A request flatlm refuses (``FlatlmError``, e.g. another backend's engine checkpoint) is
-    raised at once: every rank refuses alike. None readable: one error naming each checkpoint's reason."""
+    raised on every rank after the same exchange, also when only one rank refused. None readable: one error naming
+    each checkpoint's reason."""
     unreadable = []
     for i, candidate in enumerate(candidates):
-        error = None
+        error: tuple[str, str] | None = None
         try:
             trainer_state = load_checkpoint(candidate, parallel, optimizer, load_optimizer)
         except (Exception, CheckpointException) as exc:  # corrupt, partial or unsafe: say so in one line, go back
-            if isinstance(exc, FlatlmError) and not isinstance(exc, UnsafeCheckpointError):
-                raise
-            error = unreadable_reason(candidate, exc)
-        failures = agree_on_errors(error)
+            refused = isinstance(exc, FlatlmError) and not isinstance(exc, UnsafeCheckpointError)
+            error = ("refused", str(exc)) if refused else ("unreadable", unreadable_reason(candidate, exc))
+        outcomes = agree_on_errors(error)  # every rank reaches this exchange, whatever its own load did
+        refusals = [msg for _, (kind, msg) in outcomes if kind == "refused"]
+        if refusals:  # a refusal on any rank (even one alone: DeepSpeed decides per rank) stops every rank
+            raise FlatlmError(refusals[0])
+        failures = [(r, msg) for r, (_, msg) in outcomes]
         if not failures:
             return Resumed(candidate, trainer_state)
         reasons = list(dict.fromkeys(msg for _, msg in failures))

@@ -112,7 +112,8 @@ def _plant_fault(fault: dict[str, Any], rank: int) -> None:
     (``"error": "enospc"``) or a plain exception, in ``fault["where"]``: ``dcp`` (DCP's file writes), ``rng`` (the
     RNG file, after DCP), ``engine`` (DeepSpeed's optimizer-state files: torch.save's RuntimeError) or ``recovery``
     (rank 0's copy of DeepSpeed's recovery scripts); or plant a non-atomic save
-    (``"where": "early-latest"``, every save of that rank)."""
+    (``"where": "early-latest"``, every save of that rank); or make that rank alone refuse its checkpoint load
+    with a FlatlmError after loading it (``"where": "refuse-load"``, as DeepSpeed's per-rank load result can)."""
     if rank != fault["rank"]:
         return
     calls = [0]
@@ -131,7 +132,18 @@ def _plant_fault(fault: dict[str, Any], rank: int) -> None:
 
         return wrapped
 
-    if fault["where"] == "early-latest":  # a planted non-atomic save: latest names step N before it is written
+    if fault["where"] == "refuse-load":
+        import flatlm.train.checkpoint as checkpoint
+        from flatlm.errors import FlatlmError
+
+        real_load = checkpoint.load_checkpoint
+
+        def load_then_refuse(*args: Any, **kwargs: Any) -> Any:  # after the load's own collectives, as DeepSpeed
+            real_load(*args, **kwargs)
+            raise FlatlmError(f"a planted refusal on rank {rank}")
+
+        checkpoint.load_checkpoint = load_then_refuse
+    elif fault["where"] == "early-latest":  # a planted non-atomic save: latest names step N before it is written
         import flatlm.train.checkpoint as checkpoint
 
         real_write_parts = checkpoint._write_parts

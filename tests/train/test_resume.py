@@ -377,3 +377,23 @@ def test_ranks_fall_back_together_when_one_rank_cannot_load(tmp_path: Path, text
     assert [x["step"] for x in read_jsonl(run / "metrics.jsonl")] == list(range(1, 7))  # steps 4-6 trained again
     assert _losses(run) == _losses(full)
     assert_same_state(final_state(full), final_state(run))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_refusal_on_one_rank_stops_every_rank(tmp_path: Path, text_corpus: Path) -> None:
+    """Rank 1 alone refuses the checkpoint (a FlatlmError, as DeepSpeed's per-rank load result can raise): it used
+    to raise at once, leaving rank 0 in the exchange of errors until the collective timeout. Both ranks must stop
+    after the same exchange with the refusal's one-line error (exit 2), and nothing may be trained or written."""
+    run = tmp_path / "run"
+    (r,) = run_jobs([{"args": overrides(run, text_corpus, "adamw", "ddp"), "nproc": 2}], tmp_path / "d1")
+    assert r["codes"] == [0, 0], r["logs"][0][-3000:]
+    before = (run / "metrics.jsonl").read_text()
+    fault = {"rank": 1, "where": "refuse-load"}
+    (r,) = run_jobs(
+        [{"args": [*overrides(run, text_corpus, "adamw", "ddp"), "train.max_steps=8"], "nproc": 2, "fault": fault}],
+        tmp_path / "d2",
+    )
+    assert not r["hung"] and r["codes"] == [2, 2], (r["codes"], r["logs"][0][-2000:], r["logs"][1][-2000:])
+    assert "error: a planted refusal on rank 1" in r["logs"][0], r["logs"][0][-2000:]  # rank 0 speaks for all
+    assert (run / "metrics.jsonl").read_text() == before

@@ -16,9 +16,9 @@ the client optimizer's state laid out like them) are cut back into parameters:
   a parameter cut by a partition boundary is the concatenation of its pieces in rank order;
 * stage 3: every parameter is split on its own into ``ceil(numel / world)`` elements per rank, the parameters of a
   param group back to back in ``param_shapes`` order (one sub-group per group is required and checked);
-* state that is not partition-shaped is flatlm's ``ZeroAdafactor``'s: ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (the
-  same whole R, C on every rank) and ``exp_avg_sq`` (each rank's piece of a vector), keyed by the index of the
-  parameter among the sorted names of the partition; they are mapped back by that index;
+* state that is not partition-shaped is flatlm's Adafactor's on ZeRO pieces (``parallel.zero_layout``):
+  ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (the same whole R, C on every rank) and ``exp_avg_sq`` (each rank's piece
+  of a vector), keyed by the index of the parameter among the sorted names of the partition; mapped back by it;
 * a partition's ``step`` is given to every parameter in it.
 
 Everything is loaded with torch's weights-only unpickler (DeepSpeed's three plain data classes allowed): reading a
@@ -116,6 +116,9 @@ def _load(path: Path) -> Any:
 
 
 def _zero_state(engine_dir: Path) -> dict[str, Tensor]:
+    from flatlm.parallel.zero_views import check_deepspeed_version
+
+    check_deepspeed_version()  # the file layout read below is DeepSpeed's, checked for these versions only
     optim_files = sorted(engine_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank_of)  # bf16_...
     model_files = sorted(engine_dir.glob("*model_states.pt"), key=lambda p: _rank_of(p) if "zero_pp" in p.name else 0)
     if not optim_files or not model_files:
@@ -229,7 +232,7 @@ def _zero_state_key(layout: _FlatLayout, key: str, values: list[Any]) -> dict[st
     """One state key of one flat partition, every rank's value, as per-parameter tensors."""
     out: dict[str, Tensor] = {}
     first = values[0]
-    if isinstance(first, dict):  # ZeroAdafactor: {index among the sorted names: tensor}
+    if isinstance(first, dict):  # Adafactor on ZeRO pieces: {index among the sorted names: tensor}
         names = layout.sorted_names()
         for index in first:
             name = names[index]

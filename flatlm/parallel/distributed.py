@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 from collections.abc import Iterator
@@ -114,7 +115,11 @@ def init_process_group(env: Environment, device: torch.device, timeout_s: float 
 
 
 def destroy_process_group() -> None:
+    """Destroy the default group, after collecting garbage: a DDP reducer (or an engine) still alive in a reference
+    cycle when its group goes can hang the rank at exit. Callers let their own frames holding such objects end
+    first (``train.loop.train`` runs the stages in an inner frame)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ import inspect
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,38 +64,41 @@ def reload_and_resave(args: list[str], checkpoint: str, out: str, load_optimizer
     (``load_checkpoint``) and save what the model and optimizer now hold, as a DCP checkpoint in ``out``: reading
     ``out`` back by name shows exactly what the resume restored, on this backend and world size.
     ``load_optimizer=False`` plants a bug (a load that drops the optimizer state). Every rank calls this."""
-    import torch.distributed.checkpoint as dcp
-
     from flatlm.config import load_config
-    from flatlm.models import build_model, model_config
     from flatlm.parallel import environment
     from flatlm.parallel.distributed import destroy_process_group, init_process_group, resolve_backend
-    from flatlm.train.backend import setup_parallel
-    from flatlm.train.checkpoint import _distributed, load_checkpoint
-    from flatlm.train.loop import grad_accumulation, load_data, seed_everything
 
     cfg = load_config(None, args)
     env = environment()
     cfg = cfg.model_copy(update={"parallel": resolve_backend(cfg.parallel, env)})
-    device = torch.device("cpu")
-    init_process_group(env, device)
+    init_process_group(env, torch.device("cpu"))
     try:
-        run_dir = Path(checkpoint).parents[1]
-        kwargs = {}
-        if "run_tokenizer" in inspect.signature(load_data).parameters:
-            kwargs["run_tokenizer"] = run_dir / "tokenizer.model"
-        data = load_data(cfg, **kwargs)
-        seed_everything(cfg.seed, cfg.train.deterministic)
-        config = model_config(
-            cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id
-        )
-        model = build_model(config, seed=cfg.seed)
-        parallel, optimizer, _ = setup_parallel(model, cfg, device, grad_accumulation(cfg.train, env.world_size))
-        load_checkpoint(Path(checkpoint), parallel, optimizer, load_optimizer)
-        state = parallel.checkpoint_state(optimizer)
-        dcp.save(state, checkpoint_id=Path(out) / "state", no_dist=not _distributed())
-        if env.is_main:
-            (Path(out) / TRAINER_STATE).write_text(json.dumps({"reloaded_from": checkpoint}))
+        _reload_and_resave(cfg, env, checkpoint, out, load_optimizer)  # its frame (the DDP wrapper) ends first
     finally:
-        destroy_process_group()
+        destroy_process_group()  # a DDP reducer alive past its group can hang the rank at exit
     return 0
+
+
+def _reload_and_resave(cfg: Any, env: Any, checkpoint: str, out: str, load_optimizer: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from flatlm.models import build_model, model_config
+    from flatlm.train.backend import setup_parallel
+    from flatlm.train.checkpoint import _distributed, load_checkpoint
+    from flatlm.train.loop import grad_accumulation, load_data, seed_everything
+
+    device = torch.device("cpu")
+    run_dir = Path(checkpoint).parents[1]
+    kwargs = {}
+    if "run_tokenizer" in inspect.signature(load_data).parameters:
+        kwargs["run_tokenizer"] = run_dir / "tokenizer.model"
+    data = load_data(cfg, **kwargs)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
+    model = build_model(config, seed=cfg.seed)
+    parallel, optimizer, _ = setup_parallel(model, cfg, device, grad_accumulation(cfg.train, env.world_size))
+    load_checkpoint(Path(checkpoint), parallel, optimizer, load_optimizer)
+    state = parallel.checkpoint_state(optimizer)
+    dcp.save(state, checkpoint_id=Path(out) / "state", no_dist=not _distributed())
+    if env.is_main:
+        (Path(out) / TRAINER_STATE).write_text(json.dumps({"reloaded_from": checkpoint}))

@@ -119,22 +119,6 @@ def _sumsq(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x).square()
 
 
-def _alphas(
-    xs: list[Tensor],
-    parts: list[Part],
-    rhos: list[float],
-    *,
-    scale_parameter: bool,
-    eps2: float,
-    shard_sum: SumFn | None,
-) -> list[Any]:
-    """alpha_t = max(eps2, RMS(X_{t-1})) rho_t per parameter (reduction 1), or rho_t."""
-    if not scale_parameter:
-        return list(rhos)
-    rms = _rms([_sumsq(x) for x in xs], parts, shard_sum)
-    return [r.clamp(min=eps2) * rho for r, rho in zip(rms, rhos, strict=True)]
-
-
 def _chunk_alphas(
     chunk: list[int],
     xs: list[Tensor],
@@ -145,16 +129,12 @@ def _chunk_alphas(
     eps2: float,
     shard_sum: SumFn | None,
 ) -> dict[int, Any]:
-    """``_alphas`` of the parameters in ``chunk``, by index (just before their update: X is read while in cache)."""
-    values = _alphas(
-        [xs[i] for i in chunk],
-        [parts[i] for i in chunk],
-        [rhos[i] for i in chunk],
-        scale_parameter=scale_parameter,
-        eps2=eps2,
-        shard_sum=shard_sum,
-    )
-    return dict(zip(chunk, values, strict=True))
+    """alpha_t = max(eps2, RMS(X_{t-1})) rho_t (reduction 1), or rho_t, for the parameters in ``chunk``, by index
+    (computed just before their update: X is read while in cache)."""
+    if not scale_parameter:
+        return {i: rhos[i] for i in chunk}
+    rms = _rms([_sumsq(xs[i]) for i in chunk], [parts[i] for i in chunk], shard_sum)
+    return {i: r.clamp(min=eps2) * rhos[i] for i, r in zip(chunk, rms, strict=True)}
 
 
 def _factored_means(g2s: list[Tensor], parts: list[Part], shard_sum: SumFn | None) -> tuple[list[Tensor], list[Tensor]]:

@@ -39,8 +39,22 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["stdlib", "files", "hf"] = "stdlib"
-    """stdlib: this Python's own standard-library sources; files: data.paths; hf: a datasets dataset."""
+    source: Literal["stdlib", "stdlib_docs", "files", "hf"] = "stdlib"
+    """stdlib: this Python's own standard-library sources; stdlib_docs: a chat set built from the standard library's
+    docstrings ("what does `module.function` do?" -> its docstring's first paragraph; data.format=chat); files:
+    data.paths; hf: a datasets dataset."""
+    format: Literal["text", "chat"] = "text"
+    """text: documents for pretraining (every token counts); chat: conversations for supervised fine-tuning (loss
+    on the assistant's tokens only), rows shaped as data.chat_format."""
+    chat_format: Literal["auto", "messages", "prompt_response", "alpaca"] = "auto"
+    """Shape of a chat row: messages (a list of {role, content}), prompt_response (prompt/response) or alpaca
+    (instruction/input/output); auto: detected from each row's keys."""
+    chat_template: str | None = None
+    """data.format=chat: a Jinja chat template file, or 'builtin'; None: the tokenizer's own template if it has one,
+    else flatlm's built-in one. The template used is written to output_dir/chat_template.jinja."""
+    packing: bool = True
+    """data.format=chat: pack several examples into each data.seq_len sequence, attention confined to each example;
+    false: one example per row, padded to the longest in the micro-batch."""
     paths: list[str] = Field(default_factory=list)
     """Files or globs for source=files: .txt (one document per file), .jsonl/.json, .parquet."""
 
@@ -71,7 +85,8 @@ class DataConfig(Section):
     vocab_size: int = Field(default=4096, ge=300)
     """Size of the sentencepiece vocabulary trained on the corpus."""
     tokenizer: str | None = None
-    """Use this existing sentencepiece .model file instead of training one."""
+    """Use this tokenizer instead of training one: a sentencepiece .model file, a Hugging Face tokenizer directory
+    (an exported flatlm model, any local HF model directory) or a flatlm run directory (its tokenizer.model)."""
     tokenizer_sample_lines: int = Field(default=300_000, gt=0)
     """Lines sampled from the training documents to train the tokenizer."""
     cache_dir: str = "~/.cache/flatlm"
@@ -120,11 +135,14 @@ class ScheduleConfig(Section):
     name: str = "cosine"
     """Learning-rate schedule: constant, cosine, linear, wsd or step (flatlm.optim.SCHEDULES)."""
     warmup_steps: int = Field(default=20, ge=0)
-    """Linear warmup from 0 to the peak learning rate over this many steps."""
+    """Linear warmup from 0 to the peak learning rate over this many steps (ignored when warmup_fraction is set)."""
+    warmup_fraction: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Warmup as a fraction of train.max_steps (rounded to whole steps), in place of warmup_steps: a schedule that
+    fits the run whatever its length."""
     min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     """Final learning rate as a fraction of the peak (cosine, linear, wsd)."""
     decay_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
-    """wsd: fraction of the post-warmup steps spent decaying at the end."""
+    """wsd: fraction of the post-warmup steps spent decaying at the end (a fraction of the run: it fits any length)."""
     step_size: int = Field(default=1000, gt=0)
     """step: multiply the learning rate by gamma every step_size steps."""
     gamma: float = Field(default=0.1, gt=0.0)
@@ -183,6 +201,13 @@ class RunConfig(Section):
             raise ValueError("data.source=files needs data.paths, e.g. data.paths='[corpus/*.txt]'")
         if self.data.source == "hf" and not self.data.name:
             raise ValueError("data.source=hf needs data.name (a dataset name or a local dataset directory)")
+        if self.data.source == "stdlib_docs" and self.data.format != "chat":
+            raise ValueError("data.source=stdlib_docs is a chat set; set data.format=chat")
+        if self.data.format == "chat" and self.data.source == "stdlib":
+            raise ValueError(
+                "data.format=chat needs chat rows: data.source=stdlib_docs, or files / hf data with messages, "
+                "prompt/response or instruction/input/output fields"
+            )
         return self
 
 

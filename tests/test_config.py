@@ -51,7 +51,7 @@ def test_wrong_type_names_key() -> None:
 
 
 def test_literal_lists_choices() -> None:
-    with pytest.raises(FlatlmError, match="data.source.*'stdlib', 'files' or 'hf'"):
+    with pytest.raises(FlatlmError, match="data.source.*'stdlib', 'stdlib_docs', 'files' or 'hf'"):
         load_config(None, ["data.source=web"])
 
 

@@ -28,6 +28,8 @@ class Data:
     bos_id: int
     eos_id: int
     tokenizer: Tokenizer
+    chat_template: str | None = None
+    """data.format=chat: the template the examples were rendered with (written to the run directory)."""
 
 
 def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:

@@ -33,10 +33,33 @@ def check_static(cfg: RunConfig) -> None:
         expand_paths(cfg.data.paths)  # every path or glob must match something
 
 
+def warmup_steps(cfg: RunConfig) -> int:
+    """The run's warmup: ``schedule.warmup_fraction`` of ``train.max_steps`` (rounded) when set, else
+    ``schedule.warmup_steps``."""
+    fraction = cfg.schedule.warmup_fraction
+    return cfg.schedule.warmup_steps if fraction is None else round(fraction * cfg.train.max_steps)
+
+
 def schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """The schedule section's values that the chosen schedule takes, plus the run length."""
-    values = {"total_steps": cfg.train.max_steps, **cfg.schedule.model_dump(exclude={"name"})}
+    """The schedule section's values that the chosen schedule takes, plus the run length (warmup resolved)."""
+    values = {
+        "total_steps": cfg.train.max_steps,
+        **cfg.schedule.model_dump(exclude={"name", "warmup_fraction"}),
+        "warmup_steps": warmup_steps(cfg),
+    }
     return {k: values[k] for k in schedule_arguments(cfg.schedule.name)}
+
+
+def schedule_warning(cfg: RunConfig) -> str | None:
+    """A warning when warmup covers the whole run (the learning rate never reaches its peak, nor decays)."""
+    warmup = warmup_steps(cfg)
+    if (cfg.schedule.name == "constant" and warmup == 0) or warmup < cfg.train.max_steps:
+        return None
+    return (
+        f"the warmup ({warmup} steps) covers the whole run (train.max_steps={cfg.train.max_steps}): the learning rate "
+        "never reaches its peak and never decays; set schedule.warmup_fraction (e.g. 0.1) or fewer "
+        "schedule.warmup_steps"
+    )
 
 
 def check_schedule(cfg: RunConfig) -> None:

@@ -61,13 +61,21 @@ from flatlm.train.checkpoint import (
     remove_partial_saves,
     resume,
     save_checkpoint,
+    write_text_atomic,
 )
-from flatlm.train.checks import check_static
+from flatlm.train.checks import check_static, schedule_warning
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progress, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
-from flatlm.train.rundir import PLOT_FILE, TOKENIZER_FILE, check_output_dir, continue_run_dir, start_run_dir
+from flatlm.train.rundir import (
+    CHAT_TEMPLATE_FILE,
+    PLOT_FILE,
+    TOKENIZER_FILE,
+    check_output_dir,
+    continue_run_dir,
+    start_run_dir,
+)
 from flatlm.train.step import StepStats, evaluate_loss, train_step
 
 log = logging.getLogger("flatlm")
@@ -101,6 +109,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: CUDA's max allocated on a GPU, the peak resident set size on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _check_positions(cfg: RunConfig, config: Any) -> None:
     limit = max_positions(config)
     if limit is not None and cfg.data.seq_len > limit:
@@ -126,6 +143,8 @@ def _validate(cfg: RunConfig, env: Environment) -> None:
     check_parallel(cfg)
     _check_positions(cfg, model_config(cfg.model.name, cfg.data.vocab_size, cfg.model.overrides))
     check_static(cfg)  # optimizer (a probe step), schedule, data paths
+    if (warning := schedule_warning(cfg)) and env.is_main:
+        log.warning(warning)
     if cfg.parallel.shard_optimizer_state and cfg.parallel.backend == "single" and env.is_main:
         log.warning(
             "parallel.shard_optimizer_state=true does nothing in one process (there is no other rank to shard "
@@ -273,6 +292,8 @@ def resume_or_start(run: Run) -> tuple[int, MetricsLogger | None]:
                 log.warning(f"{out} has no complete checkpoint{partial}: starting from step 0")
             start_run_dir(out, run.config_yaml, overwrite=cfg.overwrite)
         save_run_tokenizer(out / TOKENIZER_FILE, run.data.tokenizer)  # the run's own, never replaced on resume
+        if run.data.chat_template is not None:  # what the chat examples were rendered with
+            write_text_atomic(out / CHAT_TEMPLATE_FILE, run.data.chat_template)
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
     return start_step, metrics
@@ -348,6 +369,7 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
                 "epoch": run.sampler.epoch_of(step + 1),
                 "step_time_s": dt,
                 "optim_state_bytes": state_bytes,
+                "peak_mem_bytes": peak_memory_bytes(run.device),
             }
             result.losses.append(loss_value)
             if metrics is not None:

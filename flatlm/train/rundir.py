@@ -25,7 +25,17 @@ from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, purge
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "loss.png"
 TOKENIZER_FILE = "tokenizer.model"
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, EVAL_FILE, PLOT_FILE, TENSORBOARD_DIR, CHECKPOINT_DIR, TOKENIZER_FILE)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+RUN_FILES = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    EVAL_FILE,
+    PLOT_FILE,
+    TENSORBOARD_DIR,
+    CHECKPOINT_DIR,
+    TOKENIZER_FILE,
+    CHAT_TEMPLATE_FILE,
+)
 
 log = logging.getLogger("flatlm")
 

@@ -76,6 +76,9 @@ class DataConfig(Section):
     """Column holding the text in jsonl / parquet / hf data."""
     max_documents: int | None = Field(default=None, gt=0)
     """Use at most this many documents (after filtering), in source order."""
+    seed: int | None = None
+    """Seeds the train/validation split and data order apart from the model's init (None: the run's seed), e.g. to
+    vary initialisation across an ablation's seeds over one data order."""
     min_chars: int = Field(default=1, ge=0)
     """Drop documents shorter than this many characters."""
     seq_len: int = Field(default=128, gt=0)
@@ -182,7 +185,7 @@ class RunConfig(Section):
     output_dir: str = "runs/default"
     """Directory for config.yaml, metrics.jsonl, TensorBoard, plots and checkpoints."""
     seed: int = 0
-    """Seeds model init, the train/validation split and data order."""
+    """Seeds model init, and the train/validation split and data order unless data.seed is set."""
     overwrite: bool = False
     """Allow reusing an output_dir that holds a different run (its outputs are replaced)."""
     model: ModelConfig = Field(default_factory=ModelConfig)

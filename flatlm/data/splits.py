@@ -32,6 +32,11 @@ class Data:
     """data.format=chat: the template the examples were rendered with (written to the run directory)."""
 
 
+def data_seed(cfg: RunConfig) -> int:
+    """The seed of the train/validation split and of the data order: ``data.seed``, else the run's ``seed``."""
+    return cfg.seed if cfg.data.seed is None else cfg.data.seed
+
+
 def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
     """The token cache of ``cfg.data``. ``run_tokenizer``: a resumed run's own tokenizer.model; the data are
     encoded with it (a new one would renumber the pieces under the model's embedding), whatever the corpus."""
@@ -41,7 +46,7 @@ def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
     elif run_tokenizer is not None:
         log.warning(f"resuming a run without its {run_tokenizer.name}; the data's tokenizer is used and saved there")
     cache = load_or_build(cfg.data, log=log.info, tokenizer=tokenizer, warn=log.warning)
-    train_ids, val_ids = split_documents(cache.num_documents, cfg.data.val_fraction, cfg.seed)
+    train_ids, val_ids = split_documents(cache.num_documents, cfg.data.val_fraction, data_seed(cfg))
     train = PackedSequences(cache.tokens, cache.offsets, train_ids, cfg.data.seq_len)
     require_sequences(train, "training", 1)
     val = PackedSequences(cache.tokens, cache.offsets, val_ids, cfg.data.seq_len) if len(val_ids) else None

@@ -37,7 +37,7 @@ import torch
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
 from flatlm.data import GlobalBatchSampler, PackedSequences
-from flatlm.data.splits import Data, load_data
+from flatlm.data.splits import Data, data_seed, load_data
 from flatlm.data.tokenizer import save_run_tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
@@ -252,7 +252,7 @@ def setup(cfg: RunConfig, env: Environment, device: torch.device) -> Run:
         accum=accum,
         resume_candidates=resume_candidates,
         config_yaml=dump_yaml(cfg),
-        sampler=GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.seed),
+        sampler=GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, data_seed(cfg)),
         tokens_per_step=cfg.train.global_batch_size * cfg.data.seq_len,
     )
 

@@ -53,7 +53,7 @@ def schedule_kwargs(cfg: RunConfig) -> dict[str, Any]:
 def schedule_warning(cfg: RunConfig) -> str | None:
     """A warning when warmup covers the whole run (the learning rate never reaches its peak, nor decays)."""
     warmup = warmup_steps(cfg)
-    if (cfg.schedule.name == "constant" and warmup == 0) or warmup < cfg.train.max_steps:
+    if warmup < cfg.train.max_steps:
         return None
     return (
         f"the warmup ({warmup} steps) covers the whole run (train.max_steps={cfg.train.max_steps}): the learning rate "

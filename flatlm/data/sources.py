@@ -157,8 +157,8 @@ def _table_rows(dataset: Any, field: str, where: str) -> Iterator[str]:
             yield str(value)
 
 
-def _jsonl_rows(path: Path, field: str, stats: SourceStats) -> Iterator[str]:
-    """The ``field`` of each line of a JSON-lines file (stdlib json: a bad line is named by its number)."""
+def _jsonl_objects(path: Path, stats: SourceStats, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each line of a JSON-lines file (stdlib json: a bad line is named by its number)."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             line, bad = decode_utf8(raw)
@@ -174,10 +174,16 @@ def _jsonl_rows(path: Path, field: str, stats: SourceStats) -> Iterator[str]:
                 ) from None
             if not isinstance(row, dict):
                 raise FlatlmError(
-                    f"{path}:{number}: a JSON {type(row).__name__}, not an object with a {field!r} field; "
+                    f"{path}:{number}: a JSON {type(row).__name__}, not an object with {what}; "
                     f"fix or remove line {number} (each line of a .jsonl file is one JSON object)"
                 )
-            yield from _table_rows([row], field, f"{path}:{number}")
+            yield number, row
+
+
+def _jsonl_rows(path: Path, field: str, stats: SourceStats) -> Iterator[str]:
+    """The ``field`` of each line of a JSON-lines file."""
+    for number, row in _jsonl_objects(path, stats, f"a {field!r} field"):
+        yield from _table_rows([row], field, f"{path}:{number}")
 
 
 @contextlib.contextmanager
@@ -194,22 +200,27 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _dataset_file_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The rows of a .json or .parquet file, through datasets (streaming: nothing is copied to its cache)."""
+    import datasets
+    import pyarrow as pa
+
+    builder = TABLE_SUFFIXES[path.suffix.lower()]
+    try:
+        with _quiet("datasets"):  # datasets logs its own "Failed to load JSON" before raising
+            yield from datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    except (ValueError, pa.ArrowException) as exc:  # pyarrow's and the json fallback's parse errors
+        kind = "JSON (a list of objects, or one object per line)" if builder == "json" else "parquet"
+        raise FlatlmError(f"{path} is not valid {kind} ({exc}); fix or remove the file") from None
+
+
 def _table_files(files: list[Path], field: str, stats: SourceStats) -> Iterator[str]:
     for path in files:
         if path.suffix.lower() == ".jsonl":
             yield from _jsonl_rows(path, field, stats)
             continue
-        import datasets
-        import pyarrow as pa
-
-        builder = TABLE_SUFFIXES[path.suffix.lower()]
-        try:
-            with _quiet("datasets"):  # datasets logs its own "Failed to load JSON" before raising
-                for row in datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True):
-                    yield from _table_rows([row], field, str(path))
-        except (ValueError, pa.ArrowException) as exc:  # pyarrow's and the json fallback's parse errors
-            kind = "JSON (a list of objects, or one object per line)" if builder == "json" else "parquet"
-            raise FlatlmError(f"{path} is not valid {kind} ({exc}); fix or remove the file") from None
+        for row in _dataset_file_rows(path):
+            yield from _table_rows([row], field, str(path))
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -221,6 +232,11 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 
 def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
+    yield from _table_rows(_hf_rows(cfg), cfg.text_field, f"dataset {cfg.name!r}")
+
+
+def _hf_rows(cfg: DataConfig) -> Iterator[dict[str, Any]]:
+    """The rows of ``data.name`` (one clear error when it cannot be reached or does not exist)."""
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
@@ -231,7 +247,7 @@ def _hf_dataset(cfg: DataConfig) -> Iterator[str]:
         # failure reaches the user as one line instead. Streaming datasets may fail later, while iterating.
         with _quiet("huggingface_hub", "datasets"):
             ds = datasets.load_dataset(cfg.name, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
-            yield from _table_rows(ds, cfg.text_field, f"dataset {cfg.name!r}")
+            yield from ds
     except FileNotFoundError as exc:
         if isinstance(exc, DatasetNotFoundError) and not Path(cfg.name).expanduser().exists():  # a FileNotFoundError
             raise FlatlmError(
@@ -267,9 +283,69 @@ def _raw_documents(cfg: DataConfig, stats: SourceStats) -> Iterator[str]:
         yield from _hf_dataset(cfg)
 
 
-def iter_documents(cfg: DataConfig, stats: SourceStats | None = None) -> Iterator[str]:
-    """Documents of ``cfg``'s source after the min_chars filter, at most max_documents of them."""
+def iter_rows(cfg: DataConfig, stats: SourceStats | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of each row of a chat source, ``where`` naming it in errors (``file:line``); at most
+    ``data.max_documents`` rows. Chat files are .jsonl, .json or .parquet (one row per conversation)."""
     stats = stats if stats is not None else SourceStats()
+    rows: Iterator[tuple[str, dict[str, Any]]]
+    if cfg.source == "stdlib_docs":
+        from flatlm.data.docstrings import docstring_rows
+
+        rows = ((f"stdlib_docs row {i}", row) for i, row in enumerate(docstring_rows(), start=1))
+    elif cfg.source == "files":
+        rows = _file_rows(expand_paths(cfg.paths), stats)
+    elif cfg.source == "hf":
+        rows = ((f"dataset {cfg.name!r} row {i}", row) for i, row in enumerate(_hf_rows(cfg), start=1))
+    else:
+        raise FlatlmError(f"data.source={cfg.source} has no chat rows; use stdlib_docs, files or hf")
+    for where, row in rows:
+        stats.documents += 1
+        yield where, row
+        if cfg.max_documents is not None and stats.documents >= cfg.max_documents:
+            return
+
+
+def _file_rows(files: list[Path], stats: SourceStats) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix not in TABLE_SUFFIXES:
+            raise FlatlmError(
+                f"{path} is not a table of chat rows; data.format=chat reads .jsonl, .json or .parquet files "
+                "(one conversation per row): fix data.paths"
+            )
+        if suffix == ".jsonl":
+            for number, row in _jsonl_objects(path, stats, "chat fields"):
+                yield f"{path}:{number}", row
+        else:
+            for i, row in enumerate(_dataset_file_rows(path), start=1):
+                yield f"{path} row {i}", row
+
+
+def chat_texts(cfg: DataConfig, stats: SourceStats | None = None) -> Iterator[str]:
+    """Every string of each chat row (contents, prompts, answers), one document per row: what a tokenizer for a
+    chat set is trained on."""
+    for _, row in iter_rows(cfg, stats):
+        yield "\n".join(_strings(row))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def iter_documents(cfg: DataConfig, stats: SourceStats | None = None) -> Iterator[str]:
+    """Documents of ``cfg``'s source after the min_chars filter, at most max_documents of them. A chat source
+    (data.format=chat) gives the text of each row (``chat_texts``): what its tokenizer is trained on."""
+    stats = stats if stats is not None else SourceStats()
+    if cfg.format == "chat":
+        yield from chat_texts(cfg, stats)
+        return
     for text in _raw_documents(cfg, stats):
         if len(text) < max(cfg.min_chars, 1):
             stats.dropped_short += 1
@@ -285,8 +361,10 @@ def source_fingerprint(cfg: DataConfig) -> str:
     h = hashlib.sha256()
     keys = ("source", "name", "config_name", "split", "text_field", "max_documents", "min_chars")
     h.update(json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True).encode())
+    if cfg.format == "chat":  # only for chat: the text caches' keys stay what they were
+        h.update(json.dumps({"format": cfg.format, "chat_format": cfg.chat_format}).encode())
     files: list[Path] = []
-    if cfg.source == "stdlib":
+    if cfg.source in ("stdlib", "stdlib_docs"):
         files = stdlib_files()
     elif cfg.source == "files":
         files = expand_paths(cfg.paths)

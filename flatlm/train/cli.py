@@ -2,6 +2,8 @@
 
     flatlm train [--config FILE.yaml] [dotted.key=value ...]   train (or resume) a run
     flatlm export SOURCE OUT                                   a checkpoint as a Hugging Face model directory
+    flatlm ablate GRID.yaml [--dry-run] [--jobs N] [...]       run an ablation grid, one process per cell
+    flatlm report OUTPUT_DIR                                   rebuild an ablation's report from its cells
 
 A command is its help line, a function that builds its argument parser (given the program name) and a function
 that runs the parsed arguments and returns the exit status; adding one (``ablate``, ``eval``, ``landscape``,
@@ -94,9 +96,72 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- flatlm ablate, flatlm report ----------------------------------------------------------------------------------
+
+
+def _ablate_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Run an ablation grid (see configs/ablations/ and flatlm.experiments.grid for the file's shape): every "
+            "cell is its own flatlm train process under OUTPUT_DIR/cells/<name>/; a cell that fails, diverges or "
+            "runs out of memory is recorded and the others go on. Rerunning skips finished cells and resumes the "
+            "rest. Ends with a summary and OUTPUT_DIR/report.md."
+        ),
+    )
+    parser.add_argument("grid", metavar="GRID.yaml", help="the grid file")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their differences; run nothing")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at once (one per GPU on CUDA)")
+    parser.add_argument(
+        "--launch-config", metavar="FILE", help="start each cell with `accelerate launch --config_file FILE`"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for every cell; output_dir=DIR names the grid's",
+    )
+    return parser
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from flatlm.experiments.ablate import ablate
+    from flatlm.train.checks import check_static
+
+    return ablate(
+        args.grid,
+        args.overrides,
+        dry_run=args.dry_run,
+        jobs=args.jobs,
+        launch_config=args.launch_config,
+        static_check=check_static,  # injected: flatlm.experiments never imports flatlm.train
+    )
+
+
+def _report_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Rebuild an ablation's report from its cells.")
+    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="a flatlm ablate output directory")
+    return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    if not (args.output_dir / "grid.json").is_file():
+        raise FlatlmError(f"{str(args.output_dir)!r} holds no grid.json; pass the output_dir of a flatlm ablate run")
+    try:
+        from flatlm.experiments.report import write_report
+    except ModuleNotFoundError as exc:
+        if exc.name != "flatlm.experiments.report":
+            raise
+        raise FlatlmError("this flatlm has no report module (flatlm.experiments.report); update flatlm") from None
+    print(f"report: {write_report(args.output_dir)}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model (flatlm train --help lists every config key)", _train_parser, _train),
     "export": Command("write a checkpoint as a Hugging Face model directory", _export_parser, _export),
+    "ablate": Command("run an ablation grid of training runs (configs/ablations/)", _ablate_parser, _ablate),
+    "report": Command("rebuild an ablation's report from its cells", _report_parser, _report),
 }
 
 
@@ -127,7 +192,8 @@ def _quiet_warnings() -> None:
 def run_command(name: str, argv: list[str], prog: str) -> int:
     """Parse ``argv`` for command ``name``, run it; user errors are one line and status 2 (see the module doc)."""
     command = COMMANDS[name]
-    args = command.parser(prog).parse_args(argv)  # argparse's own errors: usage + one line, status 2
+    # argparse's own errors: usage + one line, status 2; intermixed: options may follow the dotted overrides
+    args = command.parser(prog).parse_intermixed_args(argv)
     _setup_logging()
     try:
         return command.run(args)

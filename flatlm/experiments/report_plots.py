@@ -1,0 +1,172 @@
+"""The ablation report's PNGs: loss curves of every cell, the lr-sensitivity curve, the best loss per optimizer.
+
+One colour per optimizer and one line style per learning rate throughout, so a reader matches lines across figures;
+the seeds of one (optimizer, lr) share a colour and style and one legend entry, so the legend stays as long as the
+grid has (optimizer, lr) pairs, not cells. Curves are EMA-smoothed (the raw per-step loss of a small batch is noise
+the eye averages badly), and the y range follows the smoothed curves after their first tenth, where the comparison
+is, rather than the start-up loss every run shares.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from flatlm.experiments.report import train_records
+from flatlm.experiments.report_summary import METRIC_TEXT, GroupSummary
+
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+DPI = 120
+
+
+def ema(values: Sequence[float], span: float) -> np.ndarray:
+    """Exponential moving average with ``alpha = 2 / (span + 1)``, started at the first value (no zero bias)."""
+    out = np.empty(len(values))
+    alpha = 2.0 / (span + 1.0)
+    level = float(values[0]) if len(values) else 0.0
+    for i, value in enumerate(values):
+        level = alpha * float(value) + (1 - alpha) * level if math.isfinite(value) else level
+        out[i] = level
+    return out
+
+
+def _colours(groups: Sequence[GroupSummary]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    return {g.label: cmap(i % cmap.N) for i, g in enumerate(groups)}
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _legend_below(ax: Any, entries: int) -> None:
+    if entries:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, entries), fontsize=8, frameon=False)
+
+
+def plot_train_loss(output_dir: Path, groups: Sequence[GroupSummary], path: Path, x: str) -> Path:
+    """Smoothed training loss of every cell against optimizer step (``x="step"``) or wall-clock (``x="wall"``)."""
+    colours = _colours(groups)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    entries, tops, bottoms = 0, [], []
+    for group in groups:
+        for index, point in enumerate(group.points):
+            label = f"{group.label}, lr={point.lr:.3g}" if point.lr is not None else group.label
+            labelled = False
+            for row in point.rows:
+                records = train_records(output_dir / "cells" / row["name"])
+                if not records:
+                    continue
+                loss = [float(r["loss"]) for r in records]
+                if x == "wall":
+                    xs = np.cumsum([float(r.get("step_time_s") or 0.0) for r in records])
+                else:
+                    xs = np.asarray([r["step"] for r in records])
+                smooth = ema(loss, span=min(50.0, max(1.0, len(loss) / 20)))
+                seeds = len(point.rows)
+                text = f"{label} ({seeds} seed{'s' * (seeds > 1)})" if not labelled else None
+                ax.plot(xs, smooth, color=colours[group.label], ls=LINE_STYLES[index % len(LINE_STYLES)], lw=1.3,
+                        alpha=0.85, label=text)  # fmt: skip
+                entries += not labelled
+                labelled = True
+                after = smooth[len(smooth) // 10 :]
+                finite = after[np.isfinite(after)]
+                if finite.size:
+                    tops.append(float(finite.max()))
+                    bottoms.append(float(finite.min()))
+    if tops:
+        low, high = min(bottoms), max(tops)
+        pad = 0.05 * (high - low) or 0.05
+        ax.set_ylim(low - pad, high + pad)
+    else:
+        ax.text(0.5, 0.5, "no cell has training records yet", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("wall-clock (s, summed step times)" if x == "wall" else "optimizer step")
+    ax.set_ylabel("training loss (nats/token, EMA-smoothed)")
+    ax.set_title(f"Training loss vs {'wall-clock' if x == 'wall' else 'step'}, every cell")
+    ax.grid(alpha=0.3)
+    _legend_below(ax, entries)
+    return _save(fig, path)
+
+
+def plot_lr_sensitivity(groups: Sequence[GroupSummary], metric: str, path: Path) -> Path:
+    """Metric against learning rate per optimizer (log x): mean over seeds, 95% interval bars, best lr starred."""
+    colours = _colours(groups)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    entries = 0
+    for group in groups:
+        points = [p for p in group.points if p.lr is not None and p.interval is not None]
+        if not points:
+            continue
+        lrs = [p.lr for p in points]
+        means = [p.interval.mean for p in points]  # type: ignore[union-attr]
+        errors = [p.interval.half_width or 0.0 for p in points]  # type: ignore[union-attr]
+        colour = colours[group.label]
+        ax.errorbar(lrs, means, yerr=errors, color=colour, marker="o", capsize=4, lw=1.5, label=group.label)
+        entries += 1
+        for p, m in zip(points, means, strict=True):
+            if not p.complete:
+                ax.plot([p.lr], [m], marker="o", ms=11, mfc="none", mec=colour, ls="none")
+        if group.best is not None and group.best.lr is not None and group.best.interval is not None:
+            ax.plot(
+                [group.best.lr], [group.best.interval.mean], marker="*", ms=16, color=colour, mec="black", ls="none"
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel(METRIC_TEXT[metric].split(" (")[0])
+    ax.set_title("Learning-rate sensitivity (mean over seeds, 95% t-interval; ★ best lr; ○ some seeds missing)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3, which="both")
+    if not entries:
+        ax.text(0.5, 0.5, "no finished cell yet", ha="center", transform=ax.transAxes)
+    _legend_below(ax, entries)
+    return _save(fig, path)
+
+
+def plot_best(groups: Sequence[GroupSummary], metric: str, path: Path) -> Path:
+    """Each optimizer's metric at its best lr, mean with its 95% interval; the baseline's mean as a dashed line."""
+    colours = _colours(groups)
+    shown = [g for g in groups if g.best is not None and g.best.interval is not None]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.6 * len(shown) + 1.5)))
+    for y, group in enumerate(shown):
+        interval = group.best.interval  # type: ignore[union-attr]
+        ax.errorbar([interval.mean], [y], xerr=[interval.half_width or 0.0], color=colours[group.label], marker="o",
+                    ms=8, capsize=6, lw=2)  # fmt: skip
+        note = f"n={interval.n}" + ("" if interval.half_width is not None else ", no interval")
+        ax.annotate(note, (interval.mean, y), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=8)
+        if group.is_baseline:
+            ax.axvline(interval.mean, color=colours[group.label], ls="--", lw=1, alpha=0.7)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{g.label}\nlr={g.best.lr:.3g}" for g in shown], fontsize=9)  # type: ignore[union-attr]
+    ax.set_ylim(-0.7, len(shown) - 0.3)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{METRIC_TEXT[metric].split(' (')[0]} at the best lr (lower is better)")
+    ax.set_title("Best per optimizer: mean over seeds with 95% t-interval (dashed: baseline)", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    if not shown:
+        ax.text(0.5, 0.5, "no finished cell yet", ha="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def write_plots(output_dir: Path, groups: Sequence[GroupSummary], metric: str) -> dict[str, Path]:
+    """Write every figure into ``output_dir``; return {title: path} in the order the report shows them."""
+    name = METRIC_TEXT[metric].split(" (")[0]
+    return {
+        "training loss vs step": plot_train_loss(output_dir, groups, output_dir / "train_loss_vs_step.png", "step"),
+        "training loss vs wall-clock": plot_train_loss(
+            output_dir, groups, output_dir / "train_loss_vs_wall.png", "wall"
+        ),
+        f"{name} vs learning rate": plot_lr_sensitivity(groups, metric, output_dir / "lr_sensitivity.png"),
+        f"{name} per optimizer": plot_best(groups, metric, output_dir / "best_per_optimizer.png"),
+    }

@@ -38,9 +38,7 @@ from flatlm.config import DataConfig
 from flatlm.errors import FlatlmError
 
 ROLES = ("system", "user", "assistant")
-SHAPES = (
-    "messages (a list of {role, content}), prompt/response, or instruction/input/output (Alpaca; input optional)"
-)
+SHAPES = "messages (a list of {role, content}), prompt/response, or instruction/input/output (Alpaca; input optional)"
 BUILTIN_TEMPLATE = """\
 {%- for message in messages %}
 {{- '<|' + message['role'] + '|>\\n' + message['content'] }}
@@ -180,7 +178,8 @@ class Renderer:
                 bos_token=self.bos_token,
             )
         except jinja2.TemplateError as exc:
-            raise FlatlmError(f"the chat template failed to render a conversation ({exc}); fix data.chat_template") from None
+            why = f"the chat template failed to render a conversation ({exc})"
+            raise FlatlmError(f"{why}; fix data.chat_template") from None
 
     def _head(self, messages: Conversation, i: int) -> str:
         """The rendering up to where assistant message ``i``'s trainable text starts (with the generation prompt)."""

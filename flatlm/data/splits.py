@@ -1,4 +1,5 @@
-"""A run's data: the token cache of ``cfg.data``, split by document into training and validation, each packed.
+"""A run's data: the token cache of ``cfg.data``, split by document into training and validation, each packed;
+or, for data.format=chat, the tokenized chat examples split by example (flatlm.data.sft).
 
 ``load_data`` is what the training loop reads before building the model: the vocabulary size and special ids
 come from the tokenizer. A resumed run encodes the data with its own ``tokenizer.model`` (a new tokenizer would
@@ -12,17 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flatlm.config import RunConfig
-from flatlm.data.cache import load_or_build, resume_tokenizer
+from flatlm.data.cache import _trained_tokenizer, default_cache_dir, load_or_build, resume_tokenizer
+from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
+from flatlm.data.sft import SftSequences, report, sft_view, tokenize_examples
+from flatlm.data.sources import iter_rows, source_fingerprint
 from flatlm.data.tokenizer import Tokenizer
+from flatlm.errors import FlatlmError
 
 log = logging.getLogger("flatlm")
 
 
 @dataclass
 class Data:
-    train: PackedSequences
-    val: PackedSequences | None
+    train: PackedSequences | SftSequences
+    val: PackedSequences | SftSequences | None
     """None when there is no validation split, or it is shorter than one sequence."""
     vocab_size: int
     bos_id: int
@@ -40,6 +45,8 @@ def data_seed(cfg: RunConfig) -> int:
 def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
     """The token cache of ``cfg.data``. ``run_tokenizer``: a resumed run's own tokenizer.model; the data are
     encoded with it (a new one would renumber the pieces under the model's embedding), whatever the corpus."""
+    if cfg.data.format == "chat":
+        return load_chat_data(cfg, run_tokenizer)
     tokenizer = None
     if run_tokenizer is not None and run_tokenizer.is_file():
         tokenizer = resume_tokenizer(cfg.data, run_tokenizer, warn=log.warning)
@@ -55,3 +62,40 @@ def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
         val = None
     tok = cache.tokenizer
     return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id, tok)
+
+
+def chat_tokenizer(cfg: RunConfig, run_tokenizer: Path | None = None) -> Tokenizer:
+    """A chat run's tokenizer: the resumed run's own, else data.tokenizer, else one trained on the chat text."""
+    if run_tokenizer is not None and run_tokenizer.is_file():
+        return resume_tokenizer(cfg.data, run_tokenizer, warn=log.warning)
+    if cfg.data.tokenizer:
+        return Tokenizer.load(cfg.data.tokenizer)
+    log.warning(
+        "data.format=chat without data.tokenizer: training a tokenizer on the chat text; fine-tuning normally "
+        "starts from a pretrained model (model.init_from) and must use its tokenizer (data.tokenizer=<its run dir>)"
+    )
+    return _trained_tokenizer(cfg.data, default_cache_dir(cfg.data), source_fingerprint(cfg.data), log.info)
+
+
+def load_chat_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
+    """data.format=chat: the examples of ``cfg.data``'s rows rendered with the resolved template, split by example
+    (the seeded split of ``split_documents``), packed or one per row (data.packing)."""
+    tok = chat_tokenizer(cfg, run_tokenizer)
+    template = resolved_template(cfg.data, tok)
+    seq_len = cfg.data.seq_len
+    examples = tokenize_examples(iter_rows(cfg.data), cfg.data.chat_format, renderer_for(template, tok), tok, seq_len)
+    report(examples, seq_len, log.warning)
+    if not len(examples):
+        raise FlatlmError(
+            "the chat data hold no example with an answer token within data.seq_len; check the rows "
+            "(an assistant message, a response or an output) or raise data.seq_len"
+        )
+    train_ids, val_ids = split_documents(len(examples), cfg.data.val_fraction, data_seed(cfg))
+    train = sft_view(examples.subset(train_ids), seq_len, tok.eos_id, cfg.data.packing)
+    require_sequences(train, "training", 1)
+    val = sft_view(examples.subset(val_ids), seq_len, tok.eos_id, cfg.data.packing) if len(val_ids) else None
+    log.info(
+        f"chat data: {len(examples):,} examples ({len(train_ids):,} train, {len(val_ids):,} validation), "
+        f"{train.num_tokens:,} training tokens in {len(train):,} {'packed ' if cfg.data.packing else ''}rows"
+    )
+    return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id, tok, chat_template=template)

@@ -36,6 +36,8 @@ RUN_FILES = (
     TOKENIZER_FILE,
     CHAT_TEMPLATE_FILE,
 )
+# What `flatlm ablate` keeps beside a cell's run (flatlm.experiments.cells): not foreign, and never replaced.
+ABLATE_FILES = ("cell.json", "cell.yaml", "train.log")
 
 log = logging.getLogger("flatlm")
 
@@ -59,7 +61,7 @@ def check_output_dir(cfg: RunConfig) -> Path:
                 "checkpoint.load_optimizer=false to continue from its weights"
             )
         return out
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (*RUN_FILES, *ABLATE_FILES))
     if foreign:
         raise FlatlmError(
             f"output_dir {str(out)!r} is not empty and holds no flatlm run ({', '.join(foreign[:5])}); "

@@ -22,7 +22,8 @@ A grid file::
 A list-valued config value is one value of a list axis: ``optim.hparams.betas: [[0.9, 0.95], [0.9, 0.99]]`` is an
 axis with two values; a fixed list-valued override inside a per-value mapping is written as a one-value axis
 (``[[0.9, 0.99]]``). A zip group applies wherever its keys are list axes side by side (at the top, or inside one
-value's mapping). Command-line overrides apply to every cell, on top of its axis values.
+value's mapping). Command-line overrides apply to every cell, on top of its axis values; ``output_dir=``,
+``budget=`` and ``baseline=`` among them replace the grid's own keys.
 
 Cells are named from their axis values, in axis order (``adamw-lr3e-3-seed0``): the value alone for ``*.name`` keys,
 else a short form of the key's last part and the value. Every mistake in a grid is one ``FlatlmError`` raised
@@ -114,6 +115,9 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         )
     cli: dict[str, Any] = dict(_parse_override(item) for item in overrides)
     output_dir = Path(str(cli.pop("output_dir", raw.get("output_dir") or f"runs/ablate-{path.stem}")))
+    for key in ("budget", "baseline"):  # the grid's own keys, given on the command line
+        if key in cli:
+            raw[key] = cli.pop(key)
     for key in cli:
         check_key(key, "command-line override")
 

@@ -87,6 +87,14 @@ def format_value(kind: str, value: Any) -> str:
     return FORMATS[kind](value)
 
 
+def cell_text(column: Column, row: dict[str, Any]) -> str:
+    """A per-cell table entry: the formatted value, and steps as ``done/max`` (what a reader checks first)."""
+    if column.key == "steps_done":
+        done, most = format_value("int", row.get("steps_done")) or "0", format_value("int", row.get("max_steps"))
+        return f"{done}/{most}" if most else done
+    return format_value(column.kind, row.get(column.key))
+
+
 def header(column: Column) -> str:
     """The table header, with the unit of its kind."""
     unit = UNITS.get(column.kind)
@@ -245,7 +253,7 @@ PROVIDERS: list[Provider] = [
             Column("tokens_per_s", "throughput", "rate"),
             Column("peak_mem_bytes", "peak mem", "bytes"),
             Column("optim_state_bytes", "optim state", "bytes"),
-            Column("steps_done", "steps", "int"),
+            Column("steps_done", "steps done/max", "int"),
         ),
     ),
     Provider(
@@ -275,7 +283,7 @@ PROVIDERS: list[Provider] = [
 CELL_TABLE = (
     "name", "optimizer", "lr", "hparams", "schedule", "seed", "final_train_loss", "best_val_loss", "best_val_ppl",
     "final_val_loss", "final_val_ppl", "tokens_per_s", "wall_s", "peak_mem_bytes", "optim_state_bytes",
-    "steps_done", "max_steps", "flops", "status",
+    "steps_done", "flops", "status",
 )  # fmt: skip
 NAME_COLUMN = Column("name", "cell", "text")
 
@@ -418,10 +426,11 @@ def _markdown(
         f"- **budget**: {summary.budget_text(grid, groups)}",
         f"- **baseline**: {baseline}",
         f"- **best learning rate**: per optimizer, the lowest mean {metric_text} over seeds; a learning rate "
-        "competes only when all its cells finished with a finite value (else marked *incomplete*)",
+        "competes only when all its cells finished with a finite value (else marked *incomplete*),",
+        "  and *(edge)* when it is the smallest or largest lr tried (the optimum may lie beyond: extend that axis)",
         "- **intervals**: 95% Student-t across seeds; *vs baseline* is the per-seed difference optimizer − baseline "
         "(same seeds, each at its best lr; lower is better), *real* when its interval excludes 0",
-        f"- **written**: {written} by `flatlm report {output_dir}`",
+        f"- **written**: {written}; rebuild with `flatlm report {output_dir}`",
         "",
         "## Per optimizer (at its best learning rate; costs are means over its seeds there)",
         "",
@@ -431,11 +440,9 @@ def _markdown(
         "",
     ]
     shown = [c for key in CELL_TABLE for c in cols if c.key == key] + [
-        c for c in cols if c.key not in CELL_TABLE and c.key not in ("attempts",)
+        c for c in cols if c.key not in CELL_TABLE and c.key not in ("attempts", "max_steps")
     ]
-    parts.append(
-        _table([header(c) for c in shown], [[format_value(c.kind, r.get(c.key)) for c in shown] for r in rows])
-    )
+    parts.append(_table([header(c) for c in shown], [[cell_text(c, r) for c in shown] for r in rows]))
     parts += ["", "## Plots", ""]
     for title, path in plots.items():
         parts += [f"![{title}]({path.relative_to(output_dir).as_posix()})", ""]
@@ -496,6 +503,8 @@ def _optimizer_table(groups: list[GroupSummary], metric: str, cols: list[Column]
         lr = format_value("lr", best.lr) if best else ""
         if best is not None and not best.complete:
             lr += " (incomplete)"
+        if group.best_at_edge:
+            lr += " (edge)"
         line = [group.label, lr, str(interval.n if interval else 0), interval_text("loss", interval)]
         line += _vs_baseline(group)
         line += [format_value(c.kind, group.means.get(c.key)) for c in means]

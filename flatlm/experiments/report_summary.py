@@ -62,6 +62,12 @@ class GroupSummary:
     max_steps: tuple[int, ...] = ()
 
     @property
+    def best_at_edge(self) -> bool:
+        """The best lr is the smallest or largest of several tried: the grid may not bracket the optimum."""
+        lrs = [p.lr for p in self.points if p.lr is not None]
+        return self.best is not None and len(lrs) > 1 and self.best.lr in (min(lrs), max(lrs))
+
+    @property
     def is_baseline(self) -> bool:
         return self.baseline == self.label
 
@@ -73,6 +79,7 @@ class GroupSummary:
             "optimizer_name": self.optimizer,
             "best_lr": best.lr if best else None,
             "best_lr_complete": best.complete if best else None,
+            "best_lr_at_edge": self.best_at_edge,
             "seeds": sorted(map(repr, best.values)) if best else [],
             "metric": _interval_json(best.interval if best else None),
             "vs_baseline": None

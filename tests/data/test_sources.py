@@ -7,7 +7,7 @@ import pytest
 
 from flatlm.config import DataConfig
 from flatlm.data import SourceStats, iter_documents, load_or_build
-from flatlm.data.sources import decode_utf8, stdlib_files
+from flatlm.data.sources import decode_utf8, iter_rows, source_fingerprint, stdlib_files
 from flatlm.errors import FlatlmError
 from tests.conftest import make_documents
 
@@ -101,3 +101,62 @@ def test_cache_built_once_and_reused(text_corpus: Path, tmp_path: Path) -> None:
     # A changed vocabulary is a different cache.
     c = load_or_build(cfg.model_copy(update={"vocab_size": 450}), log=logs.append)
     assert c.path != a.path
+
+
+# -- chat rows (data.format=chat) ----------------------------------------------------------------------------------
+
+
+def chat_config(*paths: Path, **extra: object) -> DataConfig:
+    return DataConfig(source="files", format="chat", paths=[str(p) for p in paths], **extra)
+
+
+def test_chat_rows_from_jsonl_json_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p1", "response": "r1"}, {"instruction": "i2", "output": "o2"}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps([{"prompt": "p3", "response": "r3"}]))
+    pq.write_table(pa.table({"prompt": ["p4"], "response": ["r4"]}), tmp_path / "c.parquet")
+    got = list(iter_rows(chat_config(tmp_path / "a.jsonl", tmp_path / "b.json", tmp_path / "c.parquet")))
+    assert [w for w, _ in got] == [
+        f"{tmp_path / 'a.jsonl'}:1",
+        f"{tmp_path / 'a.jsonl'}:2",
+        f"{tmp_path / 'b.json'} row 1",
+        f"{tmp_path / 'c.parquet'} row 1",
+    ]
+    assert [r for _, r in got][:2] == rows and got[2][1]["response"] == "r3" and got[3][1]["prompt"] == "p4"
+    assert len(list(iter_rows(chat_config(tmp_path / "a.jsonl", max_documents=1)))) == 1
+    # the tokenizer of a chat set is trained on its strings, one document per row
+    assert list(iter_documents(chat_config(tmp_path / "a.jsonl"))) == ["p1\nr1", "i2\no2"]
+
+
+def test_chat_rows_errors_name_the_line_and_the_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": \n')
+    with pytest.raises(FlatlmError, match=r"bad\.jsonl:2: not valid JSON"):
+        list(iter_rows(chat_config(bad)))
+    bad.write_text('["not", "an", "object"]\n')
+    with pytest.raises(FlatlmError, match=r"bad\.jsonl:1: a JSON list, not an object with chat fields"):
+        list(iter_rows(chat_config(bad)))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FlatlmError, match=r"notes\.txt is not a table of chat rows.*\.jsonl, \.json or \.parquet"):
+        list(iter_rows(chat_config(tmp_path / "notes.txt")))
+
+
+def test_chat_rows_from_a_local_hf_dataset(tmp_path: Path) -> None:
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in ["ax", "by"]))
+    cfg = DataConfig(source="hf", format="chat", name=str(d), split="train")
+    got = list(iter_rows(cfg))
+    assert [r["response"] for _, r in got] == ["x", "y"] and got[0][0].endswith("row 1")
+
+
+def test_chat_fingerprint_apart_from_text(jsonl_corpus: Path) -> None:
+    """The chat keys enter the source fingerprint only for chat data: text caches keep their keys."""
+    text = DataConfig(source="files", paths=[str(jsonl_corpus)])
+    assert source_fingerprint(text) == source_fingerprint(text.model_copy(update={"chat_format": "alpaca"}))
+    chat = text.model_copy(update={"format": "chat"})
+    assert source_fingerprint(chat) != source_fingerprint(text)
+    assert source_fingerprint(chat) != source_fingerprint(chat.model_copy(update={"chat_format": "alpaca"}))

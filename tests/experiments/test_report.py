@@ -269,6 +269,8 @@ def test_report_md_and_plots(grid_dir: Path) -> None:
     assert lines[0] == "# Ablation report: configs/ablations/synthetic.yaml"
     assert "equal steps (`budget=steps`): every cell 40 steps" in text
     assert "**baseline**: adamw" in text
+    assert "| adamw | 0.003 (edge) | 3 |" in text  # the largest lr tried: the optimum may lie beyond
+    assert "| lion | 0.0003 | 3 |" in text  # 1e-3 was tried too (and failed)
     assert text.index("## Per optimizer") < text.index("## Per cell") < text.index("## Plots")
     assert "planted failure at step 7" in text and "### `lion-lr0.001-s0`: failed (return code 1)" in text
     pngs = sorted(grid_dir.glob("*.png"))
@@ -297,3 +299,89 @@ def test_pending_cells_and_missing_grid(tmp_path: Path) -> None:
     assert "Not finished yet" in (root / "report.md").read_text()
     with pytest.raises(FlatlmError, match="no grid.json"):
         write_report(tmp_path / "elsewhere")
+
+
+@pytest.mark.timeout(60)
+def test_a_provider_adds_columns(grid_dir: Path) -> None:
+    """The flatness issue's route: a provider's columns reach the CSV, both tables and results.json."""
+
+    def read_sharpness(cell_dir: Path) -> dict[str, Any]:
+        path = cell_dir / "sharpness.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    for seed, value in ((0, 10.0), (1, 12.0), (2, 14.0)):
+        _write(grid_dir / "cells" / f"lion-lr0.0003-s{seed}" / "sharpness.json", json.dumps({"lambda_max": value}))
+    column = report.Column("lambda_max", "λmax", "float", summary=True)
+    providers = [*report.PROVIDERS, report.Provider("sharpness", read_sharpness, (column,))]
+    text = write_report(grid_dir, providers).read_text()
+    with (grid_dir / "results.csv").open(newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert rows["lion-lr0.0003-s2"]["lambda_max"] == "14.0" and rows["adamw-lr0.001-s0"]["lambda_max"] == ""
+    results = json.loads((grid_dir / "results.json").read_text())
+    extra = _optimizer(results, "lion")["extras"]["lambda_max"]
+    assert extra["mean"] == pytest.approx(12.0)
+    assert extra["half_width"] == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 2.0 / math.sqrt(3))
+    per_optimizer = text.split("## Per optimizer")[1].split("## Per cell")[0]
+    assert "λmax" in per_optimizer and "12 ± 4.968" in per_optimizer
+    assert "λmax" in text.split("## Per cell")[1].split("## Plots")[0]
+
+
+def _row(name: str, optimizer: str, lr: float, seed: int, loss: float, **axes: Any) -> dict[str, Any]:
+    values = {
+        "optim.name": optimizer,
+        "optim.lr": lr,
+        **{k.replace("__", "."): v for k, v in axes.items()},
+        "seed": seed,
+    }
+    return {"name": name, "optimizer": optimizer, "lr": lr, "seed": seed, "status": "done", "best_val_loss": loss,
+            "max_steps": 10, "_values": values}  # fmt: skip
+
+
+def test_variants_are_optimizers_and_other_axes_are_context() -> None:
+    """sam at two rho values is two optimizers; each data.format compares with adamw of the same format."""
+    rows = []
+    for fmt, shift in (("text", 0.0), ("chat", 1.0)):
+        for seed in (0, 1):
+            rows.append(_row(f"adamw-{fmt}-{seed}", "adamw", 1e-3, seed, 3.0 + shift + seed, data__format=fmt))
+            for rho, gain in ((0.05, 0.1), (0.1, 0.2)):
+                loss = 3.0 + shift + seed - gain
+                rows.append(_row(f"sam-{rho}-{fmt}-{seed}", "sam", 1e-3, seed, loss, optim__hparams__rho=rho,
+                                 data__format=fmt))  # fmt: skip
+    groups, metric = report_summary.summarize(rows, "adamw")
+    assert metric == "best_val_loss"
+    by_label = {g.label: g for g in groups}
+    assert set(by_label) == {
+        "adamw data.format=text", "adamw data.format=chat", "sam rho=0.05 data.format=text",
+        "sam rho=0.1 data.format=text", "sam rho=0.05 data.format=chat", "sam rho=0.1 data.format=chat",
+    }  # fmt: skip
+    assert [g.optimizer for g in groups][:2] == ["adamw", "adamw"]  # baselines first
+    chat = by_label["sam rho=0.1 data.format=chat"]
+    assert chat.baseline == "adamw data.format=chat"
+    assert chat.paired is not None and chat.paired.differences == pytest.approx((-0.2, -0.2))
+    assert chat.paired.interval.half_width == pytest.approx(0.0)
+
+
+def test_seed_pairs_skip_missing_seeds_and_n1_has_no_interval() -> None:
+    paired = report_summary.paired_difference({0: 1.0, 1: 2.0, 2: 3.5}, {2: 3.0, 0: 0.5})
+    assert paired.seeds == (0, 2) and paired.differences == (0.5, 0.5)
+    one = t_interval([4.2])
+    assert one is not None and one.half_width is None and one.excludes_zero() is None
+    assert report.interval_text("loss", one) == "4.2000 (n=1)"
+    assert t_interval([]) is None
+
+
+def test_budget_text_names_flops_and_steps() -> None:
+    rows = [_row("adamw-0", "adamw", 1e-3, 0, 3.0), _row("sam-0", "sam", 1e-3, 0, 2.9)]
+    rows[1]["max_steps"] = 5
+    groups, _ = report_summary.summarize(rows, "adamw")
+    grid = {
+        "budget": "flops",
+        "cells": [{"flops_per_step": 2e9, "max_steps": 10}, {"flops_per_step": 4e9, "max_steps": 5}],
+    }
+    assert report_summary.budget_text(grid, groups) == (
+        "equal compute (`budget=flops`): ≈ 2e+10 FLOPs per cell; steps per cell: adamw 10; sam 5"
+    )
+    assert (
+        report_summary.budget_text({"budget": "steps"}, groups)
+        == "equal steps (`budget=steps`); steps per cell: adamw 10; sam 5"
+    )

@@ -4,12 +4,15 @@ Layout of the cache directory (``data.cache_dir``, or ``FLATLM_CACHE``):
 
 - ``tokenizers/<tkey>.model`` (+ ``.json``): a tokenizer trained on a corpus; ``tkey`` hashes the source's
   fingerprint and the tokenizer options, so a rerun on the same data reuses it instead of training again.
-- ``<key>/``: ``tokenizer.model``, ``tokens.bin`` (every document followed by EOS, uint16 or uint32),
-  ``offsets.npy`` (int64, document i is ``tokens[offsets[i]:offsets[i+1]]``, EOS included) and ``meta.json``.
-  ``key`` hashes the source's fingerprint and the tokenizer's bytes: the same corpus tokenized by two
-  tokenizers (a resumed run keeps its own) is two caches, never one mixed up with the other.
+- ``<key>/``: ``tokenizer.model`` (or ``tokenizer/``, a Hugging Face one), ``tokens.bin`` (every document
+  followed by EOS, uint16 or uint32), ``offsets.npy`` (int64, document i is ``tokens[offsets[i]:offsets[i+1]]``,
+  EOS included) and ``meta.json``.
+  ``key`` hashes the source's fingerprint and the tokenizer's ``sha256`` (of a sentencepiece model's bytes, of a
+  Hugging Face tokenizer's canonical serialization): the same corpus tokenized by two tokenizers (a resumed run
+  keeps its own) is two caches, never one mixed up with the other.
 
-Integrity: ``meta.json`` records the blake2b digests of ``tokens.bin`` and ``offsets.npy`` and the range of
+Integrity: ``meta.json`` records the tokenizer's sha256 (checked against the tokenizer opening it and the copy
+stored beside the tokens), the blake2b digests of ``tokens.bin`` and ``offsets.npy`` and the range of
 token ids. Every open checks sizes, offsets and digests (about 20 ms for the 10.5M-token stdlib corpus on
 this project's CPU); a damaged cache is reported in one line and rebuilt. Caches are built in a temporary
 directory and renamed into place (readers never see a half-written one), under a file lock per key
@@ -34,8 +37,18 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from flatlm.config import DataConfig
+from flatlm.data.hf_tokenizer import HFTokenizer
 from flatlm.data.sources import SourceStats, check_text, iter_documents, source_fingerprint
-from flatlm.data.tokenizer import TOKENIZER_VERSION, Tokenizer, sample_lines, train_tokenizer
+from flatlm.data.tokenizer import (
+    RUN_TOKENIZER_DIR,
+    RUN_TOKENIZER_FILE,
+    TOKENIZER_VERSION,
+    AnyTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    sample_lines,
+    train_tokenizer,
+)
 from flatlm.errors import FlatlmError
 
 ENCODE_CHUNK = 512  # documents per sentencepiece batch call
@@ -47,7 +60,7 @@ Log = Callable[[str], None]
 @dataclass
 class TokenCache:
     path: Path
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     tokens: np.ndarray
     """All documents' tokens, each followed by EOS (memory-mapped)."""
     offsets: np.ndarray
@@ -81,8 +94,8 @@ def tokenizer_key(cfg: DataConfig, fingerprint: str) -> str:
     )
 
 
-def cache_key(cfg: DataConfig, tokenizer: Tokenizer, fingerprint: str | None = None) -> str:
-    """Names the token cache of this corpus encoded by exactly this tokenizer (its bytes)."""
+def cache_key(cfg: DataConfig, tokenizer: AnyTokenizer, fingerprint: str | None = None) -> str:
+    """Names the token cache of this corpus encoded by exactly this tokenizer (its sha256)."""
     return _digest(
         {
             "source": fingerprint or source_fingerprint(cfg),
@@ -93,7 +106,7 @@ def cache_key(cfg: DataConfig, tokenizer: Tokenizer, fingerprint: str | None = N
 
 
 def load_or_build(
-    cfg: DataConfig, log: Log = print, tokenizer: Tokenizer | None = None, warn: Log | None = None
+    cfg: DataConfig, log: Log = print, tokenizer: AnyTokenizer | None = None, warn: Log | None = None
 ) -> TokenCache:
     """Open the cache for ``cfg``, building it first when it does not exist yet or is damaged.
 
@@ -104,7 +117,7 @@ def load_or_build(
     root = default_cache_dir(cfg)
     fingerprint = source_fingerprint(cfg)
     if tokenizer is None:
-        tokenizer = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else _trained_tokenizer(cfg, root, fingerprint, log)
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _trained_tokenizer(cfg, root, fingerprint, log)
     key = cache_key(cfg, tokenizer, fingerprint)
     path = root / key
     cache, problem = _open_checked(path, tokenizer)
@@ -133,24 +146,18 @@ def load_or_build(
     return cache
 
 
-def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> Tokenizer:
-    """A resumed run's own tokenizer, and a warning when the data would now give another one.
+def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> AnyTokenizer:
+    """A resumed run's own tokenizer (``run_tokenizer``: its ``tokenizer.model`` or ``tokenizer/``), and a warning
+    when the data would now give another one.
 
     The model's embedding rows mean that tokenizer's pieces: resuming with a new one would silently
     train the old model on renumbered text. So the run keeps its tokenizer, whatever the corpus.
     """
-    try:
-        tokenizer = Tokenizer(run_tokenizer.read_bytes())
-    except (OSError, RuntimeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else "not a sentencepiece model"
-        raise FlatlmError(
-            f"the run's tokenizer {str(run_tokenizer)!r} cannot be read ({why}); restore it from a copy, or pass "
-            "overwrite=true to start the run over with a new one"
-        ) from None
+    tokenizer = _read_run_tokenizer(run_tokenizer)
     if cfg.tokenizer:
         try:
-            changed = Tokenizer.load(cfg.tokenizer).sha256 != tokenizer.sha256
-            why = "its bytes changed"
+            changed = load_tokenizer(cfg.tokenizer).sha256 != tokenizer.sha256
+            why = "it is another tokenizer now"
         except FlatlmError:  # moved or deleted since: the run has its own copy
             changed, why = True, "it cannot be read now"
         if changed:
@@ -158,6 +165,9 @@ def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> Tokeniz
                 f"data.tokenizer {cfg.tokenizer!r} is not the tokenizer this run started with ({why}); "
                 f"resuming with the run's own {run_tokenizer} ({tokenizer.vocab_size} pieces)"
             )
+        return tokenizer
+    if tokenizer.kind == "hf":  # never trained on the corpus: nothing to compare it with
+        warn(f"data.tokenizer is not set; resuming with the run's own {run_tokenizer} ({tokenizer.vocab_size} ids)")
         return tokenizer
     root = default_cache_dir(cfg)
     trained = _cached_tokenizer(root / TOKENIZER_DIR / tokenizer_key(cfg, source_fingerprint(cfg)))
@@ -175,6 +185,40 @@ def resume_tokenizer(cfg: DataConfig, run_tokenizer: Path, warn: Log) -> Tokeniz
 
 
 # --------------------------------------------------------------------------------------------
+def _read_run_tokenizer(path: Path) -> AnyTokenizer:
+    """The run's own tokenizer at ``path``, or one error saying how to go on without it."""
+    try:
+        if path.is_dir():
+            return HFTokenizer.load(path)
+        return Tokenizer(path.read_bytes())
+    except (OSError, RuntimeError, FlatlmError) as exc:
+        if isinstance(exc, OSError):
+            why = exc.strerror
+        elif isinstance(exc, RuntimeError):
+            why = "not a sentencepiece model"
+        else:
+            why = "not a loadable Hugging Face tokenizer"
+        raise FlatlmError(
+            f"the run's tokenizer {str(path)!r} cannot be read ({why}); restore it from a copy, or pass "
+            "overwrite=true to start the run over with a new one"
+        ) from None
+
+
+def _stored_name(tokenizer: AnyTokenizer) -> str:
+    """Where a cache directory keeps its tokenizer: ``tokenizer.model``, or ``tokenizer/`` for a Hugging Face one."""
+    return RUN_TOKENIZER_DIR if tokenizer.kind == "hf" else RUN_TOKENIZER_FILE
+
+
+def _stored_sha256(path: Path) -> str | None:
+    """The sha256 of the tokenizer stored at ``path`` (a sentencepiece file: its bytes, no parsing), else None."""
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return HFTokenizer.load(path).sha256
+    except FlatlmError:
+        return None
+
+
 def _writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -218,7 +262,7 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _open_checked(path: Path, tokenizer: Tokenizer) -> tuple[TokenCache | None, str]:
+def _open_checked(path: Path, tokenizer: AnyTokenizer) -> tuple[TokenCache | None, str]:
     """The cache at ``path`` if it is whole, else ``(None, what is wrong)`` ("missing" when absent)."""
     if not path.exists():
         return None, "missing"
@@ -226,8 +270,11 @@ def _open_checked(path: Path, tokenizer: Tokenizer) -> tuple[TokenCache | None, 
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("format") != CACHE_FORMAT:
             return None, f"format {meta.get('format')!r}, expected {CACHE_FORMAT}"
-        if (path / "tokenizer.model").read_bytes() != tokenizer.proto:
-            return None, "tokenizer.model is not the tokenizer it was keyed by"
+        stored = _stored_name(tokenizer)
+        if meta.get("tokenizer_sha256") != tokenizer.sha256:
+            return None, "meta.json names another tokenizer than the one it was keyed by"
+        if _stored_sha256(path / stored) != tokenizer.sha256:
+            return None, f"{stored} is not the tokenizer it was keyed by"
         dtype, n = np.dtype(meta["dtype"]), int(meta["num_tokens"])
         size = (path / "tokens.bin").stat().st_size
         if size != n * dtype.itemsize:
@@ -298,8 +345,8 @@ def _trained_tokenizer(cfg: DataConfig, root: Path, fingerprint: str, log: Log) 
     return tokenizer
 
 
-def _build(cfg: DataConfig, out: Path, tokenizer: Tokenizer, fingerprint: str, log: Log, warn: Log) -> None:
-    tokenizer.save(out / "tokenizer.model")
+def _build(cfg: DataConfig, out: Path, tokenizer: AnyTokenizer, fingerprint: str, log: Log, warn: Log) -> None:
+    tokenizer.save(out / _stored_name(tokenizer))
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
     stats = SourceStats()
     offsets = [0]
@@ -317,7 +364,7 @@ def _build(cfg: DataConfig, out: Path, tokenizer: Tokenizer, fingerprint: str, l
                 offsets.append(offsets[-1] + len(ids))
     _check_nonempty(cfg, stats)
     check_text(stats, warn)
-    if high >= tokenizer.vocab_size:  # sentencepiece never does this; a wrong dtype would
+    if high >= tokenizer.vocab_size:  # a tokenizer never does this; a wrong dtype would
         raise RuntimeError(f"token id {high} is outside the {tokenizer.vocab_size}-piece vocabulary")
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     meta = {

@@ -1,4 +1,6 @@
-"""A sentencepiece tokenizer trained on the corpus (BPE with byte fallback: any text encodes).
+"""A sentencepiece tokenizer trained on the corpus (BPE with byte fallback: any text encodes), and the one
+resolver of ``data.tokenizer`` (``load_tokenizer``: a sentencepiece file, a Hugging Face tokenizer directory or
+a flatlm run directory) and of a run's own tokenizer (``run_tokenizer_path``, ``save_run_tokenizer``).
 
 Whitespace is kept exactly (identity normalisation, no whitespace folding) and newline is a piece of
 its own, so source code and prose round-trip: ``decode(encode(text)) == text``.
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from flatlm.data.hf_tokenizer import HFTokenizer
 from flatlm.errors import FlatlmError
 
 UNK, BOS, EOS = 0, 1, 2
@@ -82,6 +85,10 @@ def train_tokenizer(lines: list[str], vocab_size: int) -> bytes:
 class Tokenizer:
     """A thin wrapper of a sentencepiece model with flatlm's special ids."""
 
+    kind = "sentencepiece"
+    chat_template: str | None = None
+    """A sentencepiece model carries no chat template (flatlm's builtin one, or data.chat_template, is used)."""
+
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -126,11 +133,66 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def save_run_tokenizer(path: Path, tokenizer: Tokenizer) -> None:
-    """Write a run's ``tokenizer.model`` once. A resumed run encodes with the file that is there, so it is
-    never replaced: different bytes there would mean the run's data went through another tokenizer."""
+AnyTokenizer = Tokenizer | HFTokenizer
+RUN_TOKENIZER_FILE = "tokenizer.model"
+"""A sentencepiece run's own tokenizer, in its output_dir."""
+RUN_TOKENIZER_DIR = "tokenizer"
+"""A Hugging Face tokenizer run's own tokenizer (a save_pretrained directory), in its output_dir."""
+HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+RUN_CONFIG = "config.yaml"
+
+
+def run_tokenizer_path(out: Path) -> Path:
+    """Where the run in ``out`` keeps its tokenizer: ``tokenizer/`` when it exists, else ``tokenizer.model``
+    (also when neither exists: what every run before Hugging Face tokenizers wrote)."""
+    hf_dir = out / RUN_TOKENIZER_DIR
+    return hf_dir if hf_dir.is_dir() else out / RUN_TOKENIZER_FILE
+
+
+def load_tokenizer(spec: str | Path) -> AnyTokenizer:
+    """The tokenizer ``spec`` (``data.tokenizer``) names: a sentencepiece ``.model`` file; a directory with
+    ``tokenizer.json``/``tokenizer_config.json`` (any local HF model, a flatlm export) through ``AutoTokenizer``;
+    a flatlm run directory (``config.yaml`` + its own tokenizer) or one of its checkpoints/step-N: that run's.
+
+    A flatlm export holds both ``tokenizer.model`` and the HF files: it loads as HF (the ``LlamaTokenizer`` export
+    wrote, with its special-token strings and any chat template), as any other model directory would. Its ids are
+    the sentencepiece ones except on text that begins with a space or a newline (transformers adds no dummy prefix
+    there; tests/data/test_hf_tokenizer.py), and its sha256 is another, so its token cache is its own.
+    For sentencepiece's own ids pass ``DIR/tokenizer.model``.
+    """
+    path = Path(spec).expanduser()
     if path.is_file():
-        if path.read_bytes() != tokenizer.proto:
-            raise RuntimeError(f"{path} is not the tokenizer this run encoded its data with; not replacing it")
+        try:
+            return Tokenizer.load(path)
+        except FlatlmError:
+            if path.suffix == ".model":
+                raise
+    if path.is_dir():
+        if any((path / name).is_file() for name in HF_FILES):
+            return HFTokenizer.load(path)
+        for run in (path, path.parent.parent if path.parent.name == "checkpoints" else None):
+            if run is not None and (run / RUN_CONFIG).is_file():
+                own = run_tokenizer_path(run)
+                if own.exists():
+                    return HFTokenizer.load(own) if own.is_dir() else Tokenizer.load(own)
+    where = "does not exist" if not path.exists() else "is none of them"
+    raise FlatlmError(
+        f"data.tokenizer={str(spec)!r} {where}; pass a sentencepiece .model file, a Hugging Face tokenizer "
+        "directory (with tokenizer.json or tokenizer_config.json) or a flatlm run directory"
+    )
+
+
+def save_run_tokenizer(out: Path, tokenizer: AnyTokenizer) -> None:
+    """Write the run's own tokenizer in its directory ``out`` once (``tokenizer.model``, or ``tokenizer/`` for a
+    Hugging Face one). A resumed run encodes with the one that is there, so it is never replaced: another
+    tokenizer there would mean the run's data went through another tokenizer."""
+    existing = run_tokenizer_path(out)
+    if existing.exists():
+        try:
+            same = load_tokenizer(existing).sha256 == tokenizer.sha256
+        except FlatlmError:
+            same = False
+        if not same:
+            raise RuntimeError(f"{existing} is not the tokenizer this run encoded its data with; not replacing it")
         return
-    tokenizer.save(path)
+    tokenizer.save(out / (RUN_TOKENIZER_DIR if tokenizer.kind == "hf" else RUN_TOKENIZER_FILE))

@@ -68,12 +68,16 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
     """Copy the weights of the Hugging Face model at ``path`` into ``model``; every tensor must match."""
-    from flatlm.errors import FlatlmError
-
     try:
         source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
     except (OSError, ValueError) as exc:
         raise FlatlmError(f"model.init_from={path!r} is not a loadable Hugging Face model: {exc}") from None
+    copy_weights(model, source, path, fix=f"model.name={path} data.tokenizer={path}")
+
+
+def copy_weights(model: torch.nn.Module, source: dict[str, torch.Tensor], path: str, fix: str) -> None:
+    """Load ``source`` (a state dict read from ``model.init_from=path``) into ``model``: every tensor of the model
+    must be there with its shape, else one error naming the first misfit and ``fix`` (the settings that fit)."""
     target = model.state_dict()
     missing = sorted(set(target) - set(source))
     wrong = [k for k in target if k in source and source[k].shape != target[k].shape]
@@ -84,7 +88,6 @@ def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
             else f"{wrong[0]} is {tuple(source[wrong[0]].shape)} there, {tuple(target[wrong[0]].shape)} here"
         )
         raise FlatlmError(
-            f"model.init_from={path!r} does not fit this model ({detail}); use its architecture and tokenizer: "
-            f"model.name={path} data.tokenizer={path}/tokenizer.model"
+            f"model.init_from={path!r} does not fit this model ({detail}); use its architecture and tokenizer: {fix}"
         )
     model.load_state_dict({k: source[k] for k in target})

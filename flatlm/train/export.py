@@ -2,12 +2,13 @@
 
 The checkpoint's model state is consolidated in one process (DCP reshards whatever the run used: one process,
 DDP, FSDP2; DeepSpeed runs' ``model.safetensors`` is read directly) into the model its ``config.yaml``
-describes, then written with ``save_pretrained`` (config.json + safetensors) beside the run's sentencepiece
-tokenizer as a ``LlamaTokenizer`` (``tokenizer.model`` + configs), so ``AutoModelForCausalLM`` and
-``AutoTokenizer.from_pretrained(OUT_DIR)`` load it. Written into a temporary directory and renamed: an
-existing OUT_DIR is never overwritten. Every file gets the mode the user's umask gives new files (safetensors
-writes 0600 on its own), and the libraries' progress bars and DeepSpeed's accelerator warning (transformers
-imports DeepSpeed to check for it) stay out of the user's terminal.
+describes, then written with ``save_pretrained`` (config.json + safetensors) beside the run's tokenizer: a
+sentencepiece one as a ``LlamaTokenizer`` (``tokenizer.model`` + configs), a Hugging Face one (``tokenizer/``) as
+it is (its ``save_pretrained``), so ``AutoModelForCausalLM`` and ``AutoTokenizer.from_pretrained(OUT_DIR)`` load it.
+``init_weights_from`` reads the same consolidated weights for ``model.init_from`` of a run or checkpoint. Written
+into a temporary directory and renamed: an existing OUT_DIR is never overwritten. Every file gets the mode the
+user's umask gives new files (safetensors writes 0600 on its own), and the libraries' progress bars and
+DeepSpeed's accelerator warning (transformers imports DeepSpeed to check for it) stay out of the user's terminal.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import torch
 import yaml
 
 from flatlm.config import RunConfig
-from flatlm.data.tokenizer import Tokenizer
+from flatlm.data.hf_tokenizer import HFTokenizer
+from flatlm.data.tokenizer import RUN_CONFIG, AnyTokenizer, Tokenizer, load_tokenizer, run_tokenizer_path
 from flatlm.errors import FlatlmError
-from flatlm.models import build_model, model_config
+from flatlm.models import build_model, load_pretrained_weights, model_config
+from flatlm.models.build import copy_weights
 from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST, STATE_DIR, TRAINER_STATE, load_model_weights
 from flatlm.train.rundir import TOKENIZER_FILE
 
@@ -50,14 +53,16 @@ def find_checkpoint(source: Path) -> Path:
     )
 
 
-def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, Tokenizer, RunConfig]:
+def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, AnyTokenizer, RunConfig]:
     """The model of ``checkpoint`` with its weights, in one process, with the run's tokenizer and config."""
     run_dir = checkpoint.parent.parent
     cfg = RunConfig.model_validate(yaml.safe_load((checkpoint / "config.yaml").read_text()))
-    tokenizer_path = run_dir / TOKENIZER_FILE
-    if not tokenizer_path.is_file():
-        raise FlatlmError(f"{str(run_dir)!r} has no {TOKENIZER_FILE} (written by flatlm train); cannot export")
-    tok = Tokenizer.load(tokenizer_path)
+    tokenizer_path = run_tokenizer_path(run_dir)
+    if not tokenizer_path.exists():
+        raise FlatlmError(
+            f"{str(run_dir)!r} has no {TOKENIZER_FILE} or tokenizer/ (written by flatlm train); cannot read its model"
+        )
+    tok = load_tokenizer(tokenizer_path)
     config = model_config(cfg.model.name, tok.vocab_size, cfg.model.overrides, bos_id=tok.bos_id, eos_id=tok.eos_id)
     model = build_model(config, seed=0)
     if (checkpoint / STATE_DIR / ".metadata").is_file():
@@ -73,8 +78,6 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, Tokenizer,
 
 def export(source: Path, out: Path) -> Path:
     """Write the checkpoint ``source`` names as a Hugging Face model directory ``out``; returns ``out``."""
-    from transformers import LlamaTokenizer
-
     out = out.expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FlatlmError(f"{str(out)!r} exists and is not empty; choose a new directory for the export")
@@ -84,17 +87,10 @@ def export(source: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     with _quiet_libraries():
         model.save_pretrained(tmp, safe_serialization=True)
-    shutil.copy(checkpoint.parent.parent / TOKENIZER_FILE, tmp / TOKENIZER_FILE)  # converted from here
-    hf_tok = LlamaTokenizer.from_pretrained(
-        tmp,
-        unk_token=tok.sp.id_to_piece(tok.sp.unk_id()),
-        bos_token=tok.sp.id_to_piece(tok.bos_id),
-        eos_token=tok.sp.id_to_piece(tok.eos_id),
-        add_bos_token=False,  # flatlm trains on documents followed by EOS, with no BOS
-        add_eos_token=False,
-        legacy=False,  # encodes exactly as sentencepiece does (tested against flatlm's tokenizer)
-    )
-    hf_tok.save_pretrained(tmp)
+    if isinstance(tok, HFTokenizer):  # the tokenizer the run was given (data.tokenizer=DIR): as it is
+        tok.hf.save_pretrained(tmp)
+    else:
+        _save_as_llama_tokenizer(tok, checkpoint.parent.parent / TOKENIZER_FILE, tmp)
     mode = 0o666 & ~_umask()  # what open() gives a new file here
     for path in tmp.iterdir():
         if path.is_file():
@@ -103,6 +99,45 @@ def export(source: Path, out: Path) -> Path:
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def init_weights_from(model: torch.nn.Module, path: str) -> None:
+    """``model.init_from=path``: the weights of a flatlm run directory (its latest checkpoint) or checkpoint
+    directory, consolidated as ``export`` does, else of a Hugging Face model directory (or Hub id); every tensor of
+    ``model`` must be there with its shape."""
+    source = Path(path).expanduser()
+    hub_id = len(source.parts) == 2 and not source.is_absolute() and not source.parent.exists()  # org/name
+    if not source.exists() and not hub_id:
+        raise FlatlmError(
+            f"model.init_from={path!r} does not exist; pass a flatlm run directory (flatlm train writes runs/default "
+            "unless output_dir says otherwise), one of its checkpoints/step-N, or a Hugging Face model directory"
+        )
+    if not (
+        (source / RUN_CONFIG).is_file() or (source / CHECKPOINT_DIR).is_dir() or (source / TRAINER_STATE).is_file()
+    ):
+        load_pretrained_weights(model, path)
+        return
+    checkpoint = find_checkpoint(source)
+    trained, _, cfg = load_checkpoint_model(checkpoint)
+    fix = f"the run's model.name={cfg.model.name} (and its model.overrides) with data.tokenizer={path}"
+    copy_weights(model, trained.state_dict(), path, fix=fix)
+
+
+def _save_as_llama_tokenizer(tok: Tokenizer, model_file: Path, out: Path) -> None:
+    """A sentencepiece run's ``tokenizer.model`` as a ``LlamaTokenizer`` directory that encodes as flatlm does."""
+    from transformers import LlamaTokenizer
+
+    shutil.copy(model_file, out / TOKENIZER_FILE)  # converted from here
+    hf_tok = LlamaTokenizer.from_pretrained(
+        out,
+        unk_token=tok.sp.id_to_piece(tok.sp.unk_id()),
+        bos_token=tok.sp.id_to_piece(tok.bos_id),
+        eos_token=tok.sp.id_to_piece(tok.eos_id),
+        add_bos_token=False,  # flatlm trains on documents followed by EOS, with no BOS
+        add_eos_token=False,
+        legacy=False,  # encodes exactly as sentencepiece does (tested against flatlm's tokenizer)
+    )
+    hf_tok.save_pretrained(out)
 
 
 def _umask() -> int:

@@ -38,9 +38,9 @@ import torch
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
 from flatlm.data import GlobalBatchSampler, PackedSequences
 from flatlm.data.splits import Data, data_seed, load_data
-from flatlm.data.tokenizer import save_run_tokenizer
+from flatlm.data.tokenizer import run_tokenizer_path, save_run_tokenizer
 from flatlm.errors import FlatlmError
-from flatlm.models import build_model, count_parameters, load_pretrained_weights, max_positions, model_config
+from flatlm.models import build_model, count_parameters, max_positions, model_config
 from flatlm.optim import build_scheduler
 from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.parallel import Environment, environment
@@ -65,13 +65,13 @@ from flatlm.train.checkpoint import (
 )
 from flatlm.train.checks import check_static, schedule_warning
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
+from flatlm.train.export import init_weights_from
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progress, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
 from flatlm.train.rundir import (
     CHAT_TEMPLATE_FILE,
     PLOT_FILE,
-    TOKENIZER_FILE,
     check_output_dir,
     continue_run_dir,
     start_run_dir,
@@ -223,13 +223,13 @@ def setup(cfg: RunConfig, env: Environment, device: torch.device) -> Run:
     barrier()
     resume_candidates = [] if cfg.overwrite else agreed_candidates(out)
     with local_main_first(env):  # one process per node builds the token cache
-        data = load_data(cfg, out / TOKENIZER_FILE if resume_candidates else None)
+        data = load_data(cfg, run_tokenizer_path(out) if resume_candidates else None)
 
     seed_everything(cfg.seed, cfg.train.deterministic)
     config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)
     model = build_model(config, seed=cfg.seed)
     if cfg.model.init_from:
-        load_pretrained_weights(model, cfg.model.init_from)
+        init_weights_from(model, cfg.model.init_from)  # a flatlm run or checkpoint, or a Hugging Face model
     model = model.to(device)
     if cfg.model.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -291,7 +291,7 @@ def resume_or_start(run: Run) -> tuple[int, MetricsLogger | None]:
                 partial = f" (removed the partial save(s) {', '.join(dropped)})" if dropped else ""
                 log.warning(f"{out} has no complete checkpoint{partial}: starting from step 0")
             start_run_dir(out, run.config_yaml, overwrite=cfg.overwrite)
-        save_run_tokenizer(out / TOKENIZER_FILE, run.data.tokenizer)  # the run's own, never replaced on resume
+        save_run_tokenizer(out, run.data.tokenizer)  # the run's own (tokenizer.model or tokenizer/), never replaced
         if run.data.chat_template is not None:  # what the chat examples were rendered with
             write_text_atomic(out / CHAT_TEMPLATE_FILE, run.data.chat_template)
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)

@@ -34,6 +34,7 @@ RUN_FILES = (
     TENSORBOARD_DIR,
     CHECKPOINT_DIR,
     TOKENIZER_FILE,
+    "tokenizer",  # a Hugging Face tokenizer run's own (flatlm.data.tokenizer.RUN_TOKENIZER_DIR)
     CHAT_TEMPLATE_FILE,
 )
 # What `flatlm ablate` keeps beside a cell's run (flatlm.experiments.cells): not foreign, and never replaced.

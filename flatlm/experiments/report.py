@@ -69,7 +69,7 @@ FORMATS: dict[str, Callable[[Any], str]] = {
     "text": str,
     "int": lambda v: f"{int(v):d}",
     "loss": lambda v: f"{v:.4f}",
-    "ppl": lambda v: f"{v:.2f}",
+    "ppl": lambda v: f"{v:.2f}" if v < 1e5 else f"{v:.3g}",
     "lr": lambda v: f"{v:.3g}",
     "rate": lambda v: f"{v:,.0f}",
     "seconds": lambda v: f"{v:,.1f}",

@@ -56,8 +56,13 @@ def _legend_below(ax: Any, entries: int) -> None:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, entries), fontsize=8, frameon=False)
 
 
-def plot_train_loss(output_dir: Path, groups: Sequence[GroupSummary], path: Path, x: str) -> Path:
-    """Smoothed training loss of every cell against optimizer step (``x="step"``) or wall-clock (``x="wall"``)."""
+def plot_train_loss(
+    output_dir: Path, groups: Sequence[GroupSummary], path: Path, x: str, ceiling: float | None = None
+) -> Path:
+    """Smoothed training loss of every cell against optimizer step (``x="step"``) or wall-clock (``x="wall"``).
+
+    The y range stops at ``ceiling`` (the initial loss): a diverged cell leaves the top instead of flattening the rest.
+    """
     colours = _colours(groups)
     fig, ax = plt.subplots(figsize=(8, 5))
     entries, tops, bottoms = 0, [], []
@@ -88,6 +93,10 @@ def plot_train_loss(output_dir: Path, groups: Sequence[GroupSummary], path: Path
                     bottoms.append(float(finite.min()))
     if tops:
         low, high = min(bottoms), max(tops)
+        if ceiling is not None and high > ceiling:
+            high = ceiling
+            ax.text(0.99, 0.98, "curves above the initial loss (diverged) leave the top", ha="right", va="top",
+                    fontsize=8, transform=ax.transAxes)  # fmt: skip
         pad = 0.05 * (high - low) or 0.05
         ax.set_ylim(low - pad, high + pad)
     else:
@@ -100,40 +109,49 @@ def plot_train_loss(output_dir: Path, groups: Sequence[GroupSummary], path: Path
     return _save(fig, path)
 
 
-def plot_lr_sensitivity(groups: Sequence[GroupSummary], metric: str, path: Path) -> Path:
-    """Metric against learning rate per optimizer (log x): mean over seeds, 95% interval bars, best lr starred."""
+def plot_lr_sensitivity(groups: Sequence[GroupSummary], metric: str, path: Path, ceiling: float | None) -> Path:
+    """Metric against learning rate per optimizer (log x): mean over seeds, 95% interval bars, best lr starred.
+
+    A mean above ``ceiling`` (the initial training loss: worse than the untrained model, a diverged lr) is drawn as a
+    triangle along the top instead of stretching the axis until the lrs that matter are one flat line.
+    """
     colours = _colours(groups)
     fig, ax = plt.subplots(figsize=(8, 5))
     entries = 0
+    top = ax.get_xaxis_transform()  # x in data, y in axes fraction
     for group in groups:
-        points = [p for p in group.points if p.lr is not None and p.interval is not None]
-        if not points:
-            continue
-        lrs = [p.lr for p in points]
-        means = [p.interval.mean for p in points]  # type: ignore[union-attr]
-        errors = [p.interval.half_width or 0.0 for p in points]  # type: ignore[union-attr]
         colour = colours[group.label]
-        ax.errorbar(lrs, means, yerr=errors, color=colour, marker="o", capsize=4, lw=1.5, label=group.label)
-        entries += 1
-        for p, m in zip(points, means, strict=True):
-            if not p.complete:
-                ax.plot([p.lr], [m], marker="o", ms=11, mfc="none", mec=colour, ls="none")
-        # Learning rates where no seed finished (diverged, failed): a cross along the top, so they are not invisible.
+        measured = [p for p in group.points if p.lr is not None and p.interval is not None]
+        shown = [p for p in measured if ceiling is None or p.interval.mean <= ceiling]  # type: ignore[union-attr]
+        above = [p.lr for p in measured if p not in shown]
         lost = [p.lr for p in group.points if p.lr is not None and p.interval is None]
+        if shown:
+            means = [p.interval.mean for p in shown]  # type: ignore[union-attr]
+            errors = [p.interval.half_width or 0.0 for p in shown]  # type: ignore[union-attr]
+            ax.errorbar([p.lr for p in shown], means, yerr=errors, color=colour, marker="o", capsize=4, lw=1.5,
+                        label=group.label)  # fmt: skip
+            incomplete = [(p.lr, m) for p, m in zip(shown, means, strict=True) if not p.complete]
+            if incomplete:
+                ax.plot(*zip(*incomplete, strict=True), marker="o", ms=11, mfc="none", mec=colour, ls="none")
+        elif above or lost:
+            ax.plot([], [], color=colour, marker="o", label=group.label)
+        entries += bool(shown or above or lost)
+        if above:
+            ax.plot(above, [0.97] * len(above), marker="^", ms=10, color=colour, ls="none", transform=top)
         if lost:
-            ax.plot(lost, [0.97] * len(lost), marker="x", ms=10, mew=2, color=colour, ls="none",
-                    transform=ax.get_xaxis_transform())  # fmt: skip
-        if group.best is not None and group.best.lr is not None and group.best.interval is not None:
-            ax.plot(
-                [group.best.lr], [group.best.interval.mean], marker="*", ms=16, color=colour, mec="black", ls="none"
-            )
+            ax.plot(lost, [0.97] * len(lost), marker="x", ms=10, mew=2, color=colour, ls="none", transform=top)
+        best = group.best
+        if best is not None and best in shown:
+            star = best.interval.mean  # type: ignore[union-attr]
+            ax.plot([best.lr], [star], marker="*", ms=16, color=colour, mec="black", ls="none")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel(METRIC_TEXT[metric].split(" (")[0])
     ax.set_title(
-        "Learning-rate sensitivity (mean over seeds, 95% t-interval; ★ best lr; ○ some seeds missing; × none finished)"
+        "Learning-rate sensitivity: mean over seeds, 95% t-interval\n"
+        "★ best lr   ○ some seeds missing   ▲ above the initial loss (diverged)   × no seed finished",
+        fontsize=10,
     )
-    ax.title.set_fontsize(10)
     ax.grid(alpha=0.3, which="both")
     if not entries:
         ax.text(0.5, 0.5, "no finished cell yet", ha="center", transform=ax.transAxes)
@@ -166,6 +184,22 @@ def plot_best(groups: Sequence[GroupSummary], metric: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def initial_loss(output_dir: Path, groups: Sequence[GroupSummary]) -> float | None:
+    """The median first-step training loss of the cells (about ln(vocab), the untrained model's), plus 10%.
+
+    A loss above it means training made the model worse than at initialisation: the plots treat it as diverged. The
+    median, not the maximum, so that one cell that exploded at step 1 does not set it.
+    """
+    firsts = []
+    for group in groups:
+        for point in group.points:
+            for row in point.rows:
+                records = train_records(output_dir / "cells" / row["name"])
+                if records and math.isfinite(float(records[0]["loss"])):
+                    firsts.append(float(records[0]["loss"]))
+    return float(np.median(firsts)) * 1.1 if firsts else None
+
+
 def _best_label(group: GroupSummary) -> str:
     """``lion\\nlr=0.001\\nvs adamw: +0.863 ± 0.396 (real)``: the separate intervals overlap where seeds differ
     a lot, so the paired verdict is printed beside them."""
@@ -183,11 +217,11 @@ def _best_label(group: GroupSummary) -> str:
 def write_plots(output_dir: Path, groups: Sequence[GroupSummary], metric: str) -> dict[str, Path]:
     """Write every figure into ``output_dir``; return {title: path} in the order the report shows them."""
     name = METRIC_TEXT[metric].split(" (")[0]
+    ceiling = initial_loss(output_dir, groups)
+    step, wall = output_dir / "train_loss_vs_step.png", output_dir / "train_loss_vs_wall.png"
     return {
-        "training loss vs step": plot_train_loss(output_dir, groups, output_dir / "train_loss_vs_step.png", "step"),
-        "training loss vs wall-clock": plot_train_loss(
-            output_dir, groups, output_dir / "train_loss_vs_wall.png", "wall"
-        ),
-        f"{name} vs learning rate": plot_lr_sensitivity(groups, metric, output_dir / "lr_sensitivity.png"),
+        "training loss vs step": plot_train_loss(output_dir, groups, step, "step", ceiling),
+        "training loss vs wall-clock": plot_train_loss(output_dir, groups, wall, "wall", ceiling),
+        f"{name} vs learning rate": plot_lr_sensitivity(groups, metric, output_dir / "lr_sensitivity.png", ceiling),
         f"{name} per optimizer": plot_best(groups, metric, output_dir / "best_per_optimizer.png"),
     }

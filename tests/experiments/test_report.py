@@ -385,3 +385,29 @@ def test_budget_text_names_flops_and_steps() -> None:
         report_summary.budget_text({"budget": "steps"}, groups)
         == "equal steps (`budget=steps`); steps per cell: adamw 10; sam 5"
     )
+
+
+@pytest.mark.timeout(60)
+def test_a_diverged_cell_does_not_set_the_plot_range(grid_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite but exploded cell (loss 1e4, worse than at init) must not flatten every other curve to a line."""
+    from flatlm.experiments import report_plots
+
+    records = report.read_jsonl(grid_dir / "cells" / "adamw-lr0.001-s0" / "metrics.jsonl")
+    for r in records[5:]:
+        r["loss"] = 1e4
+    _write(grid_dir / "cells" / "adamw-lr0.001-s0" / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    evals = [{"eval": True, "step": 40, "val_loss": 2e4, "val_ppl": math.inf}]
+    for seed in (0, 1, 2):
+        _write(grid_dir / "cells" / f"adamw-lr0.001-s{seed}" / "eval.jsonl", json.dumps(evals[0]) + "\n")
+    limits: dict[str, tuple[float, float]] = {}
+    save = report_plots._save
+
+    def capture(fig: Any, path: Path) -> Path:
+        limits[path.name] = fig.axes[0].get_ylim()
+        return save(fig, path)
+
+    monkeypatch.setattr(report_plots, "_save", capture)
+    write_report(grid_dir)
+    first = max(train_losses(o, lr, s)[0] for o in LRS for lr in LRS[o] for s in (0, 1, 2))
+    assert limits["train_loss_vs_step.png"][1] < first * 1.2
+    assert limits["lr_sensitivity.png"][1] < 10.0  # the lr whose loss is 2e4 is a marker along the top

@@ -18,7 +18,7 @@ from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
 from flatlm.data.sft import SftSequences, report, sft_view, tokenize_examples
 from flatlm.data.sources import iter_rows, source_fingerprint
-from flatlm.data.tokenizer import Tokenizer
+from flatlm.data.tokenizer import AnyTokenizer, load_tokenizer
 from flatlm.errors import FlatlmError
 
 log = logging.getLogger("flatlm")
@@ -32,7 +32,7 @@ class Data:
     vocab_size: int
     bos_id: int
     eos_id: int
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     chat_template: str | None = None
     """data.format=chat: the template the examples were rendered with (written to the run directory)."""
 
@@ -48,7 +48,7 @@ def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
     if cfg.data.format == "chat":
         return load_chat_data(cfg, run_tokenizer)
     tokenizer = None
-    if run_tokenizer is not None and run_tokenizer.is_file():
+    if run_tokenizer is not None and run_tokenizer.exists():
         tokenizer = resume_tokenizer(cfg.data, run_tokenizer, warn=log.warning)
     elif run_tokenizer is not None:
         log.warning(f"resuming a run without its {run_tokenizer.name}; the data's tokenizer is used and saved there")
@@ -64,12 +64,12 @@ def load_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
     return Data(train, val, tok.vocab_size, tok.bos_id, tok.eos_id, tok)
 
 
-def chat_tokenizer(cfg: RunConfig, run_tokenizer: Path | None = None) -> Tokenizer:
+def chat_tokenizer(cfg: RunConfig, run_tokenizer: Path | None = None) -> AnyTokenizer:
     """A chat run's tokenizer: the resumed run's own, else data.tokenizer, else one trained on the chat text."""
-    if run_tokenizer is not None and run_tokenizer.is_file():
+    if run_tokenizer is not None and run_tokenizer.exists():
         return resume_tokenizer(cfg.data, run_tokenizer, warn=log.warning)
     if cfg.data.tokenizer:
-        return Tokenizer.load(cfg.data.tokenizer)
+        return load_tokenizer(cfg.data.tokenizer)
     log.warning(
         "data.format=chat without data.tokenizer: training a tokenizer on the chat text; fine-tuning normally "
         "starts from a pretrained model (model.init_from) and must use its tokenizer (data.tokenizer=<its run dir>)"

@@ -205,3 +205,28 @@ def test_special_token_strings_become_ids(tok: Tokenizer) -> None:
     )
     assert ids.count(tok.eos_id) == 1 and mask[ids.index(tok.eos_id)]
     assert isinstance(Examples(), Examples)
+
+
+ZEPHYR = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+"""A Zephyr-style template: every message ends with the tokenizer's own EOS string and a newline."""
+
+
+def test_an_hf_tokenizer_with_its_own_template(tmp_path: Path) -> None:
+    """The tokenizer's template is the one used; its EOS string becomes the EOS id inside the answer's span."""
+    from flatlm.data.tokenizer import load_tokenizer
+    from tests.data.test_hf_tokenizer import make_hf_tokenizer
+
+    hf_tok = load_tokenizer(make_hf_tokenizer(tmp_path / "hf", template=ZEPHYR))
+    template = resolved_template(DataConfig(), hf_tok)
+    assert template == ZEPHYR
+    renderer = renderer_for(template, hf_tok)
+    ex = tokenize_examples([("r", ROWS["messages"])], "auto", renderer, hf_tok, seq_len=512)
+    runs = counted_runs(ex.ids[0], ex.trainable[0])
+    assert [hf_tok.decode(r) for r in runs] == [a + "</s>\n" for a in ANSWERS["messages"]]
+    assert all(hf_tok.eos_id in r for r in runs)
+    assert hf_tok.decode(ex.ids[0]) == renderer.render(to_conversation(ROWS["messages"], "auto", "r"))

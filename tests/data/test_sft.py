@@ -175,6 +175,8 @@ def chat_jsonl(path: Path, n: int = 40) -> Path:
 @pytest.mark.parametrize("packing", [True, False])
 def test_chat_run_writes_template_and_answer_loss(tmp_path: Path, packing: bool) -> None:
     from flatlm.config import load_config
+    from flatlm.data.splits import load_data
+    from flatlm.data.tokenizer import run_tokenizer_path
     from flatlm.train.loop import train
     from flatlm.train.metrics import read_jsonl
 
@@ -205,10 +207,16 @@ def test_chat_run_writes_template_and_answer_loss(tmp_path: Path, packing: bool)
         "train.plot": False,
         "schedule.warmup_steps": 1,
     }
-    train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]))
+    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    train(cfg)
     written = (out / "chat_template.jinja").read_text()
     assert written == (CHATML if packing else BUILTIN_TEMPLATE)
     evals = read_jsonl(out / "eval.jsonl")
     assert evals and all(np.isfinite(e["val_loss"]) and e["val_loss"] > 0 for e in evals)
     steps = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3]
+    # what val_loss averages: the answers' tokens (and their EOS) of the validation examples, nothing else
+    data = load_data(cfg, run_tokenizer_path(out))
+    batch = data.val.batch(range(len(data.val)))
+    answers = sum(int(t[1:].sum()) for t in data.val.examples.trainable)
+    assert int(batch.counted().sum()) == answers < int((batch.inputs != -1).sum()) // 2

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from flatlm.experiments.report import train_records
+from flatlm.experiments.report_cells import train_records
 from flatlm.experiments.report_summary import METRIC_TEXT, GroupSummary
 
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))

@@ -411,3 +411,16 @@ def test_a_diverged_cell_does_not_set_the_plot_range(grid_dir: Path, monkeypatch
     first = max(train_losses(o, lr, s)[0] for o in LRS for lr in LRS[o] for s in (0, 1, 2))
     assert limits["train_loss_vs_step.png"][1] < first * 1.2
     assert limits["lr_sensitivity.png"][1] < 10.0  # the lr whose loss is 2e4 is a marker along the top
+
+
+@pytest.mark.timeout(60)
+def test_failed_cell_without_a_tail_in_cell_json_shows_the_end_of_its_log(grid_dir: Path) -> None:
+    cell_dir = grid_dir / "cells" / "lion-lr0.001-s0"
+    cell = json.loads((cell_dir / "cell.json").read_text())
+    cell["log_tail"] = ""
+    (cell_dir / "cell.json").write_text(json.dumps(cell))
+    (cell_dir / "train.log").write_text("".join(f"log line {i}\n" for i in range(1, 31)) + "MemoryError: planted oom\n")
+    text = write_report(grid_dir).read_text()
+    section = text.split("## Cells that did not finish")[1]
+    assert "MemoryError: planted oom" in section and "log line 12\n" in section
+    assert "log line 11\n" not in section  # the last 20 lines only

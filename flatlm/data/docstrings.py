@@ -24,6 +24,8 @@ SKIP_PARTS = {"test", "tests", "idle_test", "idlelib", "turtledemo", "lib2to3", 
 """Folders whose modules are tests, demos or tooling, not the library."""
 MIN_WORDS = 4
 MAX_CHARS = 400
+STDLIB_DOCS_VERSION = 1
+"""Bump when the rules above change: part of the key of cached stdlib_docs examples."""
 
 
 def module_name(path: Path, root: Path) -> str | None:

@@ -16,19 +16,34 @@ Two views of a split, each with the ``PackedSequences`` interface (``len``, ``ba
 ``PaddedExamples`` (data.packing=false)
     One example per row, right-padded (EOS, not counted) to the longest of the batch. No position ids: causal
     attention never lets a real token see the padding to its right.
+
+The examples are cached in ``data.cache_dir`` (``sft-<key>/``: ids, trainable mask and offsets as .npy, their
+blake2b digests in ``meta.json``, checked on every open), the key hashing the source's fingerprint, the tokenizer's
+sha256, the template, data.chat_format and data.seq_len: a second run on the same data skips rendering and
+tokenizing (and, for stdlib_docs, parsing the standard library).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from flatlm.config import DataConfig
 from flatlm.data.batch import Batch
+from flatlm.data.cache import _digest, _file_digest, _locked, default_cache_dir
 from flatlm.data.chat import ChatTokenizer, Renderer, encode_segments, to_conversation
+from flatlm.data.docstrings import STDLIB_DOCS_VERSION
+from flatlm.data.sources import source_fingerprint
 
 
 @dataclass
@@ -183,3 +198,88 @@ SftSequences = PackedExamples | PaddedExamples
 def sft_view(examples: Examples, seq_len: int, pad_id: int, packing: bool) -> SftSequences:
     """The packed or the one-per-row view of ``examples`` (data.packing)."""
     return (PackedExamples if packing else PaddedExamples)(examples, seq_len, pad_id)
+
+
+# -- the cache of tokenized examples -------------------------------------------------------------------------------
+
+SFT_CACHE_FORMAT = 1  # bump when the layout below, the rendering or the tokenization of examples changes
+SFT_FILES = ("ids.npy", "trainable.npy", "offsets.npy")
+
+
+def examples_key(cfg: DataConfig, tokenizer_sha256: str, template: str) -> str:
+    """Names the examples of this source rendered with ``template``, tokenized by this tokenizer, cut at seq_len."""
+    return "sft-" + _digest(
+        {
+            "source": source_fingerprint(cfg),
+            "tokenizer_sha256": tokenizer_sha256,
+            "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "chat_format": cfg.chat_format,
+            "seq_len": cfg.seq_len,
+            "stdlib_docs": STDLIB_DOCS_VERSION if cfg.source == "stdlib_docs" else None,
+            "format": SFT_CACHE_FORMAT,
+        }
+    )
+
+
+def _write_examples(out: Path, examples: Examples) -> None:
+    lengths = [len(ids) for ids in examples.ids]
+    arrays = {
+        "ids.npy": np.concatenate(examples.ids) if lengths else np.zeros(0, dtype=np.int64),
+        "trainable.npy": np.concatenate(examples.trainable) if lengths else np.zeros(0, dtype=bool),
+        "offsets.npy": np.r_[0, np.cumsum(lengths)].astype(np.int64),
+    }
+    for name, array in arrays.items():
+        np.save(out / name, array)
+    meta = {
+        "format": SFT_CACHE_FORMAT,
+        "truncated": examples.truncated,
+        "dropped": examples.dropped,
+        "blake2b": {name: _file_digest(out / name) for name in SFT_FILES},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the directory whole
+
+
+def _read_examples(path: Path) -> tuple[Examples | None, str]:
+    """The examples cached at ``path`` if they verify (digests of every file), else None and why not."""
+    if not (path / "meta.json").is_file():
+        return None, "missing"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        for name in SFT_FILES:
+            if _file_digest(path / name) != meta["blake2b"][name]:
+                return None, f"{name} does not match its digest"
+        ids, trainable, offsets = (np.load(path / name) for name in SFT_FILES)
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True))
+    return Examples(
+        [ids[a:b] for a, b in bounds], [trainable[a:b] for a, b in bounds], meta["truncated"], meta["dropped"]
+    ), ""
+
+
+def cached_examples(
+    cfg: DataConfig, key: str, build: Callable[[], Examples], log: Callable[[str], None], warn: Callable[[str], None]
+) -> Examples:
+    """The examples of ``key`` from ``data.cache_dir``, built by ``build`` (once, under a lock) when missing or
+    damaged. Built in a temporary directory renamed into place: readers never see half of one."""
+    root = default_cache_dir(cfg)
+    path = root / key
+    examples, problem = _read_examples(path)
+    if examples is not None:
+        return examples
+    with _locked(root, key, log):
+        examples, problem = _read_examples(path)  # another process may have built it meanwhile
+        if examples is not None:
+            return examples
+        if problem != "missing":
+            warn(f"the chat example cache {path} is damaged ({problem}); rebuilding it")
+        examples = build()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+        try:
+            _write_examples(tmp, examples)
+            if path.exists():
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return examples

@@ -16,7 +16,7 @@ from flatlm.config import RunConfig
 from flatlm.data.cache import _trained_tokenizer, default_cache_dir, load_or_build, resume_tokenizer
 from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
-from flatlm.data.sft import SftSequences, report, sft_view, tokenize_examples
+from flatlm.data.sft import Examples, SftSequences, cached_examples, examples_key, report, sft_view, tokenize_examples
 from flatlm.data.sources import iter_rows, source_fingerprint
 from flatlm.data.tokenizer import AnyTokenizer, load_tokenizer
 from flatlm.errors import FlatlmError
@@ -83,7 +83,12 @@ def load_chat_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
     tok = chat_tokenizer(cfg, run_tokenizer)
     template = resolved_template(cfg.data, tok)
     seq_len = cfg.data.seq_len
-    examples = tokenize_examples(iter_rows(cfg.data), cfg.data.chat_format, renderer_for(template, tok), tok, seq_len)
+
+    def build() -> Examples:
+        return tokenize_examples(iter_rows(cfg.data), cfg.data.chat_format, renderer_for(template, tok), tok, seq_len)
+
+    key = examples_key(cfg.data, tok.sha256, template)
+    examples = cached_examples(cfg.data, key, build, log.info, log.warning)
     report(examples, seq_len, log.warning)
     if not len(examples):
         raise FlatlmError(

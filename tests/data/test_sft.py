@@ -220,3 +220,38 @@ def test_chat_run_writes_template_and_answer_loss(tmp_path: Path, packing: bool)
     batch = data.val.batch(range(len(data.val)))
     answers = sum(int(t[1:].sum()) for t in data.val.examples.trainable)
     assert int(batch.counted().sum()) == answers < int((batch.inputs != -1).sum()) // 2
+
+
+def test_examples_are_cached_checked_and_rebuilt(tmp_path: Path) -> None:
+    from flatlm.config import DataConfig
+    from flatlm.data.sft import cached_examples, examples_key
+
+    cfg = DataConfig(
+        source="files", format="chat", paths=[str(chat_jsonl(tmp_path / "c.jsonl"))], cache_dir=str(tmp_path / "cache")
+    )
+    built: list[int] = []
+
+    def build() -> Examples:
+        built.append(1)
+        ex = examples(example(1, 12), example(2, 30))
+        ex.truncated = 1
+        return ex
+
+    key = examples_key(cfg, "sha", "template")
+    assert (
+        key
+        != examples_key(cfg, "sha", "other template")
+        != examples_key(cfg.model_copy(update={"seq_len": 7}), "sha", "template")
+    )
+    first = cached_examples(cfg, key, build, print, print)
+    again = cached_examples(cfg, key, build, print, print)
+    assert len(built) == 1 and again.truncated == 1
+    assert all(
+        np.array_equal(a, b) for a, b in zip(first.ids + first.trainable, again.ids + again.trainable, strict=True)
+    )
+    assert again.trainable[0].dtype == bool
+    ids = tmp_path / "cache" / key / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:-8] + b"\x07" * 8)  # a flipped token
+    warnings: list[str] = []
+    cached_examples(cfg, key, build, print, warnings.append)
+    assert len(built) == 2 and "ids.npy does not match its digest" in warnings[0]

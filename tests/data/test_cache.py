@@ -88,7 +88,7 @@ def test_same_size_garbage_is_detected_by_the_checksum(text_corpus: Path, tmp_pa
 
 @pytest.mark.parametrize(
     "damage",
-    ["meta-json", "meta-missing", "offsets", "tokenizer", "id-range"],
+    ["meta-json", "meta-missing", "offsets", "tokenizer", "tokenizer-sha", "id-range"],
 )
 def test_other_damage_is_rebuilt(text_corpus: Path, tmp_path: Path, damage: str) -> None:
     cfg = _cfg(text_corpus, tmp_path / "c")
@@ -105,6 +105,10 @@ def test_other_damage_is_rebuilt(text_corpus: Path, tmp_path: Path, damage: str)
         np.save(built.path / "offsets.npy", off)
     elif damage == "tokenizer":
         (built.path / "tokenizer.model").write_bytes(b"not a model")
+    elif damage == "tokenizer-sha":  # meta.json names another tokenizer (the cache is checked by its sha256)
+        meta = json.loads(meta_path.read_text())
+        meta["tokenizer_sha256"] = "0" * 64
+        meta_path.write_text(json.dumps(meta))
     else:  # meta.json states an id range the tokens do not have
         meta = json.loads(meta_path.read_text())
         meta["max_id"] = 70000

@@ -1,0 +1,119 @@
+"""Fine-tuning starts: model.init_from a flatlm run or checkpoint (its consolidated weights, bit-exact), and runs
+whose data.tokenizer is a Hugging Face tokenizer directory (kept as output_dir/tokenizer/, resumed with, exported)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import flatlm.train.export as export_module
+from flatlm.config import load_config
+from flatlm.data.hf_tokenizer import HFTokenizer
+from flatlm.data.tokenizer import load_tokenizer
+from flatlm.errors import FlatlmError
+from flatlm.models import build_model, model_config
+from flatlm.train.export import export, init_weights_from
+from flatlm.train.inspect import final_state
+from flatlm.train.loop import train
+from tests.conftest import tiny_overrides
+from tests.data.test_hf_tokenizer import TEXT, make_hf_tokenizer
+from tests.train.runs import assert_same_state, state_differences
+
+OVERRIDES = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+SMALL = {f"model.overrides.{k}": v for k, v in OVERRIDES.items()}
+
+
+def _fresh_model(run: Path, **overrides: int) -> torch.nn.Module:
+    """The model a fine-tuning run with data.tokenizer=<run> builds before model.init_from (another seed)."""
+    tok = load_tokenizer(run)
+    config = model_config("tiny", tok.vocab_size, {**OVERRIDES, **overrides}, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return build_model(config, seed=123)
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"model.{k}": v for k, v in model.state_dict().items()}
+
+
+def _saved_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights read by flatlm.train.inspect (not the loader init_from uses)."""
+    return {k: v for k, v in final_state(path).items() if k.startswith("model.")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_init_from_a_run_or_checkpoint_is_its_weights_bit_exact(
+    tmp_path: Path, text_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches: weights not the run's latest (an older checkpoint, a re-initialised or partly loaded model)."""
+    run = tmp_path / "run"
+    extra = {**SMALL, "train.max_steps": 6, "checkpoint.every": 3}
+    first = train(load_config(None, tiny_overrides(run, text_corpus, **extra)))
+    final, older = _saved_weights(run), _saved_weights(run / "checkpoints" / "step-3")
+    assert state_differences(final, older)  # training moved them: the two checkpoints tell apart
+
+    model = _fresh_model(run)
+    assert state_differences(_model_state(model), final)
+    init_weights_from(model, str(run))
+    assert_same_state(_model_state(model), final)
+    model = _fresh_model(run)
+    init_weights_from(model, str(run / "checkpoints" / "step-3"))
+    assert_same_state(_model_state(model), older)
+
+    with pytest.raises(FlatlmError, match=r"does not exist; pass a flatlm run directory \(flatlm train writes runs/de"):
+        init_weights_from(_fresh_model(run), str(tmp_path / "runs" / "nothing"))
+    with pytest.raises(
+        FlatlmError,
+        match=r"does not fit this model \(.* is \(400, 32\) there, \(400, 64\) here\); .* the run's model.name=tiny",
+    ):
+        init_weights_from(_fresh_model(run, hidden_size=64, intermediate_size=128), str(run))
+
+    # Through the loop: data.tokenizer=<run> and model.init_from=<run> start where the run ended.
+    ft = {**SMALL, "model.init_from": str(run), "data.tokenizer": str(run), "train.max_steps": 1}
+    again = train(load_config(None, tiny_overrides(tmp_path / "ft", text_corpus, **ft)))
+    assert (tmp_path / "ft" / "tokenizer.model").read_bytes() == (run / "tokenizer.model").read_bytes()
+    assert again.losses[0] < first.losses[0] - 0.3 and abs(again.losses[0] - first.losses[-1]) < 0.3
+
+    # Planted bug: weights read but never copied in. The comparison must see it.
+    monkeypatch.setattr(export_module, "copy_weights", lambda model, source, path, fix: None)
+    model = _fresh_model(run)
+    init_weights_from(model, str(run))
+    assert state_differences(_model_state(model), final)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_run_with_an_hf_tokenizer_keeps_it_resumes_with_it_and_exports_it(
+    tmp_path: Path, text_corpus: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches: an HF-tokenizer run that does not keep its tokenizer (tokenizer/), resumes with a swapped
+    data.tokenizer, or exports a tokenizer that is not the one it trained with."""
+    hf_dir = make_hf_tokenizer(tmp_path / "hf")
+    given = HFTokenizer.load(hf_dir)
+    out = tmp_path / "run"
+    extra = {**SMALL, "data.tokenizer": str(hf_dir), "train.max_steps": 3, "checkpoint.every": 3}
+    train(load_config(None, tiny_overrides(out, text_corpus, **extra)))
+    assert (out / "tokenizer").is_dir() and not (out / "tokenizer.model").exists()
+    kept = load_tokenizer(out)
+    assert isinstance(kept, HFTokenizer) and kept.sha256 == given.sha256 and kept.vocab_size == 300
+
+    shutil.rmtree(hf_dir)  # data.tokenizer now names another tokenizer: the run resumes with its own
+    make_hf_tokenizer(hf_dir, vocab_size=280)
+    with caplog.at_level(logging.INFO, logger="flatlm"):
+        result = train(load_config(None, tiny_overrides(out, text_corpus, **{**extra, "train.max_steps": 5})))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("resuming from") and "(step 3)" in m for m in messages), messages
+    assert [m for m in messages if "is not the tokenizer this run started with" in m], messages
+    assert not [m for m in messages if "resuming a run without its" in m], messages
+    assert len(result.losses) == 2 and load_tokenizer(out).sha256 == given.sha256
+
+    hf_out = export(out, tmp_path / "export")
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(hf_out)
+    assert exported(TEXT, add_special_tokens=False)["input_ids"] == given.encode([TEXT])[0]
+    assert exported.eos_token_id == given.eos_id and len(exported) == given.vocab_size
+    assert HFTokenizer.load(hf_out).sha256 == given.sha256

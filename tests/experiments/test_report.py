@@ -424,3 +424,16 @@ def test_failed_cell_without_a_tail_in_cell_json_shows_the_end_of_its_log(grid_d
     section = text.split("## Cells that did not finish")[1]
     assert "MemoryError: planted oom" in section and "log line 12\n" in section
     assert "log line 11\n" not in section  # the last 20 lines only
+
+
+@pytest.mark.timeout(60)
+def test_without_evaluation_the_choice_falls_back_to_training_loss(grid_dir: Path) -> None:
+    for path in grid_dir.glob("cells/*/eval.jsonl"):
+        path.unlink()
+    results = _results(grid_dir)
+    assert results["selection_metric"] == "final_train_loss"
+    lion = _optimizer(results, "lion")
+    assert lion["best_lr"] == 3e-4
+    expected = np.mean([np.mean(train_losses("lion", 3e-4, s)[-2:]) for s in (0, 1, 2)])
+    assert lion["metric"]["mean"] == pytest.approx(expected)
+    assert "final training loss" in (grid_dir / "report.md").read_text()

@@ -32,7 +32,7 @@ class Column:
     """Also aggregated per optimizer (mean ± interval at its best learning rate) in the per-optimizer table."""
 
 
-# Formatting of every kind of value, in one place: units live in the headers of COLUMNS, the numbers here.
+# Formatting of every kind of value, in one place: the numbers here, the unit each kind's header names in UNITS.
 FORMATS: dict[str, Callable[[Any], str]] = {
     "text": str,
     "int": lambda v: f"{int(v):d}",
@@ -52,7 +52,10 @@ def format_value(kind: str, value: Any) -> str:
     """``value`` as the report prints it; empty for a missing or non-finite number."""
     if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
         return ""
-    return FORMATS[kind](value)
+    try:
+        return FORMATS.get(kind, str)(value)
+    except (TypeError, ValueError):  # a provider's odd value (text in a number column) is shown, not fatal
+        return str(value)
 
 
 def cell_text(column: Column, row: dict[str, Any]) -> str:

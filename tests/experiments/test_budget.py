@@ -13,7 +13,11 @@ from flatlm.experiments.budget import apply_budget, newton_schulz_flops, step_co
 from flatlm.experiments.grid import load_grid, resolve_cells
 from flatlm.models import build_model, model_config
 
-SMALL = ["model.overrides.num_hidden_layers=2", "model.overrides.hidden_size=64", "model.overrides.intermediate_size=96"]
+SMALL = [
+    "model.overrides.num_hidden_layers=2",
+    "model.overrides.hidden_size=64",
+    "model.overrides.intermediate_size=96",
+]
 
 
 def steps_under(tmp_path: Path, budget_name: str) -> dict[str, int]:

@@ -15,7 +15,8 @@ How the answer is chosen (also stated in every report):
   so a rate that diverged at one seed is not crowned on the seeds that survived; when none qualifies, the best of
   what finished is shown, marked incomplete.
 - The comparison with the baseline (``grid.json`` ``baseline``, AdamW unless named) pairs the two best learning
-  rates seed by seed (:mod:`flatlm.experiments.stats`).
+  rates seed by seed (:mod:`flatlm.experiments.stats`), against the baseline of the same context (``data.format``)
+  and, when the baseline has axes of its own (AdamW's betas), against its best variant.
 
 Adding measurements (the flatness issue's sharpness, Hessian eigenvalues, corrupted-text loss): a *provider*
 (:mod:`flatlm.experiments.report_cells`) maps a cell directory to a dict of columns, and declares those columns once,

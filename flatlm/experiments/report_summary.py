@@ -52,6 +52,9 @@ class GroupSummary:
     label: str
     optimizer: str
     context: tuple[tuple[str, Any], ...]
+    """The axis values that are not the optimizer's (``data.format``): what the baseline must share."""
+    variant: tuple[tuple[str, Any], ...] = ()
+    """Every axis value but the lr and the seeds (the optimizer's own, like ``rho``, and the context)."""
     points: list[LrPoint] = field(default_factory=list)
     best: LrPoint | None = None
     baseline: str | None = None
@@ -165,7 +168,9 @@ def summarize(
     for row in rows:
         optimizer, variant = _group_key(row)
         context = tuple((k, v) for k, v in variant if not k.startswith(OPTIMIZER_PREFIXES))
-        group = groups.setdefault((optimizer, variant), GroupSummary(_label(optimizer, variant), optimizer, context))
+        group = groups.setdefault(
+            (optimizer, variant), GroupSummary(_label(optimizer, variant), optimizer, context, variant)
+        )
         point = next((p for p in group.points if p.lr == row.get("lr")), None)
         if point is None:
             point = LrPoint(row.get("lr"))
@@ -204,10 +209,16 @@ def _best_point(points: list[LrPoint]) -> LrPoint | None:
 
 
 def _baseline_for(group: GroupSummary, groups: list[GroupSummary], baseline: str) -> GroupSummary | None:
-    """The baseline group of the same context; the plain one (no variant axes) when there are several."""
+    """The baseline group of the same context: the plain one (no axes of its own), else its best-tuned variant.
+
+    Against the best baseline variant (lowest mean at its best lr), so that tuning the baseline's own axes (AdamW's
+    betas) makes the comparison harder, never easier.
+    """
     matches = [g for g in groups if g.optimizer == baseline and g.context == group.context]
-    plain = [g for g in matches if len(g.label.split()) == 1 + len(g.context)]
-    return (plain or matches or [None])[0]
+    plain = [g for g in matches if g.variant == g.context]
+    if plain or not matches:
+        return (plain or [None])[0]
+    return min(matches, key=lambda g: (g.best is None, g.best.interval.mean if g.best and g.best.interval else 0.0))
 
 
 def _finite(values: Sequence[Any]) -> list[float]:

@@ -437,3 +437,16 @@ def test_without_evaluation_the_choice_falls_back_to_training_loss(grid_dir: Pat
     expected = np.mean([np.mean(train_losses("lion", 3e-4, s)[-2:]) for s in (0, 1, 2)])
     assert lion["metric"]["mean"] == pytest.approx(expected)
     assert "final training loss" in (grid_dir / "report.md").read_text()
+
+
+def test_a_tuned_baseline_is_compared_at_its_best_variant() -> None:
+    """adamw at two beta2 values is two baseline variants: lion is compared with the better one (beta2=0.95)."""
+    rows = []
+    for seed in (0, 1):
+        rows.append(_row(f"adamw-b99-{seed}", "adamw", 1e-3, seed, 3.0 + seed, optim__hparams__beta2=0.99))
+        rows.append(_row(f"adamw-b95-{seed}", "adamw", 1e-3, seed, 2.9 + seed, optim__hparams__beta2=0.95))
+        rows.append(_row(f"lion-{seed}", "lion", 1e-4, seed, 2.95 + seed))
+    groups, _ = report_summary.summarize(rows, "adamw")
+    lion = next(g for g in groups if g.optimizer == "lion")
+    assert lion.baseline == "adamw beta2=0.95"
+    assert lion.paired is not None and lion.paired.differences == pytest.approx((0.05, 0.05))

@@ -257,6 +257,8 @@ def _optimizer_table(groups: list[GroupSummary], metric: str, cols: list[Column]
 
 def _vs_baseline(group: GroupSummary) -> list[str]:
     """The two comparison cells of a group's line."""
+    if group.best is None:
+        return ["no finished cell", ""]
     if group.is_baseline:
         return ["(baseline)", ""]
     if group.baseline is None:

@@ -134,7 +134,7 @@ def plot_lr_sensitivity(groups: Sequence[GroupSummary], metric: str, path: Path,
             if incomplete:
                 ax.plot(*zip(*incomplete, strict=True), marker="o", ms=11, mfc="none", mec=colour, ls="none")
         elif above or lost:
-            ax.plot([], [], color=colour, marker="o", label=group.label)
+            ax.errorbar([], [], yerr=[], color=colour, marker="o", label=group.label)  # its legend entry, in order
         entries += bool(shown or above or lost)
         if above:
             ax.plot(above, [0.97] * len(above), marker="^", ms=10, color=colour, ls="none", transform=top)

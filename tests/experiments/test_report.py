@@ -125,6 +125,14 @@ def grid_dir(tmp_path: Path) -> Path:
     return make_grid(tmp_path / "grid")
 
 
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests of the numbers skip the PNGs (a second each on 2 busy cores); the plot tests draw them."""
+    from flatlm.experiments import report_plots
+
+    monkeypatch.setattr(report_plots, "write_plots", lambda *args: {})
+
+
 def _results(grid_dir: Path) -> dict[str, Any]:
     write_report(grid_dir)
     return json.loads((grid_dir / "results.json").read_text())
@@ -139,7 +147,7 @@ def _cell(results: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(60)
-def test_per_cell_numbers(grid_dir: Path) -> None:
+def test_per_cell_numbers(grid_dir: Path, no_plots: None) -> None:
     results = _results(grid_dir)
     assert len(results["cells"]) == 13
     cell = _cell(results, "lion-lr0.0003-s1")
@@ -177,7 +185,7 @@ def test_tail_mean_takes_at_least_one_step() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_best_lr_and_interval_match_hand_computation(grid_dir: Path) -> None:
+def test_best_lr_and_interval_match_hand_computation(grid_dir: Path, no_plots: None) -> None:
     results = _results(grid_dir)
     assert results["selection_metric"] == "best_val_loss"
     for optim, best_lr in (("adamw", 3e-3), ("lion", 3e-4)):
@@ -194,7 +202,7 @@ def test_best_lr_and_interval_match_hand_computation(grid_dir: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_diverged_seed_disqualifies_its_learning_rate(tmp_path: Path) -> None:
+def test_diverged_seed_disqualifies_its_learning_rate(tmp_path: Path, no_plots: None) -> None:
     """lion at 3e-4 is best on the seeds that survive, but seed 2 diverged there: 1e-4 is the honest choice."""
     results = _results(make_grid(tmp_path / "grid", diverge=("lion", 3e-4, 2)))
     lion = _optimizer(results, "lion")
@@ -219,7 +227,7 @@ def check_paired(results: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_paired_difference_is_by_seed(grid_dir: Path) -> None:
+def test_paired_difference_is_by_seed(grid_dir: Path, no_plots: None) -> None:
     results = _results(grid_dir)
     check_paired(results)
     assert _optimizer(results, "adamw")["vs_baseline"] is None
@@ -234,7 +242,9 @@ def test_paired_difference_is_by_seed(grid_dir: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_planted_bug_pairing_by_position_is_caught(grid_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_planted_bug_pairing_by_position_is_caught(
+    grid_dir: Path, monkeypatch: pytest.MonkeyPatch, no_plots: None
+) -> None:
     """A pairing that zips the seeds in listing order (lion's cells are listed 2, 0, 1) must fail check_paired."""
 
     def by_position(candidate: dict[Any, float], baseline: dict[Any, float]) -> PairedDifference:
@@ -247,7 +257,7 @@ def test_planted_bug_pairing_by_position_is_caught(grid_dir: Path, monkeypatch: 
 
 
 @pytest.mark.timeout(60)
-def test_csv_and_json_agree(grid_dir: Path) -> None:
+def test_csv_and_json_agree(grid_dir: Path, no_plots: None) -> None:
     results = _results(grid_dir)
     with (grid_dir / "results.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -302,7 +312,7 @@ def test_pending_cells_and_missing_grid(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_provider_adds_columns(grid_dir: Path) -> None:
+def test_a_provider_adds_columns(grid_dir: Path, no_plots: None) -> None:
     """The flatness issue's route: a provider's columns reach the CSV, both tables and results.json."""
 
     def read_sharpness(cell_dir: Path) -> dict[str, Any]:
@@ -414,7 +424,7 @@ def test_a_diverged_cell_does_not_set_the_plot_range(grid_dir: Path, monkeypatch
 
 
 @pytest.mark.timeout(60)
-def test_failed_cell_without_a_tail_in_cell_json_shows_the_end_of_its_log(grid_dir: Path) -> None:
+def test_failed_cell_without_a_tail_in_cell_json_shows_the_end_of_its_log(grid_dir: Path, no_plots: None) -> None:
     cell_dir = grid_dir / "cells" / "lion-lr0.001-s0"
     cell = json.loads((cell_dir / "cell.json").read_text())
     cell["log_tail"] = ""
@@ -427,7 +437,7 @@ def test_failed_cell_without_a_tail_in_cell_json_shows_the_end_of_its_log(grid_d
 
 
 @pytest.mark.timeout(60)
-def test_without_evaluation_the_choice_falls_back_to_training_loss(grid_dir: Path) -> None:
+def test_without_evaluation_the_choice_falls_back_to_training_loss(grid_dir: Path, no_plots: None) -> None:
     for path in grid_dir.glob("cells/*/eval.jsonl"):
         path.unlink()
     results = _results(grid_dir)

@@ -11,7 +11,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flatlm.experiments.stats import Interval, PairedDifference, paired_difference, t_interval
+from flatlm.experiments.stats import Interval, PairedDifference, paired_difference, sorted_seeds, t_interval
 
 LR_KEY = "optim.lr"
 REPLICATE_KEYS = ("seed", "data.seed")
@@ -83,7 +83,7 @@ class GroupSummary:
             "best_lr": best.lr if best else None,
             "best_lr_complete": best.complete if best else None,
             "best_lr_at_edge": self.best_at_edge,
-            "seeds": sorted(map(repr, best.values)) if best else [],
+            "seeds": [repr(s) for s in sorted_seeds(set(best.values))] if best else [],
             "metric": _interval_json(best.interval if best else None),
             "vs_baseline": None
             if self.paired is None or self.is_baseline

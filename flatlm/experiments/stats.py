@@ -81,12 +81,12 @@ def paired_difference(
     candidate: Mapping[Hashable, float], baseline: Mapping[Hashable, float], level: float = LEVEL
 ) -> PairedDifference:
     """Differences over the seeds both sides have, matched by seed (sorted by seed for a stable order)."""
-    shared = _sorted_seeds(set(candidate) & set(baseline))
+    shared = sorted_seeds(set(candidate) & set(baseline))
     differences = tuple(float(candidate[s]) - float(baseline[s]) for s in shared)
     return PairedDifference(tuple(shared), differences, t_interval(differences, level))
 
 
-def _sorted_seeds(seeds: set[Hashable]) -> list[Hashable]:
+def sorted_seeds(seeds: set[Hashable]) -> list[Hashable]:
     """Seeds in their natural order (0, 1, 2, 10), or by their text when they do not compare."""
     try:
         return sorted(seeds)  # type: ignore[type-var]

@@ -43,9 +43,10 @@ def ablate(
     jobs: int = 1,
     launch_config: str | Path | None = None,
     static_check: Callable[[RunConfig], None] | None = None,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> int:
     """Run (or, with ``dry_run``, list) the grid at ``grid_path``; returns the exit status (see the module doc)."""
+    say = say or _say
     if jobs < 1:
         raise FlatlmError(f"--jobs must be at least 1, got {jobs}")
     launch = Path(launch_config) if launch_config is not None else None
@@ -79,6 +80,10 @@ def ablate(
     if report is not None:
         say(f"report: {report}")
     return 0 if all(r.record["status"] in FINISHED for r in runs) else 1
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # progress as it happens, also when stdout is a file or a pipe
 
 
 def _check_baseline(grid: Grid) -> None:

@@ -235,3 +235,22 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.is_file() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is dead
+
+
+# -- job slots -----------------------------------------------------------------------------------------------------
+
+
+def test_job_slots_share_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs N: on CPU each cell gets cores // N threads; on CUDA each slot its own GPUs (no more slots than GPUs)."""
+    from flatlm.errors import FlatlmError
+    from flatlm.experiments import runner
+
+    monkeypatch.setattr(runner, "_cuda_devices", lambda: 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert runner.slot_environments(3, None) == [{"OMP_NUM_THREADS": "2"}] * 3
+    assert runner.slot_environments(16, None) == [{"OMP_NUM_THREADS": "1"}] * 16
+    monkeypatch.setattr(runner, "_cuda_devices", lambda: 4)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(4, None)] == ["0", "1", "2", "3"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(2, None)] == ["0,1", "2,3"]
+    with pytest.raises(FlatlmError, match="--jobs 5 is more than the 4 GPUs"):
+        runner.slot_environments(5, None)

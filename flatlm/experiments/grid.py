@@ -25,6 +25,9 @@ axis with two values; a fixed list-valued override inside a per-value mapping is
 value's mapping). Command-line overrides apply to every cell, on top of its axis values; ``output_dir=``,
 ``budget=`` and ``baseline=`` among them replace the grid's own keys.
 
+Every cell sees the same data order unless an axis changes it: a ``seed`` axis changes the initialisation and the
+data order together; set ``data.seed`` in the base (or make it an axis of its own) to vary only the initialisation.
+
 Cells are named from their axis values, in axis order (``adamw-lr3e-3-seed0``): the value alone for ``*.name`` keys,
 else a short form of the key's last part and the value. Every mistake in a grid is one ``FlatlmError`` raised
 before anything is written (``load_grid`` parses and expands, ``resolve_cells`` validates every cell).

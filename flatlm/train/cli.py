@@ -119,7 +119,8 @@ def _ablate_parser(prog: str) -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="dotted overrides for every cell; output_dir=DIR names the grid's",
+        help="dotted overrides for every cell; output_dir=DIR names the grid's directory, budget=steps|flops and "
+        "baseline=NAME replace the grid's own",
     )
     return parser
 

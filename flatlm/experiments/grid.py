@@ -298,7 +298,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, bool):
         text = str(value).lower()
     elif isinstance(value, float):
-        if value != 0 and math.isfinite(value) and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        if value != 0 and math.isfinite(value) and (abs(value) <= 1e-2 or abs(value) >= 1e4):
             mantissa, exponent = f"{value:.2e}".split("e")  # 3.00e-03 -> 3e-3
             text = f"{float(mantissa):g}e{int(exponent)}"
         else:

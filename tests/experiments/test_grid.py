@@ -107,7 +107,17 @@ def test_base_path_is_relative_to_the_grid_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(3e-3, "3e-3"), (1.5e-4, "1.5e-4"), (0.1, "0.1"), (1.0, "1"), (0, "0"), (True, "true"), ([0.9, 0.95], "0.9-0.95")],
+    [
+        (3e-3, "3e-3"),
+        (1.5e-4, "1.5e-4"),
+        (0.01, "1e-2"),
+        (0.05, "0.05"),
+        (0.1, "0.1"),
+        (1.0, "1"),
+        (0, "0"),
+        (True, "true"),
+        ([0.9, 0.95], "0.9-0.95"),
+    ],
 )
 def test_value_spelling(value: Any, text: str) -> None:
     assert format_value(value) == text
@@ -188,7 +198,7 @@ def test_output_dir_holding_another_grid(tmp_path: Path) -> None:
     with pytest.raises(FlatlmError) as info:
         ablate(other, [f"output_dir={out}"], say=lambda _: None)
     message = str(info.value)
-    assert "holds a different grid" in message and "lr3e-3" in message and "lr0.01" in message, message
+    assert "holds a different grid" in message and "lr3e-3" in message and "lr1e-2" in message, message
     assert "output_dir=" in message  # the fix
     assert sorted(p.name for p in out.iterdir()) == before
     # the same grid with a longer run is the same grid (a rerun extends it)

@@ -14,11 +14,12 @@ from flatlm.data.docstrings import MAX_CHARS, MIN_WORDS, docstring_rows, first_p
 
 @pytest.fixture(scope="module")
 def built() -> tuple[list[dict[str, str]], float]:
-    """The set, and the seconds it took to build (module scope: built once for these tests)."""
+    """The set, and the CPU seconds it took to build (module scope: built once for these tests). CPU time, not wall
+    time: the test machine's cores are shared, and a busy neighbour must not fail the speed check."""
     assert "antigravity" not in sys.modules  # importing it opens a web browser
-    start = time.perf_counter()
+    start = time.process_time()
     rows = list(docstring_rows())
-    return rows, time.perf_counter() - start
+    return rows, time.process_time() - start
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def rows(built: tuple[list[dict[str, str]], float]) -> list[dict[str, str]]:
 def test_a_few_thousand_rows_deterministic_and_fast(built: tuple[list[dict[str, str]], float]) -> None:
     first, seconds = built
     assert 1000 <= len(first) <= 20000
-    assert seconds < 10, f"building stdlib_docs took {seconds:.1f} s"
+    assert seconds < 10, f"building stdlib_docs took {seconds:.1f} s of CPU"
     assert list(docstring_rows()) == first
 
 

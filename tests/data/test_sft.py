@@ -4,6 +4,7 @@ short chat run trains, evaluates on answer tokens and writes its template."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +174,9 @@ def chat_jsonl(path: Path, n: int = 40) -> Path:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("packing", [True, False])
-def test_chat_run_writes_template_and_answer_loss(tmp_path: Path, packing: bool) -> None:
+def test_chat_run_writes_template_and_answer_loss(
+    tmp_path: Path, packing: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     from flatlm.config import load_config
     from flatlm.data.splits import load_data
     from flatlm.data.tokenizer import run_tokenizer_path
@@ -208,7 +211,9 @@ def test_chat_run_writes_template_and_answer_loss(tmp_path: Path, packing: bool)
         "schedule.warmup_steps": 1,
     }
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-    train(cfg)
+    with caplog.at_level(logging.WARNING, logger="flatlm"):
+        train(cfg)
+    assert any("training a tokenizer on the chat text" in r.getMessage() for r in caplog.records)
     written = (out / "chat_template.jinja").read_text()
     assert written == (CHATML if packing else BUILTIN_TEMPLATE)
     evals = read_jsonl(out / "eval.jsonl")
@@ -220,6 +225,14 @@ def test_chat_run_writes_template_and_answer_loss(tmp_path: Path, packing: bool)
     batch = data.val.batch(range(len(data.val)))
     answers = sum(int(t[1:].sum()) for t in data.val.examples.trainable)
     assert int(batch.counted().sum()) == answers < int((batch.inputs != -1).sum()) // 2
+    if packing:  # fine-tune that run as configs/sft-tiny.yaml does: its weights and its tokenizer, by directory
+        caplog.clear()
+        more = {**overrides, "output_dir": str(tmp_path / "sft"), "model.init_from": str(out)}
+        more |= {"data.tokenizer": str(out), "train.max_steps": 1}
+        with caplog.at_level(logging.WARNING, logger="flatlm"):
+            train(load_config(None, [f"{k}={v}" for k, v in more.items()]))
+        assert not any("training a tokenizer" in r.getMessage() for r in caplog.records)
+        assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
 
 
 def test_examples_are_cached_checked_and_rebuilt(tmp_path: Path) -> None:

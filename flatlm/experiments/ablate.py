@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from flatlm.config import RunConfig, flatten, to_dict
 from flatlm.errors import FlatlmError
 from flatlm.experiments.budget import apply_budget
@@ -32,6 +34,7 @@ from flatlm.experiments.grid import (
 from flatlm.experiments.runner import FINISHED, cell_runs, run_cells
 
 GRID_FILE = "grid.json"
+LOCK_FILE = ".ablate.lock"  # one ablate per output_dir: two would run the same cells at once
 VERSION = 1
 
 
@@ -65,6 +68,28 @@ def ablate(
 
     slot_environments(jobs, launch)  # --jobs larger than the GPUs: refused before anything is written
     grid.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(grid.output_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FlatlmError(
+            f"another flatlm ablate is running on {str(grid.output_dir)!r}; wait for it, or pass another output_dir=DIR"
+        ) from None
+    try:
+        return _run(grid, cells, document, jobs, launch, say)
+    finally:
+        lock.release()
+
+
+def _run(
+    grid: Grid,
+    cells: list[ResolvedCell],
+    document: dict[str, Any],
+    jobs: int,
+    launch: Path | None,
+    say: Callable[[str], None],
+) -> int:
+    """Write grid.json and the cells' records, run the unfinished cells, summarise, report (under the lock)."""
     write_json(grid.output_dir / GRID_FILE, document)
     runs = cell_runs(cells, grid.output_dir)
     for run in runs:
@@ -128,7 +153,7 @@ def check_output_dir(output_dir: Path, document: dict[str, Any]) -> None:
         raise FlatlmError(f"output_dir {str(output_dir)!r} is a file; pass a directory with output_dir=DIR")
     old = read_json(output_dir / GRID_FILE)
     if old is None:
-        if any(output_dir.iterdir()):
+        if any(p.name != LOCK_FILE for p in output_dir.iterdir()):
             raise FlatlmError(
                 f"output_dir {str(output_dir)!r} holds files but no {GRID_FILE} (not an ablation); "
                 "pass another output_dir=DIR"

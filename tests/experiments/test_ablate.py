@@ -254,3 +254,21 @@ def test_job_slots_share_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(2, None)] == ["0,1", "2,3"]
     with pytest.raises(FlatlmError, match="--jobs 5 is more than the 4 GPUs"):
         runner.slot_environments(5, None)
+
+
+@pytest.mark.timeout(120)
+def test_one_ablate_per_output_dir(corpus: Path, tmp_path: Path) -> None:
+    """A second ablate on a directory another one is running on would run the same cells twice: refused."""
+    from filelock import FileLock
+
+    from flatlm.errors import FlatlmError
+
+    base = json.loads(json.dumps(TINY))
+    base["data"]["paths"] = [f"{corpus}/*.txt"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": base, "axes": {"seed": [0]}}))  # without the lock: one tiny cell runs
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / ".ablate.lock")), pytest.raises(FlatlmError, match="another flatlm ablate is running"):
+        ablate(grid, [f"output_dir={out}"], say=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == [".ablate.lock"]  # nothing written

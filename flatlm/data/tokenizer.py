@@ -140,6 +140,10 @@ RUN_TOKENIZER_DIR = "tokenizer"
 """A Hugging Face tokenizer run's own tokenizer (a save_pretrained directory), in its output_dir."""
 HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 RUN_CONFIG = "config.yaml"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""A fine-tuning run's chat template in its output_dir (and, as transformers writes it, in an export)."""
+EXPORT_MARKER = "flatlm_tokenizer.json"
+"""Written by flatlm export beside a sentencepiece run's tokenizer: flatlm reads its tokenizer.model back."""
 
 
 def run_tokenizer_path(out: Path) -> Path:
@@ -150,15 +154,16 @@ def run_tokenizer_path(out: Path) -> Path:
 
 
 def load_tokenizer(spec: str | Path) -> AnyTokenizer:
-    """The tokenizer ``spec`` (``data.tokenizer``) names: a sentencepiece ``.model`` file; a directory with
-    ``tokenizer.json``/``tokenizer_config.json`` (any local HF model, a flatlm export) through ``AutoTokenizer``;
-    a flatlm run directory (``config.yaml`` + its own tokenizer) or one of its checkpoints/step-N: that run's.
+    """The tokenizer ``spec`` (``data.tokenizer``) names: a sentencepiece ``.model`` file; a flatlm export (marked by
+    ``EXPORT_MARKER``): its ``tokenizer.model``; any other directory with ``tokenizer.json``/``tokenizer_config.json``
+    (a local HF model) through ``AutoTokenizer``; a flatlm run directory (``config.yaml`` + its own tokenizer) or one
+    of its checkpoints/step-N: that run's.
 
-    A flatlm export holds both ``tokenizer.model`` and the HF files: it loads as HF (the ``LlamaTokenizer`` export
-    wrote, with its special-token strings and any chat template), as any other model directory would. Its ids are
-    the sentencepiece ones except on text that begins with a space or a newline (transformers adds no dummy prefix
-    there; tests/data/test_hf_tokenizer.py), and its sha256 is another, so its token cache is its own.
-    For sentencepiece's own ids pass ``DIR/tokenizer.model``.
+    A flatlm export of a sentencepiece run holds both ``tokenizer.model`` and a ``LlamaTokenizer`` converted from it,
+    and the two differ on text that begins with a space or a newline (transformers adds no dummy prefix there;
+    tests/data/test_hf_tokenizer.py) — chat templates' segments often do. So flatlm reads an export's
+    ``tokenizer.model``: the ids the model was trained on. A run directory's or an export's ``chat_template.jinja``
+    (what a fine-tuning run rendered with) comes along as the sentencepiece tokenizer's template.
     """
     path = Path(spec).expanduser()
     if path.is_file():
@@ -168,18 +173,28 @@ def load_tokenizer(spec: str | Path) -> AnyTokenizer:
             if path.suffix == ".model":
                 raise
     if path.is_dir():
+        if (path / EXPORT_MARKER).is_file() and (path / RUN_TOKENIZER_FILE).is_file():
+            return _with_chat_template(Tokenizer.load(path / RUN_TOKENIZER_FILE), path)
         if any((path / name).is_file() for name in HF_FILES):
             return HFTokenizer.load(path)
         for run in (path, path.parent.parent if path.parent.name == "checkpoints" else None):
             if run is not None and (run / RUN_CONFIG).is_file():
                 own = run_tokenizer_path(run)
                 if own.exists():
-                    return HFTokenizer.load(own) if own.is_dir() else Tokenizer.load(own)
+                    return HFTokenizer.load(own) if own.is_dir() else _with_chat_template(Tokenizer.load(own), run)
     where = "does not exist" if not path.exists() else "is none of them"
     raise FlatlmError(
         f"data.tokenizer={str(spec)!r} {where}; pass a sentencepiece .model file, a Hugging Face tokenizer "
         "directory (with tokenizer.json or tokenizer_config.json) or a flatlm run directory"
     )
+
+
+def _with_chat_template(tokenizer: Tokenizer, directory: Path) -> Tokenizer:
+    """``tokenizer`` with the chat template a fine-tuning run in ``directory`` used (its ``chat_template.jinja``)."""
+    template = directory / CHAT_TEMPLATE_FILE
+    if template.is_file():
+        tokenizer.chat_template = template.read_text()
+    return tokenizer
 
 
 def save_run_tokenizer(out: Path, tokenizer: AnyTokenizer) -> None:

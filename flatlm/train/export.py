@@ -14,6 +14,7 @@ DeepSpeed's accelerator warning (transformers imports DeepSpeed to check for it)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,7 +25,15 @@ import yaml
 
 from flatlm.config import RunConfig
 from flatlm.data.hf_tokenizer import HFTokenizer
-from flatlm.data.tokenizer import RUN_CONFIG, AnyTokenizer, Tokenizer, load_tokenizer, run_tokenizer_path
+from flatlm.data.tokenizer import (
+    CHAT_TEMPLATE_FILE,
+    EXPORT_MARKER,
+    RUN_CONFIG,
+    AnyTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    run_tokenizer_path,
+)
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, load_pretrained_weights, model_config
 from flatlm.models.build import copy_weights
@@ -90,7 +99,11 @@ def export(source: Path, out: Path) -> Path:
     if isinstance(tok, HFTokenizer):  # the tokenizer the run was given (data.tokenizer=DIR): as it is
         tok.hf.save_pretrained(tmp)
     else:
-        _save_as_llama_tokenizer(tok, checkpoint.parent.parent / TOKENIZER_FILE, tmp)
+        run_dir = checkpoint.parent.parent
+        template = run_dir / CHAT_TEMPLATE_FILE
+        _save_as_llama_tokenizer(
+            tok, run_dir / TOKENIZER_FILE, tmp, template.read_text() if template.is_file() else None
+        )
     mode = 0o666 & ~_umask()  # what open() gives a new file here
     for path in tmp.iterdir():
         if path.is_file():
@@ -123,8 +136,9 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
     copy_weights(model, trained.state_dict(), path, fix=fix)
 
 
-def _save_as_llama_tokenizer(tok: Tokenizer, model_file: Path, out: Path) -> None:
-    """A sentencepiece run's ``tokenizer.model`` as a ``LlamaTokenizer`` directory that encodes as flatlm does."""
+def _save_as_llama_tokenizer(tok: Tokenizer, model_file: Path, out: Path, chat_template: str | None) -> None:
+    """A sentencepiece run's ``tokenizer.model`` as a ``LlamaTokenizer`` directory (with a fine-tuning run's chat
+    template), and the marker that makes flatlm read the ``tokenizer.model`` itself back (``load_tokenizer``)."""
     from transformers import LlamaTokenizer
 
     shutil.copy(model_file, out / TOKENIZER_FILE)  # converted from here
@@ -135,9 +149,13 @@ def _save_as_llama_tokenizer(tok: Tokenizer, model_file: Path, out: Path) -> Non
         eos_token=tok.sp.id_to_piece(tok.eos_id),
         add_bos_token=False,  # flatlm trains on documents followed by EOS, with no BOS
         add_eos_token=False,
-        legacy=False,  # encodes exactly as sentencepiece does (tested against flatlm's tokenizer)
+        legacy=False,  # encodes as sentencepiece does, except text that begins with a space or a newline
     )
+    if chat_template is not None:
+        hf_tok.chat_template = chat_template
     hf_tok.save_pretrained(out)
+    marker = {"tokenizer": TOKENIZER_FILE, "why": "the sentencepiece model this model was trained with"}
+    (out / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
 def _umask() -> int:

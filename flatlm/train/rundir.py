@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from flatlm.config import RunConfig, flatten, run_identity_diff, to_dict
+from flatlm.data.tokenizer import CHAT_TEMPLATE_FILE
 from flatlm.errors import FlatlmError
 from flatlm.optim.registry import resolved_hparams
 from flatlm.train.checkpoint import CHECKPOINT_DIR, LATEST, write_text_atomic
@@ -25,7 +26,6 @@ from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, purge
 CONFIG_FILE = "config.yaml"
 PLOT_FILE = "loss.png"
 TOKENIZER_FILE = "tokenizer.model"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 RUN_FILES = (
     CONFIG_FILE,
     METRICS_FILE,

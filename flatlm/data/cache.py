@@ -78,13 +78,13 @@ def default_cache_dir(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir).expanduser()
 
 
-def _digest(parts: dict[str, Any]) -> str:
+def digest(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def tokenizer_key(cfg: DataConfig, fingerprint: str) -> str:
     """Names a tokenizer trained on this corpus with these options."""
-    return _digest(
+    return digest(
         {
             "source": fingerprint,
             "vocab_size": cfg.vocab_size,
@@ -96,7 +96,7 @@ def tokenizer_key(cfg: DataConfig, fingerprint: str) -> str:
 
 def cache_key(cfg: DataConfig, tokenizer: AnyTokenizer, fingerprint: str | None = None) -> str:
     """Names the token cache of this corpus encoded by exactly this tokenizer (its sha256)."""
-    return _digest(
+    return digest(
         {
             "source": fingerprint or source_fingerprint(cfg),
             "tokenizer_sha256": tokenizer.sha256,
@@ -117,13 +117,13 @@ def load_or_build(
     root = default_cache_dir(cfg)
     fingerprint = source_fingerprint(cfg)
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _trained_tokenizer(cfg, root, fingerprint, log)
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else trained_tokenizer(cfg, root, fingerprint, log)
     key = cache_key(cfg, tokenizer, fingerprint)
     path = root / key
     cache, problem = _open_checked(path, tokenizer)
     if cache is not None:
         return cache
-    with _locked(root, key, log):
+    with locked(root, key, log):
         cache, problem = _open_checked(path, tokenizer)  # another process may have built it meanwhile
         if cache is not None:
             return cache
@@ -232,7 +232,7 @@ def _writable(root: Path) -> None:
 
 
 @contextmanager
-def _locked(root: Path, key: str, log: Log) -> Iterator[None]:
+def locked(root: Path, key: str, log: Log) -> Iterator[None]:
     """Hold ``root/.<key>.lock``: one builder per key at a time, on this machine and across processes."""
     _writable(root)
     lock = FileLock(root / f".{key}.lock")
@@ -254,7 +254,7 @@ def _remove_stale(root: Path, key: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.blake2b()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -279,7 +279,7 @@ def _open_checked(path: Path, tokenizer: AnyTokenizer) -> tuple[TokenCache | Non
         size = (path / "tokens.bin").stat().st_size
         if size != n * dtype.itemsize:
             return None, f"tokens.bin has {size:,} bytes, meta.json says {n * dtype.itemsize:,}"
-        if _file_digest(path / "offsets.npy") != meta["offsets_blake2b"]:
+        if file_digest(path / "offsets.npy") != meta["offsets_blake2b"]:
             return None, "offsets.npy does not match its checksum"
         offsets = np.load(path / "offsets.npy")
         tokens = np.memmap(path / "tokens.bin", dtype=dtype, mode="r", shape=(n,))
@@ -314,14 +314,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _trained_tokenizer(cfg: DataConfig, root: Path, fingerprint: str, log: Log) -> Tokenizer:
+def trained_tokenizer(cfg: DataConfig, root: Path, fingerprint: str, log: Log) -> Tokenizer:
     """The tokenizer trained on this corpus: from the cache, else trained now (once, under a lock) and cached."""
     key = tokenizer_key(cfg, fingerprint)
     stem = root / TOKENIZER_DIR / key
     tokenizer = _cached_tokenizer(stem)
     if tokenizer is not None:
         return tokenizer
-    with _locked(root, f"tokenizer-{key}", log):
+    with locked(root, f"tokenizer-{key}", log):
         tokenizer = _cached_tokenizer(stem)
         if tokenizer is not None:
             return tokenizer
@@ -378,7 +378,7 @@ def _build(cfg: DataConfig, out: Path, tokenizer: AnyTokenizer, fingerprint: str
         "min_id": low,
         "max_id": high,
         "tokens_blake2b": digest.hexdigest(),
-        "offsets_blake2b": _file_digest(out / "offsets.npy"),
+        "offsets_blake2b": file_digest(out / "offsets.npy"),
         "stats": asdict(stats),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

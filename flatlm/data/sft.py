@@ -40,7 +40,7 @@ import torch
 
 from flatlm.config import DataConfig
 from flatlm.data.batch import Batch
-from flatlm.data.cache import _digest, _file_digest, _locked, default_cache_dir
+from flatlm.data.cache import default_cache_dir, digest, file_digest, locked
 from flatlm.data.chat import ChatTokenizer, Renderer, encode_segments, to_conversation
 from flatlm.data.docstrings import STDLIB_DOCS_VERSION
 from flatlm.data.sources import source_fingerprint
@@ -208,7 +208,7 @@ SFT_FILES = ("ids.npy", "trainable.npy", "offsets.npy")
 
 def examples_key(cfg: DataConfig, tokenizer_sha256: str, template: str) -> str:
     """Names the examples of this source rendered with ``template``, tokenized by this tokenizer, cut at seq_len."""
-    return "sft-" + _digest(
+    return "sft-" + digest(
         {
             "source": source_fingerprint(cfg),
             "tokenizer_sha256": tokenizer_sha256,
@@ -234,7 +234,7 @@ def _write_examples(out: Path, examples: Examples) -> None:
         "format": SFT_CACHE_FORMAT,
         "truncated": examples.truncated,
         "dropped": examples.dropped,
-        "blake2b": {name: _file_digest(out / name) for name in SFT_FILES},
+        "blake2b": {name: file_digest(out / name) for name in SFT_FILES},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))  # last: marks the directory whole
 
@@ -246,7 +246,7 @@ def _read_examples(path: Path) -> tuple[Examples | None, str]:
     try:
         meta = json.loads((path / "meta.json").read_text())
         for name in SFT_FILES:
-            if _file_digest(path / name) != meta["blake2b"][name]:
+            if file_digest(path / name) != meta["blake2b"][name]:
                 return None, f"{name} does not match its digest"
         ids, trainable, offsets = (np.load(path / name) for name in SFT_FILES)
     except (OSError, ValueError, KeyError) as exc:
@@ -267,7 +267,7 @@ def cached_examples(
     examples, problem = _read_examples(path)
     if examples is not None:
         return examples
-    with _locked(root, key, log):
+    with locked(root, key, log):
         examples, problem = _read_examples(path)  # another process may have built it meanwhile
         if examples is not None:
             return examples

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flatlm.config import RunConfig
-from flatlm.data.cache import _trained_tokenizer, default_cache_dir, load_or_build, resume_tokenizer
+from flatlm.data.cache import default_cache_dir, load_or_build, resume_tokenizer, trained_tokenizer
 from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
 from flatlm.data.sft import Examples, SftSequences, cached_examples, examples_key, report, sft_view, tokenize_examples
@@ -74,7 +74,7 @@ def chat_tokenizer(cfg: RunConfig, run_tokenizer: Path | None = None) -> AnyToke
         "data.format=chat without data.tokenizer: training a tokenizer on the chat text; fine-tuning normally "
         "starts from a pretrained model (model.init_from) and must use its tokenizer (data.tokenizer=<its run dir>)"
     )
-    return _trained_tokenizer(cfg.data, default_cache_dir(cfg.data), source_fingerprint(cfg.data), log.info)
+    return trained_tokenizer(cfg.data, default_cache_dir(cfg.data), source_fingerprint(cfg.data), log.info)
 
 
 def load_chat_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:

@@ -238,8 +238,8 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     if config_file is not None:
         tree = _read_yaml(Path(config_file))
     for item in overrides or []:
-        key, value = _parse_override(item)
-        _set_dotted(tree, key, value)
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
     return validate(tree)
 
 
@@ -308,7 +308,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
 
 
@@ -320,7 +320,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FlatlmError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
     try:
-        tree = _load_yaml(path.read_text()) or {}
+        tree = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise FlatlmError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
@@ -328,18 +328,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise FlatlmError(f"override {item!r} is not of the form dotted.key=value (e.g. train.max_steps=30)")
     try:
-        value = _load_yaml(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key, value
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = tree
     for i, part in enumerate(parents):

@@ -49,11 +49,11 @@ from typing import Any
 from flatlm.config import (
     NOT_RUN_IDENTITY,
     RunConfig,
-    _load_yaml,
-    _parse_override,
-    _set_dotted,
     describe_keys,
     flatten,
+    load_yaml,
+    parse_override,
+    set_dotted,
     to_dict,
     validate,
 )
@@ -116,7 +116,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
             f"grid file {str(path)!r} has unknown key {unknown[0]!r}{did_you_mean(unknown[0], GRID_KEYS)}; "
             f"valid keys: {', '.join(GRID_KEYS)}"
         )
-    cli: dict[str, Any] = dict(_parse_override(item) for item in overrides)
+    cli: dict[str, Any] = dict(parse_override(item) for item in overrides)
     output_dir = Path(str(cli.pop("output_dir", raw.get("output_dir") or f"runs/ablate-{path.stem}")))
     for key in ("budget", "baseline"):  # the grid's own keys, given on the command line
         if key in cli:
@@ -130,7 +130,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         raise FlatlmError(f"grid 'overrides' must be a mapping of dotted keys to values, not {type(every).__name__}")
     for key, value in {**every, **cli}.items():
         check_key(key, "override")
-        _set_dotted(base_tree, key, value)
+        set_dotted(base_tree, key, value)
     base_tree.pop("output_dir", None)
 
     budget = str(raw.get("budget", "steps"))
@@ -154,7 +154,7 @@ def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise FlatlmError(f"{what} {str(path)!r} does not exist; pass an existing YAML file")
     try:
-        tree = _load_yaml(path.read_text()) or {}
+        tree = load_yaml(path.read_text()) or {}
     except Exception as exc:  # yaml.YAMLError and its subclasses
         raise FlatlmError(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
@@ -346,7 +346,7 @@ def cell_tree(grid: Grid, cell: CellSpec) -> dict[str, Any]:
     """The cell's config tree: base, the grid's overrides, the cell's values, the command line; its output_dir."""
     tree = copy.deepcopy(grid.base_tree)
     for key, value in {**cell.overrides, **grid.cli_overrides}.items():
-        _set_dotted(tree, key, copy.deepcopy(value))
+        set_dotted(tree, key, copy.deepcopy(value))
     tree["output_dir"] = str(grid.output_dir / "cells" / cell.name)
     return tree
 

@@ -88,8 +88,9 @@ class DataConfig(Section):
     vocab_size: int = Field(default=4096, ge=300)
     """Size of the sentencepiece vocabulary trained on the corpus."""
     tokenizer: str | None = None
-    """Use this tokenizer instead of training one: a sentencepiece .model file, a Hugging Face tokenizer directory
-    (an exported flatlm model, any local HF model directory) or a flatlm run directory (its tokenizer.model)."""
+    """Use this tokenizer instead of training one: a sentencepiece .model file; a flatlm run directory or one of its
+    checkpoints (the run's own tokenizer.model or tokenizer/); a flatlm export (its tokenizer.model: the ids the model
+    was trained on); or any local Hugging Face tokenizer directory (AutoTokenizer)."""
     tokenizer_sample_lines: int = Field(default=300_000, gt=0)
     """Lines sampled from the training documents to train the tokenizer."""
     cache_dir: str = "~/.cache/flatlm"

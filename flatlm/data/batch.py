@@ -15,7 +15,9 @@ takes a plain ``(inputs, targets)`` pair, the form tests and benchmarks write by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -68,3 +70,19 @@ def as_batch(batch: Batch | tuple[torch.Tensor, torch.Tensor]) -> Batch:
         return batch
     inputs, targets = batch
     return Batch(inputs, targets)
+
+
+class Sequences(Protocol):
+    """What the training loop reads a split through: pretraining windows (``flatlm.data.packing.PackedSequences``)
+    and fine-tuning examples, packed or one per row (``flatlm.data.sft``)."""
+
+    seq_len: int
+    num_tokens: int
+
+    def __len__(self) -> int:
+        """Rows (sequences) in the split: what the sampler permutes."""
+        ...
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """Rows ``indices`` as one micro-batch."""
+        ...

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flatlm.config import RunConfig
+from flatlm.data.batch import Sequences
 from flatlm.data.cache import default_cache_dir, load_or_build, resume_tokenizer, trained_tokenizer
 from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
-from flatlm.data.sft import Examples, SftSequences, cached_examples, examples_key, report, sft_view, tokenize_examples
+from flatlm.data.sft import Examples, cached_examples, examples_key, report, sft_view, tokenize_examples
 from flatlm.data.sources import iter_rows, source_fingerprint
 from flatlm.data.tokenizer import AnyTokenizer, load_tokenizer
 from flatlm.errors import FlatlmError
@@ -26,8 +27,8 @@ log = logging.getLogger("flatlm")
 
 @dataclass
 class Data:
-    train: PackedSequences | SftSequences
-    val: PackedSequences | SftSequences | None
+    train: Sequences
+    val: Sequences | None
     """None when there is no validation split, or it is shorter than one sequence."""
     vocab_size: int
     bos_id: int

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
-from flatlm.data import GlobalBatchSampler, PackedSequences
+from flatlm.data import GlobalBatchSampler
+from flatlm.data.batch import Sequences
 from flatlm.data.splits import Data, data_seed, load_data
 from flatlm.data.tokenizer import run_tokenizer_path, save_run_tokenizer
 from flatlm.errors import FlatlmError
@@ -128,7 +129,7 @@ def _check_positions(cfg: RunConfig, config: Any) -> None:
         )
 
 
-def evaluate(model: torch.nn.Module, val: PackedSequences, cfg: RunConfig, device: torch.device) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, val: Sequences, cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """Loss and perplexity on the first ``eval_batches`` micro-batches of the validation split."""
     n = min(len(val), cfg.train.eval_batches * cfg.train.micro_batch_size)
     mb = cfg.train.micro_batch_size

@@ -69,16 +69,19 @@ class TokenLosses:
 
 
 def packed_attention_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """The causal attention of packed examples, confined to each example: [B, 1, L, L] bool, True where query i may
-    attend key j (j <= i, both in the same example). An example starts where its position restarts at 0.
+    """The causal attention of packed examples, confined to each example, as an additive mask: [B, 1, L, L] fp32,
+    0 where query i may attend key j (j <= i, both in the same example), the most negative float elsewhere. An
+    example starts where its position restarts at 0.
 
-    An explicit 4-D mask is what every attention kernel of transformers' Llama honours (eager, SDPA); its cost is the
-    mask itself (B L^2 bytes) and SDPA's masked kernel in place of its causal fast path (measured in the README)."""
+    Additive, not bool: transformers' eager attention adds the mask to the scores (a bool mask would add 1 and 0 and
+    leak), SDPA takes either. Its cost is the mask itself (4 B L^2 bytes: 0.5 MiB for 16 x 128^2) and SDPA's masked
+    kernel in place of its causal fast path (benchmarks/packed_attention.py)."""
     example = (position_ids == 0).cumsum(dim=1)  # [B, L]: which example each token belongs to
     same = example[:, :, None] == example[:, None, :]  # [B, L, L]
     length = position_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
-    return (same & causal)[:, None]  # [B, 1, L, L]
+    allowed = (same & causal)[:, None]  # [B, 1, L, L]
+    return torch.zeros(allowed.shape, device=position_ids.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
 def token_losses(model: torch.nn.Module, batch: Batch, bf16: bool) -> TokenLosses:

@@ -161,6 +161,44 @@ def test_position_ids_reach_the_model() -> None:
     assert not torch.allclose(default, per_document)
 
 
+def _tiny_llama(attn: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_examples_are_isolated_under_every_attention_kernel(attn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two examples packed in one row: changing the first changes nothing of the second's losses, which equal the
+    second example alone, under SDPA and eager attention alike. Planted bug: a bool mask, which eager attention adds
+    to its scores as 1/0, leaks."""
+    model = _tiny_llama(attn)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, VOCAB, (6,), generator=g), torch.randint(0, VOCAB, (9,), generator=g)
+    positions = torch.cat([torch.arange(5), torch.arange(8)])[None]  # inputs: a[:-1] then b[:-1]
+
+    def second_example_losses(first: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([first[:-1], b[:-1]])[None]
+        y = torch.cat([first[1:], b[1:]])[None]
+        loss_mask = torch.cat([torch.zeros(5, dtype=torch.bool), torch.ones(8, dtype=torch.bool)])[None]
+        return token_losses(model, Batch(x, y, loss_mask=loss_mask, position_ids=positions), False).sums
+
+    with torch.no_grad():
+        changed_a = a.clone()
+        changed_a[1] = (changed_a[1] + 1) % VOCAB
+        alone = token_losses(model, Batch(b[:-1][None], b[1:][None]), False).sums
+        assert torch.equal(second_example_losses(a), second_example_losses(changed_a))
+        assert torch.allclose(second_example_losses(a), alone, rtol=1e-5)
+        original = step_module.packed_attention_mask
+        monkeypatch.setattr(step_module, "packed_attention_mask", lambda pos: original(pos) == 0)  # the bool form
+        leaked = (second_example_losses(a) - second_example_losses(changed_a)).abs().max()
+    assert (leaked > 1e-4) == (attn == "eager")  # SDPA honours a bool mask; eager adds it to the scores
+
+
 def test_bad_batches_are_refused() -> None:
     x = torch.zeros(2, SEQ, dtype=torch.long)
     with pytest.raises(ValueError, match="loss_mask must have the inputs' shape"):

@@ -13,17 +13,19 @@ A grid file::
     axes:                        # crossed as a product, in this order
       optim.name:                # a mapping: value -> that value's own overrides
         adamw: {optim.lr: [1.0e-3, 3.0e-3]}         # a list inside is a sub-axis (crossed within this value)
-        lion: {optim.lr: [1.0e-4, 3.0e-4]}
-        sam: {optim.lr: [1.0e-3, 3.0e-3], optim.hparams.rho: 0.05}   # a scalar (or mapping) is a fixed override
+        lion: {optim.lr: [1.0e-4, 3.0e-4], optim.weight_decay: 1.0}   # a scalar (or mapping) is a fixed override
+        sam: {optim.lr: [1.0e-3, 3.0e-3], optim.hparams.rho: [0.02, 0.05]}
       seed: [0, 1]               # a list: plain values
     zip:                         # groups of axis keys whose lists advance together instead of crossing
-      - [optim.lr, schedule.warmup_fraction]
+      - [optim.lr, optim.hparams.rho]   # sam: (1e-3, 0.02), (3e-3, 0.05); adamw's and lion's lr cross as usual
 
 A list-valued config value is one value of a list axis: ``optim.hparams.betas: [[0.9, 0.95], [0.9, 0.99]]`` is an
 axis with two values; a fixed list-valued override inside a per-value mapping is written as a one-value axis
 (``[[0.9, 0.99]]``). A zip group applies wherever its keys are list axes side by side (at the top, or inside one
-value's mapping). Command-line overrides apply to every cell, on top of its axis values; ``output_dir=``,
-``budget=`` and ``baseline=`` among them replace the grid's own keys.
+value's mapping); a group whose keys sit at different levels (one at the top, one inside a value's mapping) is
+refused. Command-line overrides apply to every cell, on top of its axis values; ``output_dir=``,
+``budget=`` and ``baseline=`` among them replace the grid's own keys; an override of an axis key is refused (it
+would give every cell the axis's one value).
 
 Every cell sees the same data order unless an axis changes it: a ``seed`` axis changes the initialisation and the
 data order together; set ``data.seed`` in the base (or make it an axis of its own) to vary only the initialisation.
@@ -141,7 +143,14 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         raise FlatlmError("the grid has no axes; add e.g. 'axes: {optim.name: [adamw, lion]}'")
     top = _Level({}, [_parse_axis(key, spec, top=True) for key, spec in axes_raw.items()])
     order = _axis_order(top)
+    for key in cli:
+        if key in order:  # it would set every cell's value: the axis collapses to one value, its cells to copies
+            raise FlatlmError(
+                f"command-line override {key}={cli[key]!r} sets {key!r}, but it is an axis of the grid (every cell "
+                f"would run the same {key}); edit the grid's axis, or drop the override"
+            )
     zips = _parse_zip(raw.get("zip") or [], order)
+    _check_zip_levels(top, zips)
     cells = []
     for values, cell_overrides in _expand(top, zips, ""):
         ordered = dict(sorted(values, key=lambda kv: order.index(kv[0])))
@@ -243,6 +252,43 @@ def _parse_zip(zips: Any, axes: list[str]) -> list[list[str]]:
                 raise FlatlmError(f"axis {key!r} is in two zip groups; put it in one")
             seen.add(key)
     return [list(map(str, g)) for g in zips]
+
+
+def _keys_below(level: _Level) -> set[str]:
+    """Every axis key inside the per-value mappings of ``level``'s axes, at any depth."""
+    return {k for axis in level.axes for sub in axis.levels if sub for k in _axis_order(sub)}
+
+
+def _check_zip_levels(top: _Level, zips: list[list[str]]) -> None:
+    """Refuse a zip group split across levels (one key at the top, another inside a value's mapping), and one whose
+    keys are never side by side: expansion zips only axes of one level, so either would silently cross instead."""
+    met = _zip_meetings(top, zips, frozenset(), "")
+    for group in zips:
+        if tuple(group) not in met:
+            raise FlatlmError(f"zip group {group} never has its keys side by side; put them in the same mapping")
+
+
+def _zip_meetings(level: _Level, zips: list[list[str]], above: frozenset[str], where: str) -> set[tuple[str, ...]]:
+    """The zip groups whose keys are all axes of ``level`` or of a level inside it; raises on a split group."""
+    here = {axis.key for axis in level.axes}
+    below = _keys_below(level)
+    met: set[tuple[str, ...]] = set()
+    for group in zips:
+        present = here & set(group)
+        if present == set(group):
+            met.add(tuple(group))
+        elif present and (set(group) - present) & (above | below):
+            split = sorted(set(group) - present)
+            raise FlatlmError(
+                f"zip group {group}{where}: {', '.join(sorted(present))} is an axis here but {', '.join(split)} is "
+                "an axis at another level (the top, or inside a value's mapping); zipped keys must be side by side: "
+                "move them into the same mapping"
+            )
+    for axis in level.axes:
+        for value, sub in zip(axis.values, axis.levels, strict=True):
+            if sub is not None:
+                met |= _zip_meetings(sub, zips, above | here, f" (under {axis.key}={value})")
+    return met
 
 
 # -- expansion -----------------------------------------------------------------------------------------------------

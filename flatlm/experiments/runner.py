@@ -104,14 +104,28 @@ def cell_command(config: Path, launch_config: Path | None) -> list[str]:
 
 def slot_environments(jobs: int, launch_config: Path | None) -> list[dict[str, str]]:
     """Environment variables of each job slot: its GPUs, or its share of the CPU cores."""
-    gpus = _cuda_devices()
+    gpus = visible_devices(_cuda_devices())
     if gpus:
-        if jobs > gpus:
-            raise FlatlmError(f"--jobs {jobs} is more than the {gpus} GPUs here; use --jobs {gpus} or fewer")
-        per = gpus // jobs
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(i * per, (i + 1) * per)))} for i in range(jobs)]
+        if jobs > len(gpus):
+            raise FlatlmError(f"--jobs {jobs} is more than the {len(gpus)} GPUs here; use --jobs {len(gpus)} or fewer")
+        per = len(gpus) // jobs
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per : (i + 1) * per])} for i in range(jobs)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return [{"OMP_NUM_THREADS": str(max(1, cores // jobs))} for _ in range(jobs)]
+
+
+def visible_devices(count: int) -> list[str]:
+    """The names of the ``count`` devices this process sees, as a child's CUDA_VISIBLE_DEVICES must spell them.
+
+    A child's CUDA_VISIBLE_DEVICES is read against the machine, not against the parent's: under an inherited
+    ``CUDA_VISIBLE_DEVICES=4,5,6,7`` the slots must get ``4,5`` and ``6,7``, not ``0,1`` and ``2,3`` (GPUs that
+    belong to someone else). Without the variable the devices are ``0..count-1``.
+    """
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is None:
+        return [str(i) for i in range(count)]
+    names = [part.strip() for part in inherited.split(",") if part.strip()]
+    return names[:count]  # torch stops at the first invalid entry; count is what it found
 
 
 def _cuda_devices() -> int:

@@ -245,6 +245,7 @@ def test_job_slots_share_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     from flatlm.errors import FlatlmError
     from flatlm.experiments import runner
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(runner, "_cuda_devices", lambda: 0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert runner.slot_environments(3, None) == [{"OMP_NUM_THREADS": "2"}] * 3
@@ -254,6 +255,20 @@ def test_job_slots_share_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(2, None)] == ["0,1", "2,3"]
     with pytest.raises(FlatlmError, match="--jobs 5 is more than the 4 GPUs"):
         runner.slot_environments(5, None)
+
+
+def test_job_slots_split_an_inherited_device_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CUDA_VISIBLE_DEVICES=4,5,6,7 the slots get 4,5 and 6,7 (not 0,1 and 2,3: someone else's GPUs)."""
+    from flatlm.experiments import runner
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    monkeypatch.setattr(runner, "_cuda_devices", lambda: 4)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(2, None)] == ["4,5", "6,7"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(4, None)] == ["4", "5", "6", "7"]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(3, None)] == ["4", "5", "6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a1, GPU-b2")  # UUIDs pass through as spelled
+    monkeypatch.setattr(runner, "_cuda_devices", lambda: 2)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in runner.slot_environments(2, None)] == ["GPU-a1", "GPU-b2"]
 
 
 @pytest.mark.timeout(120)

@@ -85,6 +85,42 @@ def test_zip_inside_a_value(tmp_path: Path) -> None:
     assert names(tmp_path, body) == ["adamw-lr1e-3-wd0", "adamw-lr3e-3-wd0.1"]
 
 
+def test_the_module_docstrings_example_loads(tmp_path: Path) -> None:
+    """The grid file in flatlm.experiments.grid's docstring is a working grid (it once zipped a non-axis key)."""
+    doc = grid_mod.__doc__ or ""
+    block = doc.split("A grid file::", 1)[1].split("\n\n")[1]  # the indented block after the blank line
+    (tmp_path / "default.yaml").write_text("{}\n")  # its base: ../default.yaml
+    (tmp_path / "ablations").mkdir()
+    path = tmp_path / "ablations" / "x.yaml"
+    path.write_text("\n".join(line[4:] for line in block.splitlines()) + "\n")
+    grid = load_grid(path)
+    resolve_cells(grid)
+    by_name = {c.name: c for c in grid.cells}
+    assert "sam-lr1e-3-rho0.02-seed0" in by_name and "sam-lr3e-3-rho0.05-seed1" in by_name
+    assert "sam-lr1e-3-rho0.05-seed0" not in by_name  # zipped, not crossed
+    assert len(grid.cells) == (2 + 2 + 2) * 2
+    assert by_name["lion-lr1e-4-seed0"].overrides["optim.weight_decay"] == 1.0
+
+
+def test_zip_across_levels_is_refused(tmp_path: Path) -> None:
+    """A zip group with one key at the top and one inside a value's mapping used to be silently crossed."""
+    body = {
+        "axes": {"optim.name": {"adamw": {"optim.lr": [1e-3, 3e-3]}}, "seed": [0, 1]},
+        "zip": [["optim.lr", "seed"]],
+    }
+    refuse(tmp_path, body, "zip group ['optim.lr', 'seed']", "side by side")
+    body = {"axes": {"optim.name": {"adamw": {"optim.lr": [1e-3]}, "sam": {"seed": [0]}}}, "zip": [["optim.lr", "seed"]]}
+    refuse(tmp_path, body, "never has its keys side by side")
+
+
+def test_command_line_override_of_an_axis_is_refused(tmp_path: Path) -> None:
+    """`flatlm ablate G.yaml optim.lr=0.05` used to give every cell lr 0.05 (the axis collapsed, silently)."""
+    body = {"axes": {"optim.name": {"adamw": {"optim.lr": [1e-3, 3e-3]}}, "seed": [0, 1]}}
+    refuse(tmp_path, body, "'optim.lr'", "axis of the grid", overrides=("optim.lr=0.05",))
+    refuse(tmp_path, body, "'seed'", "axis of the grid", overrides=("seed=3",))
+    assert len(load_grid(write_grid(tmp_path, body), ["optim.weight_decay=0.0"]).cells) == 4  # other keys pass
+
+
 def test_cells_resolve_with_overrides_on_top(tmp_path: Path) -> None:
     body = {"overrides": {"train.max_steps": 7}, "axes": {"optim.lr": [1e-3, 3e-3]}}
     grid = load_grid(write_grid(tmp_path, body), ["optim.weight_decay=0.0", f"output_dir={tmp_path / 'out'}"])

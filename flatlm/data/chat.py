@@ -16,7 +16,9 @@ template with Hugging Face's ``apply_chat_template`` conventions (``messages``, 
 The rendering is cut into SEGMENTS ``(text, trainable)``: the text each assistant message adds, minus the generation
 prompt (``<|assistant|>\\n`` above), is trainable; everything else is not. The spans are found by rendering prefixes
 of the conversation (``render(messages[:i], add_generation_prompt=True)`` ends where assistant message ``i``'s
-trainable text starts; ``render(messages[:i+1])`` ends where it stops), so any template that renders a conversation
+trainable text starts; ``render(messages[:i+1])`` ends where it stops; an assistant message that opens the
+conversation starts where two one-message renderings with different contents part, since a template may not render
+``[]``, e.g. one that reads ``messages[0]`` to add a default system prompt), so any template that renders a conversation
 as a growing prefix works, and one that does not is refused. With the built-in template the trainable text of an
 assistant turn is its content and the EOS after it.
 
@@ -52,6 +54,9 @@ CONTINUATION_ANCHOR = "\n"
 """Encoded before a segment that continues an example and then cut off: no dummy-prefix space in the middle."""
 
 Conversation = list[dict[str, str]]
+SENTINELS = ("\ue000flatlm-a", "\ue001flatlm-b")
+"""Two assistant contents that differ from their first character (private-use code points no text has): where
+their renderings part is where a first assistant message's content starts."""
 
 
 class ChatTokenizer(Protocol):
@@ -185,10 +190,25 @@ class Renderer:
         """The rendering up to where assistant message ``i``'s trainable text starts (with the generation prompt)."""
         if i:
             return self.render(messages[:i], add_generation_prompt=True)
-        try:  # an assistant message first: a template may not render an empty conversation (messages[0])
-            return self.render([], add_generation_prompt=True)
-        except Exception:
-            return ""
+        return self._first_assistant_head()
+
+    def _first_assistant_head(self) -> str:
+        """What comes before the content of a conversation's first message when it is the assistant's.
+
+        A template may not render an empty conversation (it reads ``messages[0]``, e.g. to insert a default system
+        prompt), and one that does may render it without that prompt. So the head is read off two one-message
+        conversations that differ only in their content: their common prefix, which must end right where the
+        content starts."""
+        renders = [self.render([{"role": "assistant", "content": s}]) for s in SENTINELS]
+        a, b = renders
+        common = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        if not all(r[common:].startswith(s) for r, s in zip(renders, SENTINELS, strict=True)):
+            raise FlatlmError(
+                "the chat template does not render an assistant message's content as it is when the conversation "
+                "starts with one, so the assistant's tokens cannot be found; start each conversation with a user "
+                "(or system) message, or use data.chat_template=builtin"
+            )
+        return renders[0][:common]
 
     def segments(self, messages: Conversation) -> list[Segment]:
         """The rendering of ``messages`` cut into (text, trainable) pieces: each assistant message's text minus the

@@ -12,6 +12,7 @@ from flatlm.data import sft
 from flatlm.data.chat import (
     BUILTIN_TEMPLATE,
     Renderer,
+    Segment,
     encode_segments,
     renderer_for,
     resolved_template,
@@ -230,3 +231,41 @@ def test_an_hf_tokenizer_with_its_own_template(tmp_path: Path) -> None:
     assert [hf_tok.decode(r) for r in runs] == [a + "</s>\n" for a in ANSWERS["messages"]]
     assert all(hf_tok.eos_id in r for r in runs)
     assert hf_tok.decode(ex.ids[0]) == renderer.render(to_conversation(ROWS["messages"], "auto", "r"))
+
+
+QWEN_LIKE = (
+    "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou answer briefly.<|im_end|>\\n' }}{% endif %}"
+    + CHATML
+)
+"""ChatML with a default system prompt read off ``messages[0]`` (as Qwen's template does): it cannot render []."""
+
+
+def test_a_conversation_starting_with_the_assistant_trains_on_its_answers_only(tok: Tokenizer) -> None:
+    """Catches: the head of a first assistant message taken as "" when the template cannot render [] (the default
+    system prompt and the assistant header trained on)."""
+    row = {
+        "messages": [
+            {"role": "assistant", "content": "A mutable sequence."},
+            {"role": "user", "content": "And a tuple?"},
+            {"role": "assistant", "content": "An immutable one."},
+        ]
+    }
+    renderer = renderer_for(QWEN_LIKE, tok)
+    segments = renderer.segments(to_conversation(row, "messages", "row"))
+    assert segments[0] == Segment("<|im_start|>system\nYou answer briefly.<|im_end|>\n<|im_start|>assistant\n", False)
+    ids, mask = encode_segments(segments, tok)
+    runs = counted_runs(np.asarray(ids), np.asarray(mask))
+    assert expected_runs_ok(runs, ["A mutable sequence.", "An immutable one."], "chatml", tok), [
+        tok.decode(r) for r in runs
+    ]
+    # the built-in template renders [] fine: its head is the generation prompt, as before
+    builtin = renderer_for(BUILTIN_TEMPLATE, tok).segments(to_conversation(row, "messages", "row"))
+    assert builtin[0] == Segment("<|assistant|>\n", False)
+
+
+def test_a_template_that_changes_a_first_assistant_content_is_refused(tok: Tokenizer) -> None:
+    """The content must appear as it is after the head; a template that rewrites it gets one clear error."""
+    upper = CHATML.replace("message['content']", "(message['content'] | upper)")
+    row = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]}
+    with pytest.raises(FlatlmError, match="starts with one"):
+        renderer_for(upper, tok).segments(to_conversation(row, "messages", "row"))

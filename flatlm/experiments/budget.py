@@ -46,9 +46,12 @@ PASSES: dict[str, Callable[[dict[str, Any]], float]] = {
     "ssam": lambda h: 2.0,
     "gsam": lambda h: 2.0,
     "looksam": lambda h: 1.0 + 1.0 / h["k"],  # the second pass every k-th step only
-    # ESAM: pass 2 forwards the whole batch at w + eps (1/3 of a pass) to rank samples, and backpropagates the
-    # fraction gamma of them (2/3 gamma); its weight sparsity (beta) saves element-wise work only. An approximation.
-    "esam": lambda h: 1.0 + (1.0 + 2.0 * h["gamma"]) / 3.0,
+    # ESAM: 2 passes, as flatlm implements it. The paper's pass 2 backpropagates only the fraction gamma of the
+    # samples (1 + (1 + 2 gamma) / 3 passes), but flatlm.optim.esam forwards every sample with grad at w + eps and
+    # starts the backward from the selected samples' mean loss, through the whole batch's graph: the backward costs
+    # a full one (the unselected samples' gradients are zeros, still computed). Its weight sparsity (beta) saves
+    # element-wise work only.
+    "esam": lambda h: 2.0,
 }
 
 

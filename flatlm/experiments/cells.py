@@ -5,7 +5,8 @@ Statuses (``STATUSES``): pending (never started), running (a process is on it no
 done (the run reached train.max_steps), diverged (the loop stopped on a non-finite loss: ``flatlm train`` raises "the
 loss became nan at step N", exit status 2), oom (killed by SIGKILL, as the kernel's OOM killer does, or "out of
 memory" in its log), interrupted (stopped by a signal before its last step: SIGTERM/SIGINT make ``flatlm train``
-save a checkpoint and exit 0, so a rerun resumes it), failed (anything else; its log tail is kept and shown).
+save a checkpoint and exit 0, so a rerun resumes it), failed (anything else, also a cell that crashed by itself
+while ablate was stopping; its log tail is kept and shown).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ CELL_FILE = "cell.json"
 CONFIG_FILE = "cell.yaml"
 LOG_FILE = "train.log"
 TAIL_LINES = 20
+STOPPED_CODES = (0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGINT)
+"""Exit statuses of a cell stopped by a signal: flatlm train saves and exits 0 on the first, a second one (or one
+outside the loop) kills it; the pdeathsig wrapper exits 128 + SIGTERM when its parent is gone before it starts."""
 _DIVERGED = re.compile(r"the loss became (nan|inf|-inf) at step \d+")
 _OOM = re.compile(r"out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.IGNORECASE)
 
@@ -95,6 +99,6 @@ def classify(returncode: int, reached: bool, interrupted: bool, log_text: str) -
         return "oom"  # the kernel's OOM killer sends SIGKILL
     if _OOM.search(log_text):
         return "oom"
-    if interrupted or returncode == 0 or returncode in (-signal.SIGTERM, -signal.SIGINT, 130, 143):
-        return "interrupted"  # saved (or killed) before its last step: a rerun resumes it
-    return "failed"
+    if returncode in STOPPED_CODES or (interrupted and returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)):
+        return "interrupted"  # saved (or killed by a signal) before its last step: a rerun resumes it
+    return "failed"  # also a cell that crashed by itself (exit 1, a traceback) while ablate was stopping

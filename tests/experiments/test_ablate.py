@@ -67,6 +67,10 @@ def test_report_needs_an_ablation(tmp_path: Path, capsys: pytest.CaptureFixture[
         (-15, False, False, "", "interrupted"),
         (2, False, False, "error: data.vocab_size=100000 is more than this corpus supports", "failed"),
         (1, False, False, "Traceback ... KeyError: 'x'", "failed"),
+        (1, False, True, "Traceback ... KeyError: 'x'", "failed"),  # crashed by itself while ablate was stopping
+        (2, False, True, "error: data.vocab_size=100000 is more than this corpus supports", "failed"),
+        (-15, False, True, "", "interrupted"),  # our second signal killed it
+        (143, False, True, "", "interrupted"),  # pdeathsig: ablate gone before the cell started
     ],
 )
 def test_classify(rc: int, reached: bool, ours: bool, log: str, status: str) -> None:

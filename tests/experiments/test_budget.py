@@ -46,6 +46,14 @@ def test_steps_budget_keeps_steps(tmp_path: Path) -> None:
     assert set(steps_under(tmp_path, "steps").values()) == {60}
 
 
+def test_esam_pays_a_full_second_pass() -> None:
+    """flatlm's ESAM backpropagates the selected samples' loss through the whole batch's graph: 2 passes, whatever
+    gamma (the paper's 1 + (1 + 2 gamma) / 3 would claim a saving flatlm does not realise)."""
+    for gamma in ("0.5", "1.0"):
+        cfg = load_config(None, [*SMALL, "optim.name=esam", f"optim.hparams.gamma={gamma}"])
+        assert step_cost(cfg).passes == 2.0
+
+
 def test_planted_sam_counted_as_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(budget.PASSES, "sam", lambda h: 1.0)
     assert steps_under(tmp_path, "flops")["sam"] != 30  # the check above would fail on this bug

@@ -109,7 +109,8 @@ def test_zip_across_levels_is_refused(tmp_path: Path) -> None:
         "zip": [["optim.lr", "seed"]],
     }
     refuse(tmp_path, body, "zip group ['optim.lr', 'seed']", "side by side")
-    body = {"axes": {"optim.name": {"adamw": {"optim.lr": [1e-3]}, "sam": {"seed": [0]}}}, "zip": [["optim.lr", "seed"]]}
+    apart = {"adamw": {"optim.lr": [1e-3]}, "sam": {"seed": [0]}}
+    body = {"axes": {"optim.name": apart}, "zip": [["optim.lr", "seed"]]}
     refuse(tmp_path, body, "never has its keys side by side")
 
 

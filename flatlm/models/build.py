@@ -15,7 +15,11 @@ from flatlm.models.presets import PRESETS, preset_kwargs
 def model_config(
     name: str, vocab_size: int, overrides: dict[str, Any] | None = None, *, bos_id: int = 1, eos_id: int = 2
 ) -> PretrainedConfig:
-    """The transformers config for ``name`` with the tokenizer's vocabulary and ``overrides``."""
+    """The transformers config for ``name`` with the tokenizer's vocabulary and ``overrides``.
+
+    A preset gets exactly the tokenizer's ``vocab_size``; a config loaded from a path or Hub id keeps its own when it
+    is larger (an embedding padded past the tokenizer, as Qwen's and Pythia's are, so its weights fit
+    ``model.init_from``) and grows to the tokenizer's when it is smaller."""
     overrides = dict(overrides or {})
     if name in PRESETS:
         kwargs = {
@@ -41,7 +45,8 @@ def model_config(
                 "Pass a preset name, a local directory holding config.json, or a Hub id "
                 "reachable from this machine"
             ) from None
-        config.vocab_size = vocab_size
+        # A pretrained embedding may be padded past its tokenizer (Qwen, Pythia): its rows stay, never cut.
+        config.vocab_size = max(int(getattr(config, "vocab_size", 0) or 0), vocab_size)
         for key, value in overrides.items():
             setattr(config, key, value)
         return config

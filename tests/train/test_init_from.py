@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,35 @@ def test_a_run_with_an_hf_tokenizer_keeps_it_resumes_with_it_and_exports_it(
     assert exported(TEXT, add_special_tokens=False)["input_ids"] == given.encode([TEXT])[0]
     assert exported.eos_token_id == given.eos_id and len(exported) == given.vocab_size
     assert HFTokenizer.load(hf_out).sha256 == given.sha256
+
+
+def _padded_hf_model(path: Path, vocab_size: int) -> Path:
+    """A tiny Llama saved with an embedding of ``vocab_size`` rows beside a 300-id HF tokenizer (padded, as Qwen's
+    and Pythia's embeddings are)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    make_hf_tokenizer(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **{k: v for k, v in OVERRIDES.items() if k != "intermediate_size"},
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.timeout(120)
+def test_a_model_whose_embedding_is_larger_than_its_tokenizer_is_fine_tuned(tmp_path: Path, text_corpus: Path) -> None:
+    """Catches: model_config cutting a path config's vocab_size down to the tokenizer's (init_from then refused)."""
+    model_dir = _padded_hf_model(tmp_path / "padded", vocab_size=320)
+    tok = load_tokenizer(model_dir)
+    assert tok.vocab_size == 300
+    config = model_config(str(model_dir), tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    assert config.vocab_size == 320  # never shrunk
+    assert model_config(str(model_dir), 400).vocab_size == 400  # grown to a larger tokenizer
+    assert model_config("tiny", 300, OVERRIDES).vocab_size == 300  # a preset: the tokenizer's size
+    extra = {**SMALL, "model.name": str(model_dir), "model.init_from": str(model_dir), "data.tokenizer": str(model_dir)}
+    result = train(load_config(None, tiny_overrides(tmp_path / "run", text_corpus, **extra, **{"train.max_steps": 1})))
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])

@@ -146,7 +146,15 @@ def grid_document(grid: Grid, cells: list[ResolvedCell]) -> dict[str, Any]:
 
 
 def check_output_dir(output_dir: Path, document: dict[str, Any]) -> None:
-    """Refuse an OUTPUT_DIR that holds another grid (or other files), naming what differs."""
+    """Refuse an OUTPUT_DIR that holds another grid (or other files), naming what differs.
+
+    A grid's identity is its cells' run configs (``fingerprint``), its ``budget`` and each cell's length: a rerun
+    with another budget, or with a cell's max_steps lowered (by ``train.max_steps``, or by the budget's arithmetic
+    under ``budget=flops``), would otherwise keep cells that ran longer and compare them with cells that ran less.
+    Raising max_steps is allowed (extending a grid): a done cell below its new max_steps runs again, and
+    ``flatlm train`` continues it from its last checkpoint. A cell whose directory holds more steps than its
+    max_steps is refused whatever grid.json says (it cannot be "done" at the shorter length).
+    """
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -159,7 +167,14 @@ def check_output_dir(output_dir: Path, document: dict[str, Any]) -> None:
                 "pass another output_dir=DIR"
             )
         return
+    if old.get("fingerprint") == document["fingerprint"] and old.get("budget", "steps") != document["budget"]:
+        raise FlatlmError(
+            f"output_dir {str(output_dir)!r} holds this grid run with budget={old.get('budget', 'steps')}, not "
+            f"budget={document['budget']}: a different budget is a different grid (other steps per cell); "
+            f"pass another output_dir=DIR (e.g. output_dir={output_dir}-{document['budget']})"
+        )
     if old.get("fingerprint") == document["fingerprint"]:
+        _check_lengths(output_dir, old, document)
         return
     raise FlatlmError(
         f"output_dir {str(output_dir)!r} holds a different grid ({old.get('grid_file')}): "
@@ -168,10 +183,28 @@ def check_output_dir(output_dir: Path, document: dict[str, Any]) -> None:
     )
 
 
+def _check_lengths(output_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse a rerun that shortens a cell (grid.json's max_steps, or the steps its directory already holds)."""
+    before = {c["name"]: c.get("max_steps") for c in old.get("cells", [])}
+    for cell in new["cells"]:
+        name, steps = cell["name"], int(cell["max_steps"])
+        was = before.get(name)
+        done = steps_done(output_dir / "cells" / name)
+        if (isinstance(was, int) and steps < was) or done > steps:
+            said = f"max_steps {was} -> {steps}" if isinstance(was, int) and steps < was else f"max_steps {steps}"
+            raise FlatlmError(
+                f"output_dir {str(output_dir)!r}: cell {name} would be shortened ({said}, {done} steps already run); "
+                "a shorter grid is a different grid (its cells would not be comparable): pass another "
+                f"output_dir=DIR (e.g. output_dir={output_dir}-{steps}), or raise train.max_steps instead"
+            )
+
+
 def _what_differs(old: dict[str, Any], new: dict[str, Any]) -> str:
     from flatlm.config import NOT_RUN_IDENTITY
 
     said = []
+    if old.get("budget", "steps") != new["budget"]:
+        said.append(f"budget {old.get('budget', 'steps')} -> {new['budget']}")
     a, b = flatten(old.get("base", {})), flatten(new["base"])
     base_keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(NOT_RUN_IDENTITY)]
     if base_keys:

@@ -10,10 +10,11 @@ How the answer is chosen (also stated in every report):
 
 - An *optimizer* is ``optim.name`` plus any axis other than the learning rate and the seeds (``sam rho=0.1`` and
   ``sam rho=0.05`` are two); the *seeds* are the values of the ``seed`` / ``data.seed`` axes.
-- Its best learning rate has the lowest mean, over seeds, of the cells' best validation loss (final training loss
-  when no cell evaluated). A learning rate competes only when every one of its cells finished with a finite value,
-  so a rate that diverged at one seed is not crowned on the seeds that survived; when none qualifies, the best of
-  what finished is shown, marked incomplete.
+- Its best learning rate has the lowest mean, over seeds, of the cells' final validation loss (at the last
+  evaluation, not the minimum over training: an lr that blows up late must not win on its early best; the final
+  training loss when no cell evaluated). The best validation loss stays a column. A learning rate competes only
+  when every one of its cells finished with a finite value, so a rate that diverged at one seed is not crowned on
+  the seeds that survived; when none qualifies, the best of what finished is shown, marked incomplete.
 - The comparison with the baseline (``grid.json`` ``baseline``, AdamW unless named) pairs the two best learning
   rates seed by seed (:mod:`flatlm.experiments.stats`), against the baseline of the same context (``data.format``)
   and, when the baseline has axes of its own (AdamW's betas), against its best variant.

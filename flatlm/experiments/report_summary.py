@@ -20,10 +20,10 @@ OPTIMIZER_PREFIXES = ("optim.", "sam.")
 """Axes that belong to the optimizer (its variant); any other axis (``data.format``) is context, and an optimizer is
 compared only with the baseline of the same context."""
 METRIC_TEXT = {
-    "best_val_loss": "best validation loss",
+    "final_val_loss": "final validation loss (at the last evaluation, not the minimum over training)",
     "final_train_loss": "final training loss (mean of the last 5% of steps; no cell evaluated)",
 }
-AVERAGED = ("final_train_loss", "tokens_per_s", "peak_mem_bytes", "optim_state_bytes", "wall_s")
+AVERAGED = ("best_val_loss", "final_train_loss", "tokens_per_s", "peak_mem_bytes", "optim_state_bytes", "wall_s")
 """Columns shown per optimizer as their mean over seeds at its best lr (no interval: they are not the question)."""
 
 
@@ -63,6 +63,11 @@ class GroupSummary:
     means: dict[str, float | None] = field(default_factory=dict)
     extras: dict[str, Interval | None] = field(default_factory=dict)
     max_steps: tuple[int, ...] = ()
+    steps_done: tuple[int, ...] = ()
+    """The steps the group's done cells actually ran (what the budget text reports; the unfinished ones are listed
+    in the report's own section)."""
+    flops: tuple[float, ...] = ()
+    """FLOPs its done cells actually spent (flops_per_step x steps_done)."""
 
     @property
     def best_at_edge(self) -> bool:
@@ -96,6 +101,7 @@ class GroupSummary:
                 for p in self.points
             ],
             "max_steps": list(self.max_steps),
+            "steps_done": list(self.steps_done),
         }
 
 
@@ -155,8 +161,14 @@ def _metric_value(row: dict[str, Any], metric: str) -> float | None:
 
 
 def choose_metric(rows: Sequence[dict[str, Any]]) -> str:
-    """Best validation loss when any cell evaluated, else the final training loss."""
-    return "best_val_loss" if any(r.get("best_val_loss") is not None for r in rows) else "final_train_loss"
+    """The final validation loss when any cell evaluated, else the final training loss.
+
+    Final, not best: the minimum over training rewards an lr that reached a low loss early and then blew up (its
+    run ends worse than it started to look); what a run delivers is where it ends. The best is still a column.
+    """
+    if any(r.get("final_val_loss") is not None for r in rows):
+        return "final_val_loss"
+    return "final_train_loss"
 
 
 def summarize(
@@ -185,6 +197,9 @@ def summarize(
         group.max_steps = tuple(
             sorted({int(r["max_steps"]) for p in group.points for r in p.rows if r.get("max_steps")})
         )
+        done_rows = [r for p in group.points for r in p.rows if r.get("status") == "done"]
+        group.steps_done = tuple(sorted({int(r["steps_done"]) for r in done_rows if r.get("steps_done") is not None}))
+        group.flops = tuple(sorted({float(r["flops"]) for r in done_rows if r.get("flops")}))
         if group.best is not None:
             done = [r for r in group.best.rows if _metric_value(r, metric) is not None]
             group.means = {k: _mean([r.get(k) for r in done]) for k in AVERAGED}
@@ -231,20 +246,20 @@ def _mean(values: Sequence[Any]) -> float | None:
 
 
 def budget_text(grid: dict[str, Any], groups: Sequence[GroupSummary]) -> str:
-    """What was held equal: the same number of steps, or the same FLOPs (with each optimizer's steps)."""
-    steps = {g.label: g.max_steps for g in groups}
+    """What was held equal: the same number of steps, or the same FLOPs, from the steps the done cells actually ran
+    (one that ran longer than this grid asks shows as it is, not as its max_steps says)."""
+    steps = {g.label: g.steps_done for g in groups}
     all_steps = {s for v in steps.values() for s in v}
     per_group = "; ".join(f"{label} {'/'.join(map(str, s)) or '?'}" for label, s in steps.items())
     if grid.get("budget", "steps") == "flops":
-        flops = sorted(
-            {
-                float(c["flops_per_step"]) * int(c["max_steps"])
-                for c in grid.get("cells", [])
-                if c.get("flops_per_step") and c.get("max_steps")
-            }
-        )
-        spread = f"≈ {flops[-1]:.3g} FLOPs per cell" if flops else "FLOPs per cell unknown"
-        return f"equal compute (`budget=flops`): {spread}; steps per cell: {per_group}"
+        flops = sorted({f for g in groups for f in g.flops})
+        if not flops:
+            spread = "FLOPs per cell unknown (no cell done)"
+        elif flops[-1] <= 1.01 * flops[0]:
+            spread = f"≈ {flops[-1]:.3g} FLOPs per cell"
+        else:
+            spread = f"{flops[0]:.3g} to {flops[-1]:.3g} FLOPs per cell (the cells ran unequal compute)"
+        return f"equal compute (`budget=flops`): {spread}; steps done per cell: {per_group}"
     if len(all_steps) == 1:
         return f"equal steps (`budget=steps`): every cell {next(iter(all_steps))} steps"
-    return f"equal steps (`budget=steps`); steps per cell: {per_group}"
+    return f"equal steps (`budget=steps`); steps done per cell: {per_group}"

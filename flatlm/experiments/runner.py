@@ -63,10 +63,11 @@ class CellRun:
         return self.cell.cfg.train.max_steps
 
     def finished(self) -> bool:
-        """Done (at its max_steps, which a larger budget may have moved) or diverged."""
+        """Done at exactly its max_steps, or diverged. A done cell below a raised max_steps runs again (flatlm train
+        continues it); one past a lowered max_steps is not done either (ablate refuses that directory first)."""
         status = self.record.get("status")
         if status == "done":
-            return steps_done(self.dir) >= self.max_steps
+            return steps_done(self.dir) == self.max_steps
         return status == "diverged"
 
     def save(self) -> None:
@@ -237,7 +238,7 @@ def _finish(job: _Running, *, interrupted: bool, say: Callable[[str], None]) -> 
     run, rc = job.run, job.process.returncode
     wall = time.monotonic() - job.started
     text = log_tail(run.dir / LOG_FILE, job.log_start, lines=400)
-    status = classify(rc, steps_done(run.dir) >= run.max_steps, interrupted, text)
+    status = classify(rc, steps_done(run.dir) == run.max_steps, interrupted, text)
     tail = "" if status == "done" else log_tail(run.dir / LOG_FILE, job.log_start)
     run.record.update(status=status, returncode=rc, wall_s=round(run.record["wall_s"] + wall, 3), log_tail=tail)
     run.save()

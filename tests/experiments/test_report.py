@@ -42,6 +42,11 @@ def best_val(optim: str, lr: float, seed: int) -> float:
     return BASE_VAL[(optim, lr)] + SEED_EFFECT[seed] + NOISE[(optim, seed)]
 
 
+def final_val(optim: str, lr: float, seed: int) -> float:
+    """The final validation loss of a done cell (its fourth eval): what the best lr is chosen on."""
+    return best_val(optim, lr, seed) + 0.02
+
+
 def train_losses(optim: str, lr: float, seed: int) -> list[float]:
     """Decreasing to about the best validation loss, with a zig-zag so the last-5% mean differs from the last."""
     end = best_val(optim, lr, seed)
@@ -182,16 +187,26 @@ def test_tail_mean_takes_at_least_one_step() -> None:
     assert report.tail_mean([5.0, 4.0, 3.0]) == 3.0
     assert report.tail_mean(list(range(100))) == pytest.approx(np.mean(range(95, 100)))
     assert report.tail_mean([]) is None
+    # 5% of 30 steps is 1.5: the last 2 steps (ceil), not 1 (int): the lengths above cannot tell the two apart.
+    assert report.tail_mean([float(s) for s in range(30)]) == 28.5
+
+
+def test_planted_tail_mean_with_int_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flatlm.experiments import stats
+
+    monkeypatch.setattr(stats.math, "ceil", int)  # the bug: round 1.5 steps down to 1
+    with pytest.raises(AssertionError):
+        test_tail_mean_takes_at_least_one_step()
 
 
 @pytest.mark.timeout(60)
 def test_best_lr_and_interval_match_hand_computation(grid_dir: Path, no_plots: None) -> None:
     results = _results(grid_dir)
-    assert results["selection_metric"] == "best_val_loss"
+    assert results["selection_metric"] == "final_val_loss"
     for optim, best_lr in (("adamw", 3e-3), ("lion", 3e-4)):
         summary = _optimizer(results, optim)
         assert summary["best_lr"] == best_lr
-        values = np.array([best_val(optim, best_lr, s) for s in (0, 1, 2)])
+        values = np.array([final_val(optim, best_lr, s) for s in (0, 1, 2)])
         half = scipy_stats.t.ppf(0.975, 2) * values.std(ddof=1) / math.sqrt(3)
         assert summary["metric"]["mean"] == pytest.approx(values.mean())
         assert summary["metric"]["half_width"] == pytest.approx(half)
@@ -211,7 +226,7 @@ def test_diverged_seed_disqualifies_its_learning_rate(tmp_path: Path, no_plots: 
 
 
 def _expected_paired() -> tuple[float, float]:
-    diffs = np.array([best_val("lion", 3e-4, s) - best_val("adamw", 3e-3, s) for s in (0, 1, 2)])
+    diffs = np.array([final_val("lion", 3e-4, s) - final_val("adamw", 3e-3, s) for s in (0, 1, 2)])
     return float(diffs.mean()), float(scipy_stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / math.sqrt(3))
 
 
@@ -232,8 +247,8 @@ def test_paired_difference_is_by_seed(grid_dir: Path, no_plots: None) -> None:
     check_paired(results)
     assert _optimizer(results, "adamw")["vs_baseline"] is None
     # The data make pairing matter: unpaired, the seed effect swamps the optimizer effect and the interval spans 0.
-    lion = [best_val("lion", 3e-4, s) for s in (0, 1, 2)]
-    adamw = [best_val("adamw", 3e-3, s) for s in (0, 1, 2)]
+    lion = [final_val("lion", 3e-4, s) for s in (0, 1, 2)]
+    adamw = [final_val("adamw", 3e-3, s) for s in (0, 1, 2)]
     welch = scipy_stats.ttest_ind(lion, adamw, equal_var=False).confidence_interval(0.95)
     assert welch.low < 0 < welch.high
     report_text = (grid_dir / "report.md").read_text()
@@ -279,6 +294,7 @@ def test_report_md_and_plots(grid_dir: Path) -> None:
     assert lines[0] == "# Ablation report: configs/ablations/synthetic.yaml"
     assert "equal steps (`budget=steps`): every cell 40 steps" in text
     assert "**baseline**: adamw" in text
+    assert "lowest mean final validation loss (at the last evaluation, not the minimum over training)" in text
     assert "| adamw | 0.003 (edge) | 3 |" in text  # the largest lr tried: the optimum may lie beyond
     assert "| lion | 0.0003 | 3 |" in text  # 1e-3 was tried too (and failed)
     assert text.index("## Per optimizer") < text.index("## Per cell") < text.index("## Plots")
@@ -344,7 +360,7 @@ def _row(name: str, optimizer: str, lr: float, seed: int, loss: float, **axes: A
         "seed": seed,
     }
     return {"name": name, "optimizer": optimizer, "lr": lr, "seed": seed, "status": "done", "best_val_loss": loss,
-            "max_steps": 10, "_values": values}  # fmt: skip
+            "final_val_loss": loss, "max_steps": 10, "steps_done": 10, "_values": values}  # fmt: skip
 
 
 def test_variants_are_optimizers_and_other_axes_are_context() -> None:
@@ -358,7 +374,7 @@ def test_variants_are_optimizers_and_other_axes_are_context() -> None:
                 rows.append(_row(f"sam-{rho}-{fmt}-{seed}", "sam", 1e-3, seed, loss, optim__hparams__rho=rho,
                                  data__format=fmt))  # fmt: skip
     groups, metric = report_summary.summarize(rows, "adamw")
-    assert metric == "best_val_loss"
+    assert metric == "final_val_loss"
     by_label = {g.label: g for g in groups}
     assert set(by_label) == {
         "adamw data.format=text", "adamw data.format=chat", "sam rho=0.05 data.format=text",
@@ -382,19 +398,46 @@ def test_seed_pairs_skip_missing_seeds_and_n1_has_no_interval() -> None:
 
 def test_budget_text_names_flops_and_steps() -> None:
     rows = [_row("adamw-0", "adamw", 1e-3, 0, 3.0), _row("sam-0", "sam", 1e-3, 0, 2.9)]
-    rows[1]["max_steps"] = 5
+    rows[1]["max_steps"] = rows[1]["steps_done"] = 5
+    rows[0]["flops"], rows[1]["flops"] = 2e9 * 10, 4e9 * 5
     groups, _ = report_summary.summarize(rows, "adamw")
     grid = {
         "budget": "flops",
         "cells": [{"flops_per_step": 2e9, "max_steps": 10}, {"flops_per_step": 4e9, "max_steps": 5}],
     }
     assert report_summary.budget_text(grid, groups) == (
-        "equal compute (`budget=flops`): ≈ 2e+10 FLOPs per cell; steps per cell: adamw 10; sam 5"
+        "equal compute (`budget=flops`): ≈ 2e+10 FLOPs per cell; steps done per cell: adamw 10; sam 5"
     )
     assert (
         report_summary.budget_text({"budget": "steps"}, groups)
-        == "equal steps (`budget=steps`); steps per cell: adamw 10; sam 5"
+        == "equal steps (`budget=steps`); steps done per cell: adamw 10; sam 5"
     )
+    # From the steps the cells ran, not their max_steps: sam ran 8 of its 5 (a rerun that kept a longer cell).
+    rows[1]["steps_done"], rows[1]["flops"] = 8, 4e9 * 8
+    groups, _ = report_summary.summarize(rows, "adamw")
+    assert report_summary.budget_text(grid, groups) == (
+        "equal compute (`budget=flops`): 2e+10 to 3.2e+10 FLOPs per cell (the cells ran unequal compute); "
+        "steps done per cell: adamw 10; sam 8"
+    )
+
+
+def test_best_lr_is_chosen_on_the_final_validation_loss() -> None:
+    """An lr whose validation loss was lowest mid-run and then blew up must not win on that early best."""
+    rows = [_row(f"adamw-{lr}-{seed}", "adamw", lr, seed, 3.2 + 0.01 * seed) for lr in (1e-3,) for seed in (0, 1)]
+    for seed in (0, 1):
+        late = _row(f"adamw-1e-2-{seed}", "adamw", 1e-2, seed, 2.9)
+        late["final_val_loss"] = 6.0  # best 2.9 at mid-run, 6.0 at the end
+        rows.append(late)
+    groups, metric = report_summary.summarize(rows, "adamw")
+    assert metric == "final_val_loss" and groups[0].best is not None and groups[0].best.lr == 1e-3
+    assert groups[0].means["best_val_loss"] == pytest.approx(3.205)  # the best stays a column
+
+
+def test_planted_selection_on_the_best_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old rule (minimum over training) picks the lr that blew up: the test above would fail on it."""
+    monkeypatch.setattr(report_summary, "choose_metric", lambda rows: "best_val_loss")
+    with pytest.raises(AssertionError):
+        test_best_lr_is_chosen_on_the_final_validation_loss()
 
 
 @pytest.mark.timeout(60)

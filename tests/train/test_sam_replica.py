@@ -168,8 +168,10 @@ REPLICA_CASES = [
 # checked to run and to differ from global SAM, not to equal DDP's draw.
 SAME_DRAW = [c for c in REPLICA_CASES if c.backend != "ddp" and c.optim != "esam"]
 # fp32 rounding of the reductions: fsdp2, zero1, zero2 against ddp, sam and asam, measured worst model 6.4e-7,
-# optim 1.1e-6, grad_norm 4.3e-7, loss 1.8e-7
-REPLICA_TOL = Tolerance(model=3e-6, optim=5e-6, grad_norm=2e-6, loss=1e-6)
+# optim 1.1e-6, grad_norm 4.3e-7, loss 1.8e-7 on one machine, and model 3.5e-6, optim 2.1e-6, grad_norm 4.3e-7,
+# loss 9e-8 on another (an AMD EPYC: other BLAS kernels, same code and data). The weights' bound is the SAM family's
+# parity bound (1e-5); the planted bugs these comparisons exist for move weights by 1e-3 and more.
+REPLICA_TOL = Tolerance(model=1e-5, optim=1e-5, grad_norm=2e-6, loss=1e-6)
 
 
 @pytest.fixture(scope="module")

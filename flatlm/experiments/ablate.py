@@ -5,6 +5,9 @@ Order matters for the user: every check that can refuse the grid (its keys, its 
 the budget, an OUTPUT_DIR holding another grid, --jobs, the launch config) runs before anything is written or
 started, so a mistake costs a second, not a half-run grid. ``--dry-run`` stops after the checks and lists the cells.
 
+Before the first cell, the data caches are built once per distinct data config (:mod:`flatlm.experiments.prepare`,
+logged to OUTPUT_DIR/prepare.log), so that the first cell's wall time and peak memory measure training only.
+
 Exit status: 0 when every cell finished (done, or diverged: a result about its learning rate, not an error); 1 when
 one failed, ran out of memory or was interrupted outside ablate; 130 / 143 when ablate itself was stopped by Ctrl-C
 / SIGTERM (its running cells saved a checkpoint; rerun to resume).
@@ -31,6 +34,7 @@ from flatlm.experiments.grid import (
     resolve_base,
     resolve_cells,
 )
+from flatlm.experiments.prepare import prepare_data
 from flatlm.experiments.runner import FINISHED, cell_runs, run_cells
 
 GRID_FILE = "grid.json"
@@ -96,6 +100,11 @@ def _run(
         run.dir.mkdir(parents=True, exist_ok=True)
         run.save()
     say(f"ablate {grid.path}: {len(cells)} cells, budget {grid.budget}, outputs in {grid.output_dir}")
+    try:  # the caches built here, not inside the first cell (its wall time and peak memory would include them)
+        prepare_data([r.cell.cfg for r in runs if not r.finished()], grid.output_dir, say)
+    except KeyboardInterrupt:
+        say("stopped while preparing the data: rerun the same command to start the cells")
+        return 130
     code = run_cells(runs, jobs=jobs, launch_config=launch, say=say)
     say(summary(runs))
     if code:

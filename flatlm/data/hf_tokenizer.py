@@ -39,9 +39,22 @@ class HFTokenizer:
             )
         self.hf = hf
         """The wrapped ``PreTrainedTokenizer(Fast)``."""
-        self.sha256 = hashlib.sha256(canonical_serialization(hf).encode()).hexdigest()
+        self._identify()
+
+    def _identify(self) -> None:
+        self.sha256 = hashlib.sha256(canonical_serialization(self.hf).encode()).hexdigest()
         """The tokenizer's identity (its vocabulary, merges, normalizer, special tokens and chat template, not
         the file bytes): equal after save/load, part of every token cache's key."""
+        self.encoding_sha256 = hashlib.sha256(
+            canonical_serialization(self.hf, chat_template=False).encode()
+        ).hexdigest()
+        """The identity of its ids alone (no chat template): whether two tokenizers give text the same ids."""
+
+    def set_chat_template(self, template: str) -> None:
+        """Make ``template`` the tokenizer's own (what ``save`` writes and ``chat_template`` returns): a fine-tuning
+        run's template (its ``chat_template.jinja``) over the one the tokenizer was given. The identity follows."""
+        self.hf.chat_template = template
+        self._identify()
 
     @classmethod
     def load(cls, path: str | Path) -> HFTokenizer:
@@ -103,10 +116,10 @@ class HFTokenizer:
         return self.hf.decode([int(i) for i in ids])
 
 
-def canonical_serialization(hf: Any) -> str:
+def canonical_serialization(hf: Any, *, chat_template: bool = True) -> str:
     """What identifies ``hf``'s encoding, as one deterministic string: a fast tokenizer's full ``tokenizer.json``
     (without its call-time truncation/padding settings), else the sorted vocabulary and the class; plus the special
-    tokens and the chat template."""
+    tokens and (unless ``chat_template=False``) the chat template."""
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is not None:
         model: Any = json.loads(backend.to_str())
@@ -114,7 +127,7 @@ def canonical_serialization(hf: Any) -> str:
             model.pop(key, None)
     else:  # a slow (Python) tokenizer: its vocabulary is what it encodes to
         model = {"class": type(hf).__name__, "vocab": sorted(hf.get_vocab().items())}
-    template = getattr(hf, "chat_template", None)
+    template = getattr(hf, "chat_template", None) if chat_template else None
     parts = {
         "tokenizer": model,
         "special_tokens": {k: str(v) for k, v in sorted(hf.special_tokens_map.items())},

@@ -19,7 +19,7 @@ from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
 from flatlm.data.sft import Examples, cached_examples, examples_key, report, sft_view, tokenize_examples
 from flatlm.data.sources import iter_rows, source_fingerprint
-from flatlm.data.tokenizer import AnyTokenizer, load_tokenizer
+from flatlm.data.tokenizer import CHAT_TEMPLATE_FILE, AnyTokenizer, load_tokenizer
 from flatlm.errors import FlatlmError
 
 log = logging.getLogger("flatlm")
@@ -78,11 +78,31 @@ def chat_tokenizer(cfg: RunConfig, run_tokenizer: Path | None = None) -> AnyToke
     return trained_tokenizer(cfg.data, default_cache_dir(cfg.data), source_fingerprint(cfg.data), log.info)
 
 
+def run_chat_template(cfg: RunConfig, own: Path, tok: AnyTokenizer) -> str:
+    """A resumed chat run's template: its own ``chat_template.jinja`` (``own``), as its tokenizer is its own, and a
+    warning when the configuration would now resolve to another one (its examples were rendered with this one)."""
+    kept = own.read_text(encoding="utf-8")
+    try:
+        now, why = resolved_template(cfg.data, tok), "it resolves to another template now"
+    except FlatlmError:  # data.chat_template moved or deleted since: the run has its own copy
+        now, why = None, "it cannot be read now"
+    if now != kept:
+        log.warning(
+            f"data.chat_template ({cfg.data.chat_template or 'unset'}) is not the template this run started with "
+            f"({why}); resuming with the run's own {own}"
+        )
+    return kept
+
+
 def load_chat_data(cfg: RunConfig, run_tokenizer: Path | None = None) -> Data:
-    """data.format=chat: the examples of ``cfg.data``'s rows rendered with the resolved template, split by example
-    (the seeded split of ``split_documents``), packed or one per row (data.packing)."""
+    """data.format=chat: the examples of ``cfg.data``'s rows rendered with the resolved template (a resumed run's
+    own ``chat_template.jinja``: ``run_chat_template``), split by example (the seeded split of ``split_documents``),
+    packed or one per row (data.packing)."""
     tok = chat_tokenizer(cfg, run_tokenizer)
-    template = resolved_template(cfg.data, tok)
+    own = run_tokenizer.parent / CHAT_TEMPLATE_FILE if run_tokenizer is not None else None
+    template = (
+        run_chat_template(cfg, own, tok) if own is not None and own.is_file() else resolved_template(cfg.data, tok)
+    )
     seq_len = cfg.data.seq_len
 
     def build() -> Examples:

@@ -163,8 +163,8 @@ def load_tokenizer(spec: str | Path) -> AnyTokenizer:
     and the two differ on text that begins with a space or a newline (transformers adds no dummy prefix there;
     tests/data/test_hf_tokenizer.py) — chat templates' segments often do. So flatlm reads an export's
     ``tokenizer.model``: the ids the model was trained on. A run directory's or an export's ``chat_template.jinja``
-    (what a fine-tuning run rendered with) comes along as the sentencepiece tokenizer's template.
-    """
+    (what a fine-tuning run rendered with) comes along as the tokenizer's template, for an HF run's ``tokenizer/``
+    too (its own template is the one it was given, not necessarily the one the run used)."""
     path = Path(spec).expanduser()
     if path.is_file():
         try:
@@ -174,14 +174,14 @@ def load_tokenizer(spec: str | Path) -> AnyTokenizer:
                 raise
     if path.is_dir():
         if (path / EXPORT_MARKER).is_file() and (path / RUN_TOKENIZER_FILE).is_file():
-            return _with_chat_template(Tokenizer.load(path / RUN_TOKENIZER_FILE), path)
+            return with_run_chat_template(Tokenizer.load(path / RUN_TOKENIZER_FILE), path)
         if any((path / name).is_file() for name in HF_FILES):
             return HFTokenizer.load(path)
         for run in (path, path.parent.parent if path.parent.name == "checkpoints" else None):
             if run is not None and (run / RUN_CONFIG).is_file():
                 own = run_tokenizer_path(run)
                 if own.exists():
-                    return HFTokenizer.load(own) if own.is_dir() else _with_chat_template(Tokenizer.load(own), run)
+                    return with_run_chat_template(HFTokenizer.load(own) if own.is_dir() else Tokenizer.load(own), run)
     where = "does not exist" if not path.exists() else "is none of them"
     raise FlatlmError(
         f"data.tokenizer={str(spec)!r} {where}; pass a sentencepiece .model file, a Hugging Face tokenizer "
@@ -189,12 +189,39 @@ def load_tokenizer(spec: str | Path) -> AnyTokenizer:
     )
 
 
-def _with_chat_template(tokenizer: Tokenizer, directory: Path) -> Tokenizer:
-    """``tokenizer`` with the chat template a fine-tuning run in ``directory`` used (its ``chat_template.jinja``)."""
+def with_run_chat_template(tokenizer: AnyTokenizer, directory: Path) -> AnyTokenizer:
+    """``tokenizer`` with the chat template a fine-tuning run in ``directory`` used (its ``chat_template.jinja``):
+    what its examples were rendered with, whatever template the tokenizer itself ships (an HF tokenizer's own)."""
     template = directory / CHAT_TEMPLATE_FILE
     if template.is_file():
-        tokenizer.chat_template = template.read_text()
+        text = template.read_text(encoding="utf-8")
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.set_chat_template(text)
+        else:
+            tokenizer.chat_template = text
     return tokenizer
+
+
+def save_run_chat_template(out: Path, template: str) -> None:
+    """Write a fine-tuning run's chat template (``chat_template.jinja`` in ``out``) once. A resumed run renders with
+    the one that is there (flatlm.data.splits), so it is never replaced: another template there would mean the
+    run's examples were rendered another way."""
+    path = out / CHAT_TEMPLATE_FILE
+    if path.is_file():
+        if path.read_text(encoding="utf-8") != template:
+            raise RuntimeError(f"{path} is not the chat template this run rendered its examples with; not replacing it")
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(template, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def encoding_sha256(tokenizer: AnyTokenizer) -> str:
+    """What identifies the ids ``tokenizer`` gives text: a sentencepiece model's sha256; an HF tokenizer's without
+    its chat template (a template changes how conversations are written, not which ids a string has)."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.encoding_sha256
+    return tokenizer.sha256
 
 
 def save_run_tokenizer(out: Path, tokenizer: AnyTokenizer) -> None:

@@ -4,7 +4,8 @@ The checkpoint's model state is consolidated in one process (DCP reshards whatev
 DDP, FSDP2; DeepSpeed runs' ``model.safetensors`` is read directly) into the model its ``config.yaml``
 describes, then written with ``save_pretrained`` (config.json + safetensors) beside the run's tokenizer: a
 sentencepiece one as a ``LlamaTokenizer`` (``tokenizer.model`` + configs), a Hugging Face one (``tokenizer/``) as
-it is (its ``save_pretrained``), so ``AutoModelForCausalLM`` and ``AutoTokenizer.from_pretrained(OUT_DIR)`` load it.
+it is (its ``save_pretrained``), each with a fine-tuning run's ``chat_template.jinja`` as its chat template,
+so ``AutoModelForCausalLM`` and ``AutoTokenizer.from_pretrained(OUT_DIR)`` load it.
 ``init_weights_from`` reads the same consolidated weights for ``model.init_from`` of a run or checkpoint. Written
 into a temporary directory and renamed: an existing OUT_DIR is never overwritten. Every file gets the mode the
 user's umask gives new files (safetensors writes 0600 on its own), and the libraries' progress bars and
@@ -26,13 +27,13 @@ import yaml
 from flatlm.config import RunConfig
 from flatlm.data.hf_tokenizer import HFTokenizer
 from flatlm.data.tokenizer import (
-    CHAT_TEMPLATE_FILE,
     EXPORT_MARKER,
     RUN_CONFIG,
     AnyTokenizer,
     Tokenizer,
     load_tokenizer,
     run_tokenizer_path,
+    with_run_chat_template,
 )
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, load_pretrained_weights, model_config
@@ -96,14 +97,12 @@ def export(source: Path, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     with _quiet_libraries():
         model.save_pretrained(tmp, safe_serialization=True)
-    if isinstance(tok, HFTokenizer):  # the tokenizer the run was given (data.tokenizer=DIR): as it is
+    run_dir = checkpoint.parent.parent
+    tok = with_run_chat_template(tok, run_dir)  # a fine-tuning run's template, not the one its tokenizer shipped
+    if isinstance(tok, HFTokenizer):  # the tokenizer the run was given (data.tokenizer=DIR), with that template
         tok.hf.save_pretrained(tmp)
     else:
-        run_dir = checkpoint.parent.parent
-        template = run_dir / CHAT_TEMPLATE_FILE
-        _save_as_llama_tokenizer(
-            tok, run_dir / TOKENIZER_FILE, tmp, template.read_text() if template.is_file() else None
-        )
+        _save_as_llama_tokenizer(tok, run_dir / TOKENIZER_FILE, tmp, tok.chat_template)
     mode = 0o666 & ~_umask()  # what open() gives a new file here
     for path in tmp.iterdir():
         if path.is_file():

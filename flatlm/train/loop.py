@@ -39,7 +39,7 @@ from flatlm.config import RunConfig, TrainConfig, dump_yaml
 from flatlm.data import GlobalBatchSampler
 from flatlm.data.batch import Sequences
 from flatlm.data.splits import Data, data_seed, load_data
-from flatlm.data.tokenizer import run_tokenizer_path, save_run_tokenizer
+from flatlm.data.tokenizer import run_tokenizer_path, save_run_chat_template, save_run_tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, count_parameters, max_positions, model_config
 from flatlm.optim import build_scheduler
@@ -62,7 +62,6 @@ from flatlm.train.checkpoint import (
     remove_partial_saves,
     resume,
     save_checkpoint,
-    write_text_atomic,
 )
 from flatlm.train.checks import check_static, schedule_warning
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
@@ -71,7 +70,6 @@ from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progres
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
 from flatlm.train.rundir import (
-    CHAT_TEMPLATE_FILE,
     PLOT_FILE,
     check_output_dir,
     continue_run_dir,
@@ -293,8 +291,8 @@ def resume_or_start(run: Run) -> tuple[int, MetricsLogger | None]:
                 log.warning(f"{out} has no complete checkpoint{partial}: starting from step 0")
             start_run_dir(out, run.config_yaml, overwrite=cfg.overwrite)
         save_run_tokenizer(out, run.data.tokenizer)  # the run's own (tokenizer.model or tokenizer/), never replaced
-        if run.data.chat_template is not None:  # what the chat examples were rendered with
-            write_text_atomic(out / CHAT_TEMPLATE_FILE, run.data.chat_template)
+        if run.data.chat_template is not None:  # what the chat examples were rendered with, never replaced
+            save_run_chat_template(out, run.data.chat_template)
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
     return start_step, metrics

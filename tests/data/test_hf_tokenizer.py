@@ -98,7 +98,7 @@ def test_sha256_is_stable_across_save_and_load_and_names_the_encoding(tmp_path: 
 
 def test_planted_identity_without_the_vocabulary_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = hf_module.canonical_serialization
-    monkeypatch.setattr(hf_module, "canonical_serialization", lambda hf: json.dumps(hf.special_tokens_map))
+    monkeypatch.setattr(hf_module, "canonical_serialization", lambda hf, **_: json.dumps(hf.special_tokens_map))
     a = HFTokenizer.load(make_hf_tokenizer(tmp_path / "a"))
     b = HFTokenizer.load(make_hf_tokenizer(tmp_path / "b", vocab_size=280))
     assert a.sha256 == b.sha256  # what the test above rejects

@@ -114,3 +114,37 @@ def test_training_starts_from_an_export(tmp_path: Path, text_corpus: Path) -> No
     wrong = {"model.init_from": str(hf), "model.overrides.hidden_size": 32, "train.max_steps": 1}
     with pytest.raises(FlatlmError, match="does not fit this model .* is \\(.*\\) there"):
         train(load_config(None, tiny_overrides(tmp_path / "bad", text_corpus, **wrong)))
+
+
+@pytest.mark.timeout(180)
+def test_an_hf_tokenizer_chat_run_exports_and_loads_with_its_own_template(tmp_path: Path) -> None:
+    """Catches: an HF-tokenizer fine-tuning run exported (and read back by load_tokenizer) with the template its
+    tokenizer shipped instead of the one its examples were rendered with (chat_template.jinja)."""
+    from transformers import AutoTokenizer
+
+    from flatlm.data.hf_tokenizer import HFTokenizer
+    from flatlm.data.tokenizer import load_tokenizer
+    from tests.data.test_chat import CHATML
+    from tests.data.test_hf_tokenizer import TEMPLATE, make_hf_tokenizer
+    from tests.data.test_sft import chat_jsonl
+    from tests.train.test_tokenizer_resume import chat_overrides
+
+    hf_dir = make_hf_tokenizer(tmp_path / "hf", template=TEMPLATE)  # ships a template of its own
+    given = HFTokenizer.load(hf_dir)
+    custom = tmp_path / "chatml.jinja"
+    custom.write_text(CHATML)
+    run = tmp_path / "run"
+    extra = {"data.tokenizer": hf_dir, "data.chat_template": custom}
+    train(load_config(None, chat_overrides(run, chat_jsonl(tmp_path / "chat.jsonl"), **extra)))
+    assert (run / "chat_template.jinja").read_text() == CHATML and given.chat_template == TEMPLATE
+
+    for directory in (run, run / "checkpoints" / "step-1"):  # data.tokenizer=<the run> renders as the run did
+        own = load_tokenizer(directory)
+        assert isinstance(own, HFTokenizer) and own.chat_template == CHATML
+        assert own.encode([TEXT]) == given.encode([TEXT])
+    out = export(run, tmp_path / "export")
+    exported = AutoTokenizer.from_pretrained(out)
+    assert exported.chat_template == CHATML
+    assert exported(TEXT, add_special_tokens=False)["input_ids"] == given.encode([TEXT])[0]
+    again = load_tokenizer(out)
+    assert again.chat_template == CHATML and again.sha256 == load_tokenizer(run).sha256

@@ -56,7 +56,7 @@ def test_resume_after_the_corpus_changed_keeps_the_run_tokenizer(
     used = [
         json.loads(m.read_text())
         for m in default_cache_dir(cfg.data).glob("*/meta.json")
-        if json.loads(m.read_text())["tokenizer_sha256"] == sha
+        if json.loads(m.read_text()).get("tokenizer_sha256") == sha  # sft-*/meta.json (chat examples) has none
     ]
     assert source_fingerprint(cfg.data) in [meta["source_fingerprint"] for meta in used]
     assert max(meta["num_documents"] for meta in used) == 100
@@ -90,3 +90,78 @@ def test_resume_prefers_the_run_tokenizer_to_a_changed_data_tokenizer(tmp_path: 
     unreadable = r"the run's tokenizer .*run.model' cannot be read \(not a sentencepiece model\); .*overwrite=true"
     with pytest.raises(FlatlmError, match=unreadable):
         resume_tokenizer(cfg, run_tok, warnings.append)
+
+
+# -- a fine-tuning run's chat template belongs to it too ---------------------------------------------------------
+
+
+def chat_overrides(out: Path, data: Path, **extra: object) -> list[str]:
+    """A one-step chat run (tiny model) on the rows ``data``."""
+    base: dict[str, object] = {
+        "output_dir": str(out),
+        "data.source": "files",
+        "data.format": "chat",
+        "data.paths": f"[{data}]",
+        "data.vocab_size": 300,
+        "data.seq_len": 64,
+        "data.val_fraction": 0.2,
+        "model.overrides.num_hidden_layers": 1,
+        "model.overrides.hidden_size": 32,
+        "model.overrides.intermediate_size": 64,
+        "train.max_steps": 1,
+        "train.global_batch_size": 4,
+        "train.micro_batch_size": 4,
+        "train.eval_every": 0,
+        "train.eval_batches": 1,
+        "train.progress_bar": False,
+        "train.tensorboard": False,
+        "train.plot": False,
+        "schedule.warmup_steps": 1,
+    }
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+
+
+@pytest.mark.timeout(180)
+def test_a_resumed_chat_run_keeps_its_template(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Catches: a resumed sentencepiece chat run rendering with (and writing) the builtin template instead of the
+    one it started with (its tokenizer.model carries none), or with a data.chat_template file changed since."""
+    from flatlm.data.chat import BUILTIN_TEMPLATE
+    from flatlm.data.splits import load_data
+    from flatlm.data.tokenizer import run_tokenizer_path
+    from tests.data.test_chat import CHATML
+    from tests.data.test_sft import chat_jsonl
+
+    rows = chat_jsonl(tmp_path / "chat.jsonl")
+    custom = tmp_path / "chatml.jinja"
+    custom.write_text(CHATML)
+    stage1 = tmp_path / "stage1"
+    train(load_config(None, chat_overrides(stage1, rows, **{"data.chat_template": custom})))
+    # stage 2 takes its template from stage 1 (data.tokenizer=<run dir>), then is resumed
+    stage2 = tmp_path / "stage2"
+    extra = {"data.tokenizer": stage1, "model.init_from": stage1}
+    train(load_config(None, chat_overrides(stage2, rows, **extra)))
+    assert (stage2 / "chat_template.jinja").read_text() == CHATML
+    before = load_data(load_config(None, chat_overrides(stage2, rows, **extra)))  # as the run started
+    cfg = load_config(None, chat_overrides(stage2, rows, **{**extra, "train.max_steps": 2}))
+    assert len(train(cfg).losses) == 1
+    assert (stage2 / "chat_template.jinja").read_text() == CHATML
+    resumed = load_data(cfg, run_tokenizer_path(stage2))
+    assert resumed.chat_template == CHATML
+    assert [ids.tolist() for ids in resumed.train.examples.ids] == [ids.tolist() for ids in before.train.examples.ids]
+
+    custom.write_text(BUILTIN_TEMPLATE)  # the file stage 1 named changed: stage 1 resumes with its own copy
+    with caplog.at_level(logging.WARNING, logger="flatlm"):
+        train(load_config(None, chat_overrides(stage1, rows, **{"data.chat_template": custom, "train.max_steps": 2})))
+    assert any("is not the template this run started with" in r.getMessage() for r in caplog.records)
+    assert (stage1 / "chat_template.jinja").read_text() == CHATML
+
+
+def test_a_run_never_replaces_its_chat_template(tmp_path: Path) -> None:
+    """The safety net under the resume: writing another template over a run's is refused; the same one is a no-op."""
+    from flatlm.data.tokenizer import save_run_chat_template
+
+    save_run_chat_template(tmp_path, "A")
+    save_run_chat_template(tmp_path, "A")
+    with pytest.raises(RuntimeError, match="not the chat template this run rendered its examples with"):
+        save_run_chat_template(tmp_path, "B")
+    assert (tmp_path / "chat_template.jinja").read_text() == "A"

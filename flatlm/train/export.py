@@ -28,9 +28,11 @@ from flatlm.config import RunConfig
 from flatlm.data.hf_tokenizer import HFTokenizer
 from flatlm.data.tokenizer import (
     EXPORT_MARKER,
+    HF_FILES,
     RUN_CONFIG,
     AnyTokenizer,
     Tokenizer,
+    encoding_sha256,
     load_tokenizer,
     run_tokenizer_path,
     with_run_chat_template,
@@ -133,6 +135,64 @@ def init_weights_from(model: torch.nn.Module, path: str) -> None:
     trained, _, cfg = load_checkpoint_model(checkpoint)
     fix = f"the run's model.name={cfg.model.name} (and its model.overrides) with data.tokenizer={path}"
     copy_weights(model, trained.state_dict(), path, fix=fix)
+
+
+def is_flatlm_source(source: Path) -> bool:
+    """Whether ``source`` is a flatlm run directory, one of its checkpoints, or a flatlm export of a sentencepiece
+    run: a model whose embedding rows are the ids of a tokenizer flatlm knows (``load_tokenizer(source)``)."""
+    marks = ((RUN_CONFIG, "file"), (CHECKPOINT_DIR, "dir"), (TRAINER_STATE, "file"), (EXPORT_MARKER, "file"))
+    return any((source / name).is_file() if kind == "file" else (source / name).is_dir() for name, kind in marks)
+
+
+def check_init_from_tokenizer(cfg: RunConfig) -> str | None:
+    """Refuse a ``model.init_from`` whose embedding the data's ids would not mean, before any data are read; returns a
+    warning (or None) for a Hugging Face model directory, whose user may know better.
+
+    A flatlm run, checkpoint or export was trained on its own tokenizer's ids: without ``data.tokenizer`` the data
+    would get a newly trained tokenizer (another id mapping, silently), and another ``data.tokenizer`` renumbers the
+    text too. Tokenizers are compared by the ids they give (``encoding_sha256``: not their chat templates)."""
+    path = cfg.model.init_from
+    if not path:
+        return None
+    source = Path(path).expanduser()
+    if not source.is_dir():
+        return None  # missing (init_weights_from says so) or a Hub id: nothing to compare here
+    given = cfg.data.tokenizer
+    if is_flatlm_source(source):
+        if not given:
+            raise FlatlmError(
+                f"model.init_from={path} is a flatlm run: set data.tokenizer={path} (its tokenizer), the ids its "
+                "embedding was trained on"
+            )
+        try:
+            own = load_tokenizer(source)
+        except FlatlmError:
+            return None  # a run without its tokenizer: init_weights_from names what is missing
+        data_tok = load_tokenizer(given)
+        if encoding_sha256(own) != encoding_sha256(data_tok):
+            raise FlatlmError(
+                f"data.tokenizer={given} (sha256 {encoding_sha256(data_tok)[:12]}) is not the tokenizer of "
+                f"model.init_from={path} (sha256 {encoding_sha256(own)[:12]}), whose ids its embedding was trained on; "
+                f"set data.tokenizer={path}"
+            )
+        return None
+    if not any((source / name).is_file() for name in HF_FILES):
+        return None  # weights without a tokenizer: nothing to compare with
+    if not given:
+        return (
+            f"data.tokenizer is not set: the data get a new tokenizer, not the one model.init_from={path} was "
+            f"trained with; set data.tokenizer={path} unless that is what you want"
+        )
+    try:
+        own, data_tok = load_tokenizer(source), load_tokenizer(given)
+    except FlatlmError:
+        return None  # the data's loading names an unreadable data.tokenizer
+    if encoding_sha256(own) != encoding_sha256(data_tok):
+        return (
+            f"data.tokenizer={given} gives other ids than the tokenizer of model.init_from={path}; its embedding "
+            f"rows will mean other text (set data.tokenizer={path} unless that is what you want)"
+        )
+    return None
 
 
 def _save_as_llama_tokenizer(tok: Tokenizer, model_file: Path, out: Path, chat_template: str | None) -> None:

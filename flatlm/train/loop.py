@@ -65,7 +65,7 @@ from flatlm.train.checkpoint import (
 )
 from flatlm.train.checks import check_static, schedule_warning
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
-from flatlm.train.export import init_weights_from
+from flatlm.train.export import check_init_from_tokenizer, init_weights_from
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progress, read_jsonl
 from flatlm.train.plots import plot_loss
 from flatlm.train.preemption import Preemption
@@ -142,6 +142,8 @@ def _validate(cfg: RunConfig, env: Environment) -> None:
     check_parallel(cfg)
     _check_positions(cfg, model_config(cfg.model.name, cfg.data.vocab_size, cfg.model.overrides))
     check_static(cfg)  # optimizer (a probe step), schedule, data paths
+    if (warning := check_init_from_tokenizer(cfg)) and env.is_main:  # its tokenizer, before any data are read
+        log.warning(warning)
     if (warning := schedule_warning(cfg)) and env.is_main:
         log.warning(warning)
     if cfg.parallel.shard_optimizer_state and cfg.parallel.backend == "single" and env.is_main:

@@ -111,7 +111,10 @@ def test_training_starts_from_an_export(tmp_path: Path, text_corpus: Path) -> No
     # starts where the first run ended (its last losses), far below a fresh model's first loss
     assert again.losses[0] < first.losses[0] - 0.5
     assert abs(again.losses[0] - first.losses[-1]) < 0.3
-    wrong = {"model.init_from": str(hf), "model.overrides.hidden_size": 32, "train.max_steps": 1}
+    with pytest.raises(FlatlmError, match="is a flatlm run: set data.tokenizer="):  # its ids, not a new tokenizer's
+        train(load_config(None, tiny_overrides(tmp_path / "bad", text_corpus, **{"model.init_from": str(hf)})))
+    wrong = {"model.init_from": str(hf), "data.tokenizer": str(hf), "model.overrides.hidden_size": 32}
+    wrong["train.max_steps"] = 1
     with pytest.raises(FlatlmError, match="does not fit this model .* is \\(.*\\) there"):
         train(load_config(None, tiny_overrides(tmp_path / "bad", text_corpus, **wrong)))
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 import flatlm.train.export as export_module
-from flatlm.config import load_config
+from flatlm.config import RunConfig, load_config
 from flatlm.data.hf_tokenizer import HFTokenizer
-from flatlm.data.tokenizer import load_tokenizer
+from flatlm.data.tokenizer import Tokenizer, load_tokenizer, sample_lines, train_tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, model_config
-from flatlm.train.export import export, init_weights_from
+from flatlm.train.export import check_init_from_tokenizer, export, init_weights_from
 from flatlm.train.inspect import final_state
 from flatlm.train.loop import train
-from tests.conftest import tiny_overrides
-from tests.data.test_hf_tokenizer import TEXT, make_hf_tokenizer
+from tests.conftest import make_documents, tiny_overrides
+from tests.data.test_hf_tokenizer import TEXT, make_hf_tokenizer, sentencepiece
 from tests.train.runs import assert_same_state, state_differences
 
 OVERRIDES = {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
@@ -150,3 +150,68 @@ def test_a_model_whose_embedding_is_larger_than_its_tokenizer_is_fine_tuned(tmp_
     extra = {**SMALL, "model.name": str(model_dir), "model.init_from": str(model_dir), "data.tokenizer": str(model_dir)}
     result = train(load_config(None, tiny_overrides(tmp_path / "run", text_corpus, **extra, **{"train.max_steps": 1})))
     assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+
+
+# -- model.init_from and data.tokenizer must agree (checked before any data are read) ----------------------------
+
+
+def _fake_run(path: Path, tok: Tokenizer) -> Path:
+    """What check_init_from_tokenizer reads of a flatlm run: its config.yaml and tokenizer.model (plus a checkpoint
+    directory with its trainer state)."""
+    from flatlm.train.checkpoint import TRAINER_STATE
+
+    (path / "checkpoints" / "step-1").mkdir(parents=True)
+    (path / "checkpoints" / "step-1" / TRAINER_STATE).write_text("{}")
+    (path / "config.yaml").write_text("{}\n")
+    tok.save(path / "tokenizer.model")
+    return path
+
+
+def _cfg(init_from: Path, tokenizer: Path | None) -> RunConfig:
+    extra = [f"model.init_from={init_from}"] + ([f"data.tokenizer={tokenizer}"] if tokenizer else [])
+    return load_config(None, extra)
+
+
+def test_init_from_a_flatlm_run_needs_its_tokenizer(tmp_path: Path) -> None:
+    """Catches: a flatlm run, checkpoint or export as model.init_from with data.tokenizer unset (a new tokenizer for
+    the data: other ids under the embedding) or naming another tokenizer."""
+    own, other = sentencepiece(), Tokenizer(train_tokenizer(sample_lines(make_documents(80), 10_000, seed=0), 350))
+    run = _fake_run(tmp_path / "run", own)
+    other.save(tmp_path / "other.model")
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    own.save(export_dir / "tokenizer.model")
+    (export_dir / "flatlm_tokenizer.json").write_text("{}")
+    for source in (run, run / "checkpoints" / "step-1", export_dir):
+        with pytest.raises(FlatlmError, match=f"model.init_from={source} is a flatlm run: set data.tokenizer={source}"):
+            check_init_from_tokenizer(_cfg(source, None))
+        with pytest.raises(FlatlmError, match=r"data.tokenizer=.*other.model \(sha256 \w+\) is not the tokenizer of"):
+            check_init_from_tokenizer(_cfg(source, tmp_path / "other.model"))
+        assert check_init_from_tokenizer(_cfg(source, source)) is None
+        assert check_init_from_tokenizer(_cfg(source, run / "tokenizer.model")) is None
+    assert check_init_from_tokenizer(load_config(None, [])) is None
+
+
+def test_init_from_an_hf_model_with_another_tokenizer_only_warns(tmp_path: Path) -> None:
+    hf = make_hf_tokenizer(tmp_path / "hf")
+    other = make_hf_tokenizer(tmp_path / "other", vocab_size=280)
+    templated = make_hf_tokenizer(tmp_path / "templated", template="{{ messages[0]['content'] }}")
+    assert "gives other ids than the tokenizer of" in check_init_from_tokenizer(_cfg(hf, other))
+    assert "data.tokenizer is not set" in check_init_from_tokenizer(_cfg(hf, None))
+    assert check_init_from_tokenizer(_cfg(hf, hf)) is None
+    assert check_init_from_tokenizer(_cfg(hf, templated)) is None  # the same ids: a chat template is no difference
+
+
+@pytest.mark.timeout(60)
+def test_the_refusal_comes_before_any_data_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flatlm.train.loop as loop_module
+
+    run = _fake_run(tmp_path / "run", sentencepiece())
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the data were read before the tokenizer check")
+
+    monkeypatch.setattr(loop_module, "load_data", no_data)
+    with pytest.raises(FlatlmError, match="is a flatlm run: set data.tokenizer="):
+        train(load_config(None, [f"output_dir={tmp_path / 'out'}", f"model.init_from={run}"]))
+    assert not (tmp_path / "out").exists()

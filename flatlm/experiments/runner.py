@@ -12,7 +12,11 @@ no thread is alive when a process is forked. On CUDA machines each slot owns ``g
 (CUDA_VISIBLE_DEVICES); on CPU each cell gets OMP_NUM_THREADS = max(1, cores // jobs).
 
 Rerunning: done and diverged cells (a deterministic outcome) are skipped, said in one line; pending, running (ablate
-died), interrupted, failed and oom cells run again, and ``flatlm train`` resumes each from its own checkpoint.
+died), interrupted, failed and oom cells run again, and ``flatlm train`` resumes each from its own checkpoint. A done
+cell counts as finished only at exactly its max_steps: after a raise (extending the grid) it runs again and ``flatlm
+train`` continues it; a cell past its max_steps never reaches here (``flatlm ablate`` refuses the directory).
+On CUDA the slots split the devices this process sees: an inherited CUDA_VISIBLE_DEVICES=4,5,6,7 gives two slots
+4,5 and 6,7.
 """
 
 from __future__ import annotations

@@ -86,3 +86,8 @@ class Sequences(Protocol):
     def batch(self, indices: Sequence[int]) -> Batch:
         """Rows ``indices`` as one micro-batch."""
         ...
+
+    def input_tokens(self, indices: Sequence[int]) -> int:
+        """Input positions of rows ``indices`` that hold a real token, not padding: what the training loop counts as
+        tokens seen (``tokens``, ``tokens_per_s``). Known on the host from the rows' lengths; no batch is built."""
+        ...

@@ -70,6 +70,10 @@ class PackedSequences:
             span += 1
         return out
 
+    def input_tokens(self, indices: np.ndarray | list[int] | range) -> int:
+        """Every window is ``seq_len`` real tokens (no padding)."""
+        return len(indices) * self.seq_len
+
     def batch(self, indices: np.ndarray | list[int]) -> Batch:
         """The windows ``indices`` as a batch: inputs and targets each ``[len(indices), seq_len]`` int64, every
         target counted (pretraining)."""

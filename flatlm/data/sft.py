@@ -6,7 +6,8 @@ tokens and their EOS), at most ``seq_len + 1`` tokens (longer ones are cut and c
 was written by the assistant.
 
 Two views of a split, each with the ``PackedSequences`` interface (``len``, ``batch(indices) -> Batch``,
-``seq_len``, ``num_tokens``) so the sampler, the step and evaluation take them unchanged:
+``seq_len``, ``num_tokens``, ``input_tokens(indices)``: the real tokens the loop counts, padding excluded)
+so the sampler, the step and evaluation take them unchanged:
 
 ``PackedExamples`` (data.packing=true)
     Greedy and deterministic: examples in order, a new row when the next one does not fit. Every row has exactly
@@ -125,8 +126,11 @@ class PackedExamples:
 
     def __init__(self, examples: Examples, seq_len: int, pad_id: int):
         self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
-        self.rows = pack_rows([len(ids) - 1 for ids in examples.ids], seq_len)
-        self.num_tokens = sum(len(ids) - 1 for ids in examples.ids)
+        lengths = [len(ids) - 1 for ids in examples.ids]
+        self.rows = pack_rows(lengths, seq_len)
+        self.row_tokens = np.array([sum(lengths[i] for i in row) for row in self.rows], dtype=np.int64)
+        """Input tokens of each row (its padding excluded)."""
+        self.num_tokens = int(self.row_tokens.sum())
         """Input tokens of the examples (padding excluded)."""
 
     def __len__(self) -> int:
@@ -154,6 +158,10 @@ class PackedExamples:
             positions.append(np.arange(pad))
         return tuple(np.concatenate(x) for x in (inputs, targets, mask, positions))  # type: ignore[return-value]
 
+    def input_tokens(self, indices: np.ndarray | list[int] | range) -> int:
+        """Real (non-padding) input tokens of the rows ``indices``."""
+        return int(self.row_tokens[np.asarray(indices, dtype=np.int64)].sum())
+
     def batch(self, indices: np.ndarray | list[int] | range) -> Batch:
         """The rows ``indices``: [len(indices), seq_len] each, with loss mask and position ids."""
         rows = [self.row(int(r)) for r in indices]
@@ -166,14 +174,20 @@ class PaddedExamples:
 
     def __init__(self, examples: Examples, seq_len: int, pad_id: int):
         self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
-        self.num_tokens = sum(len(ids) - 1 for ids in examples.ids)
+        self.lengths = np.array([len(ids) - 1 for ids in examples.ids], dtype=np.int64)
+        """Input tokens of each example (row)."""
+        self.num_tokens = int(self.lengths.sum())
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def input_tokens(self, indices: np.ndarray | list[int] | range) -> int:
+        """Real input tokens of the rows ``indices``: their examples' lengths, not the padded width of a batch."""
+        return int(self.lengths[np.asarray(indices, dtype=np.int64)].sum())
+
     def padding_fraction(self, batch_size: int) -> float:
         """Share of padding when consecutive examples are batched ``batch_size`` at a time."""
-        lengths = np.array([len(ids) - 1 for ids in self.examples.ids])
+        lengths = self.lengths
         padded = sum(
             int(lengths[i : i + batch_size].max()) * len(lengths[i : i + batch_size])
             for i in range(0, len(lengths), batch_size)

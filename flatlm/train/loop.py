@@ -211,6 +211,11 @@ class Run:
     config_yaml: str
     sampler: GlobalBatchSampler
     tokens_per_step: int
+    """Input positions of one step (global batch x seq_len), padding included: an upper bound of ``tokens_seen``'s
+    growth."""
+    tokens_seen: int = 0
+    """Real input tokens the run has trained on (padding excluded: ``Sequences.input_tokens``), through the last
+    step done; a resume takes it from the checkpoint."""
 
 
 def setup(cfg: RunConfig, env: Environment, device: torch.device) -> Run:
@@ -268,6 +273,7 @@ def resume_from_checkpoint(run: Run) -> tuple[int, Path | None]:
     if resumed := resume(run.resume_candidates, run.parallel, run.optimizer, cfg.checkpoint.load_optimizer):
         restore_schedule(run.scheduler, resumed.trainer_state["scheduler"], cfg.checkpoint.load_optimizer)
         start_step, resume_from = resumed.trainer_state["step"], resumed.path
+        run.tokens_seen = int(resumed.trainer_state.get("tokens", start_step * run.tokens_per_step))
         log.info(f"resuming from {resume_from} (step {start_step})")
         return start_step, resume_from
     return 0, None
@@ -345,6 +351,7 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
             t0 = time.perf_counter()
             lr = run.optimizer.param_groups[0]["lr"]
             micro = run.sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
+            step_tokens = run.data.train.input_tokens(run.sampler.global_batch(step))  # all ranks', no padding
             stats = train_step(
                 run.parallel,
                 run.optimizer,
@@ -358,6 +365,7 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
             run.scheduler.step()
             loss_value, grad_norm, stop = read_step(stats, preemption.requested)
             dt = time.perf_counter() - t0
+            run.tokens_seen += step_tokens
             if state_bytes is None:  # the state exists after the first step; its size does not change
                 state_bytes = optimizer_state_bytes(run.optimizer)
             record = {
@@ -365,8 +373,8 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
                 "loss": loss_value,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": run.tokens_per_step / dt,
-                "tokens": (step + 1) * run.tokens_per_step,
+                "tokens_per_s": step_tokens / dt,
+                "tokens": run.tokens_seen,
                 "epoch": run.sampler.epoch_of(step + 1),
                 "step_time_s": dt,
                 "optim_state_bytes": state_bytes,
@@ -406,7 +414,7 @@ def after_step(
         log.info(f"step {done}: val_loss {ev['val_loss']:.4f}, val_ppl {ev['val_ppl']:.2f}")
     if last or stop or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
         trainer_state = {
-            "tokens": done * run.tokens_per_step,
+            "tokens": run.tokens_seen,
             "epoch": run.sampler.epoch_of(done),  # the data position is a function of (seed, step)
             "scheduler": run.scheduler.state_dict(),
             "backend": cfg.parallel.backend,

@@ -150,6 +150,22 @@ def test_pack_rows_is_greedy_in_order() -> None:
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 0]
 
 
+def test_input_tokens_count_the_examples_not_the_padding() -> None:
+    """Catches: tokens (and tokens_per_s) counted as rows x seq_len (or a padded batch's width) for chat data."""
+    ex = examples(example(1, 12), example(2, 30), example(3, 7), example(4, 20))  # inputs: 11, 29, 6, 19
+    packed = PackedExamples(ex, seq_len=32, pad_id=EOS)
+    assert packed.rows == [[0], [1], [2, 3]]
+    assert packed.input_tokens([0, 2]) == 11 + 6 + 19 and packed.input_tokens(range(3)) == packed.num_tokens == 65
+    assert packed.input_tokens(np.array([2, 2])) == 50  # a row drawn twice (a second epoch) counts twice
+    padded = PaddedExamples(ex, seq_len=32, pad_id=EOS)
+    batch = padded.batch([0, 1, 2])
+    assert batch.inputs.numel() == 3 * 29 and padded.input_tokens([0, 1, 2]) == 11 + 29 + 6
+    for view in (packed, padded):  # what each batch holds besides padding: its examples' inputs
+        for rows in ([0], [1, 2], [0, 1, 2]):
+            counted = sum(len(ex.ids[i]) - 1 for r in rows for i in (packed.rows[r] if view is packed else [r]))
+            assert view.input_tokens(rows) == counted
+
+
 # -- a short chat run through the CLI's train ----------------------------------------------------------------------
 
 
@@ -220,6 +236,15 @@ def test_chat_run_writes_template_and_answer_loss(
     assert evals and all(np.isfinite(e["val_loss"]) and e["val_loss"] > 0 for e in evals)
     steps = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3]
+    # tokens: the real input tokens of each step's global batch, not global_batch x seq_len with the padding
+    from flatlm.data import GlobalBatchSampler
+    from flatlm.data.splits import data_seed
+
+    trained = load_data(cfg, run_tokenizer_path(out)).train
+    sampler = GlobalBatchSampler(len(trained), 4, data_seed(cfg))
+    seen = np.cumsum([trained.input_tokens(sampler.global_batch(s)) for s in range(3)]).tolist()
+    assert [r["tokens"] for r in steps] == seen and seen[-1] <= 3 * 4 * 64
+    assert packing or seen[-1] < 3 * 4 * 64  # one example per row: padded to the batch's longest, never counted
     # what val_loss averages: the answers' tokens (and their EOS) of the validation examples, nothing else
     data = load_data(cfg, run_tokenizer_path(out))
     batch = data.val.batch(range(len(data.val)))

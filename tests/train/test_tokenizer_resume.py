@@ -6,10 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flatlm.config import load_config
-from flatlm.data import load_or_build
+from flatlm.data import GlobalBatchSampler, load_or_build
 from flatlm.data.cache import default_cache_dir
 from flatlm.data.sources import source_fingerprint
 from flatlm.data.tokenizer import Tokenizer
@@ -126,7 +127,7 @@ def test_a_resumed_chat_run_keeps_its_template(tmp_path: Path, caplog: pytest.Lo
     """Catches: a resumed sentencepiece chat run rendering with (and writing) the builtin template instead of the
     one it started with (its tokenizer.model carries none), or with a data.chat_template file changed since."""
     from flatlm.data.chat import BUILTIN_TEMPLATE
-    from flatlm.data.splits import load_data
+    from flatlm.data.splits import data_seed, load_data
     from flatlm.data.tokenizer import run_tokenizer_path
     from tests.data.test_chat import CHATML
     from tests.data.test_sft import chat_jsonl
@@ -148,6 +149,10 @@ def test_a_resumed_chat_run_keeps_its_template(tmp_path: Path, caplog: pytest.Lo
     resumed = load_data(cfg, run_tokenizer_path(stage2))
     assert resumed.chat_template == CHATML
     assert [ids.tolist() for ids in resumed.train.examples.ids] == [ids.tolist() for ids in before.train.examples.ids]
+    # the real tokens seen go on from the checkpoint's count (padding never counted)
+    sampler = GlobalBatchSampler(len(resumed.train), 4, data_seed(cfg))
+    seen = np.cumsum([resumed.train.input_tokens(sampler.global_batch(s)) for s in range(2)]).tolist()
+    assert [r["tokens"] for r in read_jsonl(stage2 / "metrics.jsonl")] == seen
 
     custom.write_text(BUILTIN_TEMPLATE)  # the file stage 1 named changed: stage 1 resumes with its own copy
     with caplog.at_level(logging.WARNING, logger="flatlm"):

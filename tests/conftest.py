@@ -85,3 +85,29 @@ def tiny_overrides(out: Path, corpus: Path, **extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def chat_overrides(out: Path, data: Path, **extra: object) -> list[str]:
+    """A one-step chat run (tiny model) on the rows ``data``."""
+    base: dict[str, object] = {
+        "output_dir": str(out),
+        "data.source": "files",
+        "data.format": "chat",
+        "data.paths": f"[{data}]",
+        "data.vocab_size": 300,
+        "data.seq_len": 64,
+        "data.val_fraction": 0.2,
+        "model.overrides.num_hidden_layers": 1,
+        "model.overrides.hidden_size": 32,
+        "model.overrides.intermediate_size": 64,
+        "train.max_steps": 1,
+        "train.global_batch_size": 4,
+        "train.micro_batch_size": 4,
+        "train.eval_every": 0,
+        "train.eval_batches": 1,
+        "train.progress_bar": False,
+        "train.tensorboard": False,
+        "train.plot": False,
+        "schedule.warmup_steps": 1,
+    }
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]

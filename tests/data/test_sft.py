@@ -16,6 +16,7 @@ import flatlm.train.step as step
 from flatlm.data.batch import Batch
 from flatlm.data.chat import BUILTIN_TEMPLATE
 from flatlm.data.sft import Examples, PackedExamples, PaddedExamples, pack_rows
+from tests.conftest import chat_overrides
 from tests.data.test_chat import CHATML
 
 VOCAB = 64
@@ -199,34 +200,18 @@ def test_chat_run_writes_template_and_answer_loss(
     from flatlm.train.loop import train
     from flatlm.train.metrics import read_jsonl
 
-    data = chat_jsonl(tmp_path / "chat.jsonl")
+    rows = chat_jsonl(tmp_path / "chat.jsonl")
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML)
     out = tmp_path / "run"
-    overrides = {
-        "output_dir": str(out),
-        "data.source": "files",
-        "data.format": "chat",
-        "data.paths": f"[{data}]",
+    extra = {
         "data.chat_template": str(template) if packing else "builtin",
         "data.packing": packing,
-        "data.vocab_size": 300,
-        "data.seq_len": 64,
-        "data.val_fraction": 0.2,
-        "model.overrides.num_hidden_layers": 1,
-        "model.overrides.hidden_size": 32,
-        "model.overrides.intermediate_size": 64,
         "train.max_steps": 3,
-        "train.global_batch_size": 4,
-        "train.micro_batch_size": 4,
         "train.eval_every": 3,
         "train.eval_batches": 2,
-        "train.progress_bar": False,
-        "train.tensorboard": False,
-        "train.plot": False,
-        "schedule.warmup_steps": 1,
     }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+    cfg = load_config(None, chat_overrides(out, rows, **extra))
     with caplog.at_level(logging.WARNING, logger="flatlm"):
         train(cfg)
     assert any("training a tokenizer on the chat text" in r.getMessage() for r in caplog.records)
@@ -252,10 +237,9 @@ def test_chat_run_writes_template_and_answer_loss(
     assert int(batch.counted().sum()) == answers < int((batch.inputs != -1).sum()) // 2
     if packing:  # fine-tune that run as configs/sft-tiny.yaml does: its weights and its tokenizer, by directory
         caplog.clear()
-        more = {**overrides, "output_dir": str(tmp_path / "sft"), "model.init_from": str(out)}
-        more |= {"data.tokenizer": str(out), "train.max_steps": 1}
+        more = {**extra, "model.init_from": str(out), "data.tokenizer": str(out), "train.max_steps": 1}
         with caplog.at_level(logging.WARNING, logger="flatlm"):
-            train(load_config(None, [f"{k}={v}" for k, v in more.items()]))
+            train(load_config(None, chat_overrides(tmp_path / "sft", rows, **more)))
         assert not any("training a tokenizer" in r.getMessage() for r in caplog.records)
         assert (tmp_path / "sft" / "tokenizer.model").read_bytes() == (out / "tokenizer.model").read_bytes()
 

@@ -17,7 +17,7 @@ from flatlm.data.tokenizer import Tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.train.loop import train
 from flatlm.train.metrics import read_jsonl
-from tests.conftest import tiny_overrides
+from tests.conftest import chat_overrides, tiny_overrides
 
 # Words the first corpus never has: a tokenizer trained on the changed corpus has other pieces.
 NEW_WORDS = "zebra quantum xylophone jigsaw kumquat vortex whisky fjord sphinx bovine cryptic".split()
@@ -94,32 +94,6 @@ def test_resume_prefers_the_run_tokenizer_to_a_changed_data_tokenizer(tmp_path: 
 
 
 # -- a fine-tuning run's chat template belongs to it too ---------------------------------------------------------
-
-
-def chat_overrides(out: Path, data: Path, **extra: object) -> list[str]:
-    """A one-step chat run (tiny model) on the rows ``data``."""
-    base: dict[str, object] = {
-        "output_dir": str(out),
-        "data.source": "files",
-        "data.format": "chat",
-        "data.paths": f"[{data}]",
-        "data.vocab_size": 300,
-        "data.seq_len": 64,
-        "data.val_fraction": 0.2,
-        "model.overrides.num_hidden_layers": 1,
-        "model.overrides.hidden_size": 32,
-        "model.overrides.intermediate_size": 64,
-        "train.max_steps": 1,
-        "train.global_batch_size": 4,
-        "train.micro_batch_size": 4,
-        "train.eval_every": 0,
-        "train.eval_batches": 1,
-        "train.progress_bar": False,
-        "train.tensorboard": False,
-        "train.plot": False,
-        "schedule.warmup_steps": 1,
-    }
-    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
 
 
 @pytest.mark.timeout(180)

@@ -56,10 +56,10 @@ def test_unknown_preset_lists_valid_and_suggests() -> None:
 
 
 def test_local_hf_config_path(tmp_path: Path) -> None:
-    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
-        tmp_path
-    )
-    cfg = model_config(str(tmp_path), 300, {"num_hidden_layers": 2})
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=200
+    ).save_pretrained(tmp_path)
+    cfg = model_config(str(tmp_path), 300, {"num_hidden_layers": 2})  # grown to the tokenizer (never shrunk)
     assert cfg.hidden_size == 32 and cfg.vocab_size == 300 and cfg.num_hidden_layers == 2
     assert build_model(cfg)(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 300)
 

@@ -44,11 +44,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from flatlm.experiments import report_flatness  # noqa: F401  (registers the flatness columns in PROVIDERS)
 from flatlm.experiments import report_summary as summary
 from flatlm.experiments.report_cells import (
     PROVIDERS,
     Column,
     Provider,
+    cell_dirs,
     cell_rows,
     cell_text,
     columns,
@@ -98,7 +100,7 @@ def write_report(output_dir: Path, providers: Iterable[Provider] = ()) -> Path:
     output_dir = Path(output_dir)
     providers = list(providers or PROVIDERS)
     grid = load_grid(output_dir)
-    cols = columns(providers)
+    cols = columns(providers, cell_dirs(output_dir, grid))
     rows = cell_rows(output_dir, grid, providers)
     baseline = str(grid.get("baseline") or "adamw")
     groups, metric = summary.summarize(rows, baseline, [c for c in cols if c.summary])
@@ -190,6 +192,7 @@ def _markdown(
     for title, path in plots.items():
         parts += [f"![{title}]({path.relative_to(output_dir).as_posix()})", ""]
     parts += _failures(output_dir, rows)
+    parts += _analysis_failures(output_dir, rows)
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -210,6 +213,26 @@ def _failures(output_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
         fence = "~~~~" if "```" in tail else "```"
         parts += [fence, tail.rstrip() or "(no log)", fence, ""]
     return parts
+
+
+def _analysis_failures(output_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The section on done cells whose analysis (landscape, eval, finetune) failed or was interrupted: the cell stays
+    done and compared; its flatness columns stay empty."""
+    parts: list[str] = []
+    for row in rows:
+        if row.get("analysis") in (None, "done"):
+            continue
+        cell_dir = output_dir / "cells" / row["name"]
+        for kind, record in (read_json(cell_dir / "cell.json").get("analysis") or {}).items():
+            if not isinstance(record, dict) or record.get("status") in ("done", None):
+                continue
+            log = str(record.get("log") or f"{kind}.log")
+            tail = record.get("log_tail") or _log_tail(cell_dir / log)
+            parts += [f"### `{row['name']}`: {kind} {record['status']} (return code {record.get('returncode')}, "
+                      f"log `cells/{row['name']}/{log}`)", ""]  # fmt: skip
+            fence = "~~~~" if "```" in tail else "```"
+            parts += [fence, tail.rstrip() or "(no log)", fence, ""]
+    return ["## Analyses that did not finish (the cells are done and compared)", "", *parts] if parts else []
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

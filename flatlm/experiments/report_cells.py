@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,9 @@ class Provider:
     name: str
     read: Reader
     columns: tuple[Column, ...]
+    discover: Callable[[Sequence[Path]], tuple[Column, ...]] | None = None
+    """Columns that depend on the data (one per SAM radius measured), found in the grid's cell directories: only
+    those some cell has appear (:mod:`flatlm.experiments.report_flatness`)."""
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -120,7 +123,7 @@ def config_columns(tree: dict[str, Any]) -> dict[str, Any]:
     schedule = tree.get("schedule") or {}
     out: dict[str, Any] = {}
     if "name" in optim:
-        out["optimizer"] = optim["name"]
+        out["optimizer"] = method_name(str(optim["name"]), tree)
     if "lr" in optim:
         out["lr"] = float(optim["lr"])
     hparams = dict(optim.get("hparams") or {})
@@ -133,6 +136,20 @@ def config_columns(tree: dict[str, Any]) -> dict[str, Any]:
     if "seed" in tree:
         out["seed"] = tree["seed"]
     return out
+
+
+ADVERSARIAL_SUFFIX = "+adv"
+
+
+def method_name(optimizer: str, tree: dict[str, Any]) -> str:
+    """The optimizer as the report groups it: ``adamw+adv`` for adversarial training (train.adversarial.steps > 0,
+    a method of its own compared with plain AdamW), else the optimizer's name."""
+    adversarial = (tree.get("train") or {}).get("adversarial") or {}
+    try:
+        steps = int(adversarial.get("steps") or 0) if isinstance(adversarial, dict) else 0
+    except (TypeError, ValueError):
+        steps = 0
+    return optimizer + ADVERSARIAL_SUFFIX if steps > 0 else optimizer
 
 
 def _schedule_text(schedule: dict[str, Any]) -> str:
@@ -254,10 +271,20 @@ PROVIDERS: list[Provider] = [
 NAME_COLUMN = Column("name", "cell", "text")
 
 
-def columns(providers: Iterable[Provider] = ()) -> list[Column]:
-    """Every column of a row, in CSV order: the cell name, then each provider's."""
-    found = [NAME_COLUMN] + [c for p in providers or PROVIDERS for c in p.columns]
+def columns(providers: Iterable[Provider] = (), cell_dirs: Sequence[Path] = ()) -> list[Column]:
+    """Every column of a row, in CSV order: the cell name, then each provider's (its discovered ones from
+    ``cell_dirs`` after its fixed ones)."""
+    found = [NAME_COLUMN]
+    for provider in providers or PROVIDERS:
+        found += provider.columns
+        if provider.discover is not None:
+            found += provider.discover(cell_dirs)
     return list({c.key: c for c in found}.values())
+
+
+def cell_dirs(output_dir: Path, grid: dict[str, Any]) -> list[Path]:
+    """The directories of the grid's cells, in grid order."""
+    return [output_dir / "cells" / cell["name"] for cell in grid["cells"]]
 
 
 def load_grid(output_dir: Path) -> dict[str, Any]:
@@ -294,7 +321,7 @@ def _grid_defaults(grid: dict[str, Any], cell: dict[str, Any]) -> dict[str, Any]
 
 def cell_rows(output_dir: Path, grid: dict[str, Any], providers: Iterable[Provider] = ()) -> list[dict[str, Any]]:
     """One row per grid cell, in grid order: every column, None where the cell has no value yet."""
-    keys = [c.key for c in columns(providers)]
+    keys = [c.key for c in columns(providers, cell_dirs(output_dir, grid))]
     rows = []
     for cell in grid["cells"]:
         cell_dir = output_dir / "cells" / cell["name"]

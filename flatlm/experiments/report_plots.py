@@ -1,4 +1,5 @@
-"""The ablation report's PNGs: loss curves of every cell, the lr-sensitivity curve, the best loss per optimizer.
+"""The ablation report's PNGs: loss curves of every cell, the lr-sensitivity curve, the best loss per optimizer,
+and (when the cells were analysed) sharpness against robustness gap.
 
 One colour per optimizer and one line style per learning rate throughout, so a reader matches lines across figures;
 the seeds of one (optimizer, lr) share a colour and style and one legend entry, so the legend stays as long as the
@@ -214,14 +215,62 @@ def _best_label(group: GroupSummary) -> str:
     return label
 
 
+GAP_KEY = "robustness_gap"
+SHARPNESS_PREFIX = "sam_sharpness[rho="
+
+
+def sharpness_measures(groups: Sequence[GroupSummary]) -> list[tuple[str, str]]:
+    """The (column key, axis label) pairs of the sharpness measures the flatness scatter draws, each only when at
+    least 2 cells have it and a robustness gap: λmax, and SAM sharpness at the middle radius measured."""
+    rows = [r for g in groups for p in g.points for r in p.rows]
+
+    def enough(key: str) -> bool:
+        return sum(r.get(key) is not None and r.get(GAP_KEY) is not None for r in rows) >= 2
+
+    out = [("lambda_max", "λmax of the Hessian (power iteration)")] if enough("lambda_max") else []
+    radii = sorted({k for r in rows for k in r if k.startswith(SHARPNESS_PREFIX) and r[k] is not None},
+                   key=lambda k: float(k[len(SHARPNESS_PREFIX) : -1]))  # fmt: skip
+    if radii:
+        middle = radii[(len(radii) - 1) // 2]
+        if enough(middle):
+            out.append((middle, f"SAM sharpness at ρ={middle[len(SHARPNESS_PREFIX) : -1]} (loss increase)"))
+    return out
+
+
+def plot_flatness_vs_robustness(
+    groups: Sequence[GroupSummary], measures: Sequence[tuple[str, str]], path: Path
+) -> Path:
+    """Sharpness against robustness gap, one point per cell (every lr and seed), one colour per optimizer: does a
+    flatter minimum degrade less on corrupted text? One panel per sharpness measure."""
+    colours = _colours(groups)
+    fig, axes = plt.subplots(1, len(measures), figsize=(6 * len(measures), 4.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], measures, strict=True):
+        for group in groups:
+            cells = [r for p in group.points for r in p.rows if r.get(key) is not None and r.get(GAP_KEY) is not None]
+            if cells:
+                ax.scatter([float(r[key]) for r in cells], [float(r[GAP_KEY]) for r in cells], s=36, alpha=0.85,
+                           color=colours[group.label], label=f"{group.label} ({len(cells)})")  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("robustness gap (corrupted - clean val loss, nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="optimizer (cells)", title_fontsize=8)
+    fig.suptitle("Sharpness vs robustness gap, one point per cell (lower-left: flat and robust)", fontsize=10)
+    return _save(fig, path)
+
+
 def write_plots(output_dir: Path, groups: Sequence[GroupSummary], metric: str) -> dict[str, Path]:
     """Write every figure into ``output_dir``; return {title: path} in the order the report shows them."""
     name = METRIC_TEXT[metric].split(" (")[0]
     ceiling = initial_loss(output_dir, groups)
     step, wall = output_dir / "train_loss_vs_step.png", output_dir / "train_loss_vs_wall.png"
-    return {
+    plots = {
         "training loss vs step": plot_train_loss(output_dir, groups, step, "step", ceiling),
         "training loss vs wall-clock": plot_train_loss(output_dir, groups, wall, "wall", ceiling),
         f"{name} vs learning rate": plot_lr_sensitivity(groups, metric, output_dir / "lr_sensitivity.png", ceiling),
         f"{name} per optimizer": plot_best(groups, metric, output_dir / "best_per_optimizer.png"),
     }
+    measures = sharpness_measures(groups)
+    if measures:  # at least 2 cells with a sharpness and a robustness gap
+        scatter = output_dir / "flatness_vs_robustness.png"
+        plots["sharpness vs robustness gap"] = plot_flatness_vs_robustness(groups, measures, scatter)
+    return plots

@@ -137,9 +137,16 @@ def replicate(row: dict[str, Any]) -> Hashable:
     return found[0] if len(found) == 1 else found
 
 
+METHOD_PREFIXES = ("train.adversarial.",)
+"""Axes that make the method itself (adversarial training: its ``optimizer`` is ``adamw+adv``, see
+``report_cells.method_name``): neither a variant nor a context, so ``adamw+adv`` is compared with plain AdamW."""
+
+
 def _group_key(row: dict[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
     variant = tuple(
-        (k, v) for k, v in row["_values"].items() if k not in REPLICATE_KEYS and k not in (LR_KEY, "optim.name")
+        (k, v)
+        for k, v in row["_values"].items()
+        if k not in REPLICATE_KEYS and k not in (LR_KEY, "optim.name") and not k.startswith(METHOD_PREFIXES)
     )
     return str(row.get("optimizer") or row["_values"].get("optim.name") or "?"), variant
 

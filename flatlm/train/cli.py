@@ -4,6 +4,8 @@
     flatlm export SOURCE OUT                                   a checkpoint as a Hugging Face model directory
     flatlm ablate GRID.yaml [--dry-run] [--jobs N] [...]       run an ablation grid, one process per cell
     flatlm report OUTPUT_DIR                                   rebuild an ablation's report from its cells
+    flatlm landscape RUN_DIR [--to OTHER] [...]                Hessian spectrum, SAM sharpness, loss landscapes
+    flatlm eval RUN_DIR [--corrupt SPEC] [...]                 loss on corrupted text, noisy and quantised weights
 
 A command is its help line, a function that builds its argument parser (given the program name) and a function
 that runs the parsed arguments and returns the exit status; adding one (``ablate``, ``eval``, ``landscape``,
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from flatlm.config import describe_keys, load_config
 from flatlm.errors import FlatlmError
+from flatlm.train.analysis_args import eval_parser, landscape_parser
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,34 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- flatlm landscape, flatlm eval (flatlm.train.analyze) ------------------------------------------------------------
+
+
+def _landscape(args: argparse.Namespace) -> int:
+    from flatlm.train.analyze import run_landscape
+
+    return run_landscape(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from flatlm.train.analyze import run_eval
+
+    return run_eval(args)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model (flatlm train --help lists every config key)", _train_parser, _train),
     "export": Command("write a checkpoint as a Hugging Face model directory", _export_parser, _export),
     "ablate": Command("run an ablation grid of training runs (configs/ablations/)", _ablate_parser, _ablate),
     "report": Command("rebuild an ablation's report from its cells", _report_parser, _report),
+    "landscape": Command(
+        "sharpness and loss landscapes of a checkpoint (Hessian, SAM sharpness, 1-D/2-D plots)",
+        landscape_parser,
+        _landscape,
+    ),
+    "eval": Command(
+        "loss on clean and corrupted text, under weight noise and after quantisation", eval_parser, _eval
+    ),
 }
 
 

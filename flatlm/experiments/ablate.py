@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 
 from flatlm.config import RunConfig, flatten, to_dict
 from flatlm.errors import FlatlmError
+from flatlm.experiments.analysis import describe_steps
 from flatlm.experiments.budget import apply_budget
 from flatlm.experiments.cells import final_loss, read_json, steps_done, write_json
 from flatlm.experiments.grid import (
@@ -95,7 +96,7 @@ def _run(
 ) -> int:
     """Write grid.json and the cells' records, run the unfinished cells, summarise, report (under the lock)."""
     write_json(grid.output_dir / GRID_FILE, document)
-    runs = cell_runs(cells, grid.output_dir)
+    runs = cell_runs(cells, grid.output_dir, grid.analysis, grid.finetune)
     for run in runs:
         run.dir.mkdir(parents=True, exist_ok=True)
         run.save()
@@ -250,21 +251,28 @@ def describe(grid: Grid, cells: list[ResolvedCell], document: dict[str, Any]) ->
         rows.append(
             f"  {cell.spec.name:<{width}}  {cell.cfg.train.max_steps:>6}  {cell.flops_per_step / 1e9:>10.4g}  {diffs}"
         )
-    return "\n".join([head, *rows])
+    return "\n".join([head, *rows, *describe_steps(grid.analysis, grid.finetune, grid.output_dir)])
 
 
 def summary(runs: list[Any]) -> str:
     """The closing table: cell, status, steps, final training loss, wall time."""
     width = max([len(r.name) for r in runs] + [4])
-    rows = [f"  {'cell':<{width}}  {'status':<11}  {'steps':>11}  {'loss':>8}  {'wall_s':>8}"]
-    for r in runs:
+    statuses = [_status_text(r.record) for r in runs]
+    wide = max([len(t) for t in statuses] + [11])
+    rows = [f"  {'cell':<{width}}  {'status':<{wide}}  {'steps':>11}  {'loss':>8}  {'wall_s':>8}"]
+    for r, status in zip(runs, statuses, strict=True):
         loss = final_loss(r.dir)
         steps = f"{steps_done(r.dir)}/{r.max_steps}"
         loss_text = f"{loss:.4f}" if loss is not None else "-"
-        rows.append(
-            f"  {r.name:<{width}}  {r.record['status']:<11}  {steps:>11}  {loss_text:>8}  {r.record['wall_s']:>8.1f}"
-        )
+        rows.append(f"  {r.name:<{width}}  {status:<{wide}}  {steps:>11}  {loss_text:>8}  {r.record['wall_s']:>8.1f}")
     return "\n".join(["summary:", *rows])
+
+
+def _status_text(record: dict[str, Any]) -> str:
+    """``done``, or ``done (eval failed)`` when an analysis step did not finish."""
+    analysis = record.get("analysis") or {}
+    bad = [f"{k} {v.get('status')}" for k, v in analysis.items() if isinstance(v, dict) and v.get("status") != "done"]
+    return f"{record['status']} ({', '.join(bad)})" if bad else str(record["status"])
 
 
 def _write_report(output_dir: Path, say: Callable[[str], None]) -> Path | None:

@@ -18,6 +18,12 @@ A grid file::
       seed: [0, 1]               # a list: plain values
     zip:                         # groups of axis keys whose lists advance together instead of crossing
       - [optim.lr, optim.hparams.rho]   # sam: (1e-3, 0.02), (3e-3, 0.05); adamw's and lion's lr cross as usual
+    analysis:                    # optional: after a cell is done, flatlm landscape / flatlm eval on it, with these args
+      landscape: [--batches, "1", --rho, "0.01,0.05,0.1", --no-plane]
+      eval: [--corrupt, default, --weights-noise, "0.01,0.03", --quantize, "8,4"]
+
+The optional ``analysis`` and ``finetune`` (``{config: ../sft-tiny.yaml, overrides: {...}}``: the forgetting column)
+stages are :mod:`flatlm.experiments.analysis`'s; they are not part of a cell's identity.
 
 A list-valued config value is one value of a list axis: ``optim.hparams.betas: [[0.9, 0.95], [0.9, 0.99]]`` is an
 axis with two values; a fixed list-valued override inside a per-value mapping is written as a one-value axis
@@ -60,8 +66,9 @@ from flatlm.config import (
     validate,
 )
 from flatlm.errors import FlatlmError, did_you_mean
+from flatlm.experiments.analysis import Finetune, parse_analysis, parse_finetune
 
-GRID_KEYS = ("base", "output_dir", "baseline", "budget", "overrides", "axes", "zip")
+GRID_KEYS = ("base", "output_dir", "baseline", "budget", "overrides", "axes", "zip", "analysis", "finetune")
 BUDGETS = ("steps", "flops")
 FREE_FORM = ("optim.hparams.", "model.overrides.")  # dict-valued config keys: anything below them is allowed
 SHORT = {"warmup_fraction": "wu", "weight_decay": "wd", "num_hidden_layers": "L", "hidden_size": "d"}
@@ -88,6 +95,10 @@ class Grid:
     axes: list[str]
     cells: list[CellSpec]
     cli_overrides: dict[str, Any] = field(default_factory=dict)
+    analysis: dict[str, list[str]] = field(default_factory=dict)
+    """Analysis kind -> its extra command-line arguments (the grid's ``analysis:``), run after each done cell."""
+    finetune: Finetune | None = None
+    """The grid's ``finetune:`` stage (the forgetting column), after the analyses."""
 
 
 @dataclass
@@ -156,7 +167,10 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
         ordered = dict(sorted(values, key=lambda kv: order.index(kv[0])))
         cells.append(CellSpec(cell_name(ordered), ordered, {**cell_overrides, **ordered}))
     _check_unique_names(cells)
-    return Grid(path, base_tree, output_dir, str(raw.get("baseline", "adamw")), budget, order, cells, cli)
+    analysis = parse_analysis(raw.get("analysis"))
+    finetune = parse_finetune(raw.get("finetune"), path)
+    baseline = str(raw.get("baseline", "adamw"))
+    return Grid(path, base_tree, output_dir, baseline, budget, order, cells, cli, analysis, finetune)
 
 
 def _read_mapping(path: Path, what: str) -> dict[str, Any]:

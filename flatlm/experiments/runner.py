@@ -17,6 +17,11 @@ cell counts as finished only at exactly its max_steps: after a raise (extending 
 train`` continues it; a cell past its max_steps never reaches here (``flatlm ablate`` refuses the directory).
 On CUDA the slots split the devices this process sees: an inherited CUDA_VISIBLE_DEVICES=4,5,6,7 gives two slots
 4,5 and 6,7.
+
+The analysis stage (:mod:`flatlm.experiments.analysis`): when a cell's training ends done, its analysis steps whose
+output is missing run one after another in the same slot (each wrapped and signalled like a cell, logged to
+``CELL/<kind>.log``), recorded under ``analysis`` in cell.json; a finished cell whose analysis is missing (added to
+the grid later, failed, or interrupted) runs only those steps on a rerun. A failed step never fails the grid.
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ from typing import IO, Any
 
 from flatlm.config import dump_yaml
 from flatlm.errors import FlatlmError
+from flatlm.experiments.analysis import Finetune, Step, is_done
+from flatlm.experiments.analysis import steps as analysis_steps
 from flatlm.experiments.cells import (
     CELL_FILE,
     CONFIG_FILE,
     LOG_FILE,
+    STOPPED_CODES,
     classify,
     log_tail,
     read_json,
@@ -57,6 +65,10 @@ class CellRun:
     cell: ResolvedCell
     dir: Path
     record: dict[str, Any]
+    steps: list[Step] = field(default_factory=list)
+    """Its analysis stage, in order (done or not)."""
+    tried: set[str] = field(default_factory=set)
+    """The analysis steps this ablate already ran (a failed one is not retried until the next ablate)."""
 
     @property
     def name(self) -> str:
@@ -77,9 +89,33 @@ class CellRun:
     def save(self) -> None:
         write_json(self.dir / CELL_FILE, self.record)
 
+    def next_step(self) -> Step | None:
+        """Its first analysis step not done and not yet tried by this ablate (the fine-tune's eval only after the
+        fine-tune is done); None when nothing is left or the cell is not done."""
+        if self.record.get("status") != "done":
+            return None
+        done = {s.kind for s in self.steps if is_done(s)}
+        for step in self.steps:
+            if step.kind in done or step.kind in self.tried:
+                continue
+            if step.kind == "finetune-eval" and "finetune" not in done:
+                continue
+            return step
+        return None
 
-def cell_runs(cells: list[ResolvedCell], output_dir: Path) -> list[CellRun]:
-    """Each cell's directory and record (read back from cell.json when a previous ablate left one)."""
+    def needs_work(self) -> bool:
+        """Training to run or resume, or (done) an analysis step missing."""
+        return not self.finished() or (self.record.get("status") == "done" and self.next_step() is not None)
+
+
+def cell_runs(
+    cells: list[ResolvedCell],
+    output_dir: Path,
+    analysis: dict[str, list[str]] | None = None,
+    finetune: Finetune | None = None,
+) -> list[CellRun]:
+    """Each cell's directory and record (read back from cell.json when a previous ablate left one), and its analysis
+    steps (the grid's ``analysis`` and ``finetune``)."""
     runs = []
     for cell in cells:
         directory = output_dir / "cells" / cell.spec.name
@@ -96,7 +132,9 @@ def cell_runs(cells: list[ResolvedCell], output_dir: Path) -> list[CellRun]:
             "flops_per_step": cell.flops_per_step,
             "max_steps": cell.cfg.train.max_steps,
         }
-        runs.append(CellRun(cell, directory, record))
+        if isinstance(old.get("analysis"), dict):
+            record["analysis"] = old["analysis"]
+        runs.append(CellRun(cell, directory, record, analysis_steps(directory, analysis or {}, finetune)))
     return runs
 
 
@@ -150,6 +188,8 @@ class _Running:
     started: float
     log_start: int
     log: IO[bytes]
+    step: Step | None = None
+    """The analysis step this process is; None for the cell's training."""
 
 
 @dataclass
@@ -166,16 +206,16 @@ def run_cells(
     say: Callable[[str], None] = print,
 ) -> int:
     """Run every unfinished cell; returns 0, or 128 + the signal that stopped ablate (130 Ctrl-C, 143 SIGTERM)."""
-    finished = [r for r in runs if r.finished()]
+    finished = [r for r in runs if not r.needs_work()]
     if finished:
         said = ", ".join(f"{r.name} ({r.record['status']})" for r in finished)
         say(f"skipping {len(finished)} finished cell{'s' * (len(finished) != 1)}: {said}")
-    queue = [r for r in runs if not r.finished()]
+    queue = [r for r in runs if r.needs_work()]
     envs = slot_environments(jobs, launch_config)
     free = list(range(jobs))
     running: list[_Running] = []
     stop = _Stop()
-    total, started_count = len(queue), 0
+    total, started_count = sum(not r.finished() for r in queue), 0
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         del frame
@@ -189,16 +229,26 @@ def run_cells(
         while running or (queue and stop.signal is None):
             while queue and free and stop.signal is None:
                 run = queue.pop(0)
-                started_count += 1
                 slot = free.pop(0)
+                if run.finished():  # done before: only analysis steps are missing
+                    running.append(_start_step(run, run.next_step(), slot, envs[slot], say))  # type: ignore[arg-type]
+                    continue
+                started_count += 1
                 running.append(_start(run, slot, envs[slot], launch_config))
                 say(f"[{started_count}/{total}] {run.name}: started ({_resume_note(run)})")
             for job in list(running):
                 if job.process.poll() is None:
                     continue
                 running.remove(job)
-                free.append(job.slot)
-                _finish(job, interrupted=stop.signal is not None, say=say)
+                if job.step is None:
+                    _finish(job, interrupted=stop.signal is not None, say=say)
+                else:
+                    _finish_step(job, interrupted=stop.signal is not None, say=say)
+                step = job.run.next_step() if stop.signal is None else None
+                if step is not None:  # the cell's analysis goes on in its slot (its devices, its cores)
+                    running.append(_start_step(job.run, step, job.slot, envs[job.slot], say))
+                else:
+                    free.append(job.slot)
             time.sleep(POLL_S)
     finally:
         for s, handler in previous.items():
@@ -224,12 +274,55 @@ def _start(run: CellRun, slot: int, env_extra: dict[str, str], launch_config: Pa
     log.flush()
     run.record.update(status="running", returncode=None, attempts=run.record["attempts"] + 1, command=command)
     run.save()
+    return _Running(run, _spawn(command, log, env_extra), slot, time.monotonic(), log_start, log)
+
+
+def _spawn(command: list[str], log: IO[bytes], env_extra: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``command`` under the pdeathsig guard, in its own session, output appended to ``log``."""
     env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
     guarded = [sys.executable, "-m", "flatlm.experiments.pdeathsig", str(os.getpid()), *command]
-    process = subprocess.Popen(
+    return subprocess.Popen(
         guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
     )
-    return _Running(run, process, slot, time.monotonic(), log_start, log)
+
+
+def _start_step(run: CellRun, step: Step, slot: int, env_extra: dict[str, str], say: Callable[[str], None]) -> _Running:
+    """Start one analysis step of a done cell, recorded as running under cell.json's ``analysis``."""
+    run.tried.add(step.kind)
+    log = (run.dir / step.log).open("ab")
+    log_start = log.tell()
+    records = run.record.setdefault("analysis", {})
+    attempts = int((records.get(step.kind) or {}).get("attempts", 0)) + 1
+    log.write(f"--- flatlm ablate: {step.kind} attempt {attempts}: {' '.join(step.command)}\n".encode())
+    log.flush()
+    records[step.kind] = {"status": "running", "attempts": attempts, "returncode": None, "log": step.log,
+                          "command": step.command}  # fmt: skip
+    run.save()
+    say(f"{run.name}: {step.kind} started (log {run.dir / step.log})")
+    return _Running(run, _spawn(step.command, log, env_extra), slot, time.monotonic(), log_start, log, step)
+
+
+def _finish_step(job: _Running, *, interrupted: bool, say: Callable[[str], None]) -> None:
+    """Record how an analysis step ended: done (exit 0 and its output there), interrupted, or failed."""
+    job.log.close()
+    run, step, rc = job.run, job.step, job.process.returncode
+    assert step is not None
+    wall = time.monotonic() - job.started
+    if rc == 0 and is_done(step):
+        status = "done"
+    elif interrupted and (rc in STOPPED_CODES or rc in (-signal.SIGKILL, 128 + signal.SIGKILL)):
+        status = "interrupted"
+    else:
+        status = "failed"
+    tail = "" if status == "done" else log_tail(run.dir / step.log, job.log_start)
+    record = run.record.setdefault("analysis", {}).setdefault(step.kind, {})
+    record.update(status=status, returncode=rc, wall_s=round(wall, 3), log_tail=tail)
+    run.save()
+    line = f"{run.name}: {step.kind} {status} (exit {rc}, {wall:.1f} s)"
+    if status == "failed":
+        indented = "\n".join("    " + t for t in tail.splitlines())
+        line += f"; the cell stays done; the end of {run.dir / step.log}:\n{indented}"
+    say(line)
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:

@@ -1,0 +1,199 @@
+"""The analysis stage of a grid: what runs after a cell is done, as processes, and when each step counts as done.
+
+A grid's optional ``analysis:`` key maps an analysis kind to the extra arguments of its command::
+
+    analysis:
+      landscape: [--batches, "1", --rho, "0.01,0.05,0.1", --no-plane]   # flatlm landscape CELL --out CELL/analysis ...
+      eval: [--corrupt, default, --weights-noise, "0.01,0.03", --quantize, "8,4"]   # flatlm eval CELL ...
+
+After a cell's training ends with status done, each kind runs as ``python -m flatlm.train.cli KIND CELL --out
+CELL/analysis ARGS`` in the cell's job slot (its GPUs, or its share of the cores), logged to ``CELL/KIND.log``
+beside ``train.log``. A step is done when its JSON exists (``CELL/analysis/landscape.json``,
+``CELL/analysis/robustness.json``; the commands write them atomically), so a rerun skips it and an interrupted one
+runs again. A failed step is recorded in ``cell.json`` (``"analysis": {"eval": {"status": "failed", ...}}``) and
+shown in the report; it never fails the grid, and the cell stays done.
+
+The optional ``finetune:`` key (``{config: ../sft-tiny.yaml, overrides: {train.max_steps: 20}}``) adds two steps
+after the analyses: ``python -m flatlm.train --config CFG model.init_from=CELL data.tokenizer=CELL
+output_dir=CELL/finetune OVERRIDES`` (done when its run reached its max_steps, which ``flatlm train`` resumes
+otherwise), then ``flatlm eval CELL/finetune --val-of CELL --out CELL/finetune/analysis`` (the fine-tuned model on
+the cell's own validation split): the report's ``forgetting`` column is that clean loss minus the cell's own.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flatlm.errors import FlatlmError, did_you_mean
+
+CLI_MODULE = "flatlm.train.cli"
+"""The module whose ``main`` is the ``flatlm`` command (``python -m flatlm.train.cli landscape ...``)."""
+ANALYSIS_DIR = "analysis"
+ANALYSES = {"landscape": "landscape.json", "eval": "robustness.json"}
+"""Analysis kind -> the JSON its command writes into ANALYSIS_DIR (present: that step is done)."""
+RESERVED = ("--out",)
+"""Arguments the stage sets itself (each step's outputs go where the report reads them)."""
+FINETUNE_DIR = "finetune"
+FINETUNE_KEYS = ("config", "overrides")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    config: Path
+    """The fine-tuning config file (resolved against the grid file's directory)."""
+    overrides: dict[str, Any]
+    max_steps: int
+    """The fine-tuning run's train.max_steps (its step is done when the run got there)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One process of a cell's analysis stage."""
+
+    kind: str
+    """landscape, eval, finetune or finetune-eval: its key in cell.json's ``analysis`` record."""
+    command: list[str]
+    log: str
+    """Its log file, relative to the cell directory."""
+    done: Path
+    """What exists once it succeeded: its JSON (an analysis) or the fine-tuned run's config (finetune, see done())."""
+    max_steps: int | None = None
+    """finetune: the run's length (it is done at exactly its max_steps)."""
+
+
+def parse_analysis(raw: Any) -> dict[str, list[str]]:
+    """The grid's ``analysis:`` mapping as {kind: argument strings}; every mistake is one FlatlmError."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise FlatlmError(
+            f"grid 'analysis' must be a mapping of kind -> argument list (kinds: {', '.join(ANALYSES)}), "
+            f"not {type(raw).__name__}"
+        )
+    out: dict[str, list[str]] = {}
+    for kind, args in raw.items():
+        kind = str(kind)
+        if kind not in ANALYSES:
+            raise FlatlmError(
+                f"grid analysis kind {kind!r} is unknown{did_you_mean(kind, list(ANALYSES))}; "
+                f"valid kinds: {', '.join(ANALYSES)}"
+            )
+        out[kind] = _arguments(f"analysis {kind!r}", args)
+    return out
+
+
+def _arguments(what: str, args: Any) -> list[str]:
+    if args is None:
+        return []
+    if not isinstance(args, list) or not all(
+        isinstance(a, str | int | float) and not isinstance(a, bool) for a in args
+    ):
+        raise FlatlmError(
+            f"grid {what} must be a list of command-line arguments (strings or numbers), e.g. "
+            f'[--batches, "1"], not {args!r}'
+        )
+    text = [str(a) for a in args]
+    for arg in text:
+        if arg.split("=", 1)[0] in RESERVED:
+            raise FlatlmError(f"grid {what} sets {arg.split('=', 1)[0]}; drop it: the stage writes into CELL/analysis")
+    return text
+
+
+def parse_finetune(raw: Any, grid_path: Path) -> Finetune | None:
+    """The grid's ``finetune:`` mapping (config relative to the grid file, dotted overrides)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "config" not in raw:
+        raise FlatlmError("grid 'finetune' must be a mapping with a 'config' file, e.g. {config: ../sft-tiny.yaml}")
+    unknown = sorted(set(map(str, raw)) - set(FINETUNE_KEYS))
+    if unknown:
+        raise FlatlmError(f"grid 'finetune' has unknown key {unknown[0]!r}; valid keys: {', '.join(FINETUNE_KEYS)}")
+    config = (grid_path.parent / str(raw["config"])).resolve()
+    if not config.is_file():
+        raise FlatlmError(f"grid finetune config {str(config)!r} does not exist; name an existing YAML file")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise FlatlmError("grid finetune 'overrides' must be a mapping of dotted keys to values")
+    from flatlm.config import load_config
+
+    sets = {str(k): v for k, v in overrides.items()}
+    try:
+        cfg = load_config(config, [f"{k}={_value_text(v)}" for k, v in sets.items()])
+    except FlatlmError as exc:
+        raise FlatlmError(f"grid finetune config {str(config)!r} is invalid: {exc}") from None
+    return Finetune(config, sets, cfg.train.max_steps)
+
+
+def analysis_command(kind: str, run_dir: Path, out: Path, args: list[str]) -> list[str]:
+    """``python -m flatlm.train.cli KIND RUN_DIR --out OUT ARGS``."""
+    return [sys.executable, "-m", CLI_MODULE, kind, str(run_dir), "--out", str(out), *args]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        import json
+
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def finetune_command(finetune: Finetune, cell_dir: Path) -> list[str]:
+    """``python -m flatlm.train --config CFG model.init_from=CELL data.tokenizer=CELL output_dir=CELL/finetune ...``."""
+    sets = {
+        "model.init_from": str(cell_dir),
+        "data.tokenizer": str(cell_dir),
+        "output_dir": str(cell_dir / FINETUNE_DIR),
+    }
+    sets.update({k: _value_text(v) for k, v in finetune.overrides.items()})
+    return [
+        sys.executable,
+        "-m",
+        "flatlm.train",
+        "--config",
+        str(finetune.config),
+        *(f"{k}={v}" for k, v in sets.items()),
+    ]
+
+
+def steps(cell_dir: Path, analysis: dict[str, list[str]], finetune: Finetune | None = None) -> list[Step]:
+    """Every step of a cell's analysis stage, in order (done or not)."""
+    out = [
+        Step(
+            kind,
+            analysis_command(kind, cell_dir, cell_dir / ANALYSIS_DIR, args),
+            f"{kind}.log",
+            cell_dir / ANALYSIS_DIR / ANALYSES[kind],
+        )
+        for kind, args in analysis.items()
+    ]
+    if finetune is not None:
+        tuned = cell_dir / FINETUNE_DIR
+        out.append(Step("finetune", finetune_command(finetune, cell_dir), "finetune.log", tuned, finetune.max_steps))
+        ev = analysis_command("eval", tuned, tuned / ANALYSIS_DIR, ["--val-of", str(cell_dir)])
+        out.append(Step("finetune-eval", ev, "finetune-eval.log", tuned / ANALYSIS_DIR / ANALYSES["eval"]))
+    return out
+
+
+def is_done(step: Step) -> bool:
+    """An analysis: its JSON exists. A fine-tune: its run is at its max_steps."""
+    if step.kind != "finetune":
+        return step.done.is_file()
+    from flatlm.experiments.cells import steps_done
+
+    return step.max_steps is not None and steps_done(step.done) == step.max_steps
+
+
+def describe_steps(analysis: dict[str, list[str]], finetune: Finetune | None, output_dir: Path) -> list[str]:
+    """The --dry-run lines: each step's command for a cell ``<cell>``."""
+    if not analysis and finetune is None:
+        return []
+    cell = output_dir / "cells" / "<cell>"
+    lines = ["after each done cell (skipped where its output exists; a failure is recorded, not fatal):"]
+    for step in steps(cell, analysis, finetune):
+        lines.append(f"  {step.kind}: {' '.join(step.command)}  (log: {cell / step.log})")
+    return lines

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from flatlm.analysis.objective import Objective, Vector, axpy, dot, norm, random_vector, scale
+from flatlm.analysis.objective import Objective, Vector, axpy, dot, norm, random_vector, scale, work_dtype
 from flatlm.errors import FlatlmError
 
 
@@ -145,7 +145,7 @@ def top_eigenvalues(obj: Objective, k: int, *, iters: int | None = None, seed: i
     if m < k:
         raise FlatlmError(f"Lanczos with {m} steps cannot give {k} eigenvalues; set iters >= k")
     gen = torch.Generator().manual_seed(seed)
-    eps = torch.finfo(obj.params[0].dtype).eps
+    eps = torch.finfo(work_dtype(obj.params)).eps
     q = _unit(random_vector(obj.params, gen))
     basis: list[Vector] = []
     alphas: list[float] = []

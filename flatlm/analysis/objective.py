@@ -22,7 +22,11 @@ Hessian-vector product (Pearlmutter 1994, "Fast exact multiplication by the Hess
 computed per term (only one term's graph is alive at a time) and accumulated before the reduce.
 
 Vectors are plain ``list[torch.Tensor]`` shaped like the parameters; :func:`dot`, :func:`norm`, :func:`axpy`
-and :func:`scale` are the vector algebra, with inner products accumulated in float64.
+and :func:`scale` are the vector algebra, with inner products accumulated in float64. Gradients and HVPs are
+accumulated and reduced in the parameters' dtype, or float32 when that is narrower (bfloat16 weights).
+
+Lockstep over ranks: every returned value is reduced, so each rank takes the same branches (early stops,
+Lanczos restarts) and issues the same collectives; the measurements in this package rely on it.
 """
 
 from __future__ import annotations
@@ -69,8 +73,13 @@ def scale(a: float, x: Sequence[torch.Tensor]) -> Vector:
 
 
 def zeros_like(params: Sequence[torch.Tensor]) -> Vector:
-    """The zero vector shaped like ``params`` (their devices and dtypes)."""
-    return [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+    """The zero vector shaped like ``params``, on their devices, in their dtypes or float32 if narrower."""
+    return [torch.zeros(p.shape, dtype=work_dtype([p]), device=p.device) for p in params]
+
+
+def work_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype products are accumulated and reduced in: the widest parameter dtype, at least float32."""
+    return fold(torch.promote_types, (p.dtype for p in params), torch.float32)
 
 
 def random_vector(params: Sequence[torch.Tensor], generator: torch.Generator, kind: str = "gaussian") -> Vector:
@@ -95,15 +104,11 @@ def random_vector(params: Sequence[torch.Tensor], generator: torch.Generator, ki
 # ------------------------------------------------------------------------------------------ flatten and reduce
 
 
-def _buffer_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    return fold(torch.promote_types, (p.dtype for p in params))
-
-
 def reduce_vector(reduce: Reduce, v: Sequence[torch.Tensor]) -> Vector:
     """Sum a vector over ranks with one ``reduce`` of one flattened buffer, and split it back."""
     if not v:
         return []
-    dtype = _buffer_dtype(v)
+    dtype = work_dtype(v)
     flat = torch.cat([t.reshape(-1).to(dtype) for t in v])
     flat = reduce(flat)
     out, start = [], 0

@@ -253,3 +253,19 @@ def test_planted_power_iteration_without_renormalisation_is_caught() -> None:
         v = hv
     assert rel(wrong, top_abs(h)) > 1e-4
     assert rel(top_eigenvalue(obj, iters=300, tol=1e-10).value, top_abs(h)) < 1e-4
+
+
+def test_bfloat16_weights_accumulate_and_reduce_in_float32() -> None:
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16, requires_grad=True)
+    scales = torch.tensor([4.0, 1.0, 0.5])
+    seen: list[torch.dtype] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.dtype)
+        return t
+
+    obj = Objective([w], lambda: [0.5 * (scales * w.float() ** 2).sum()], reduce)
+    hv = obj.hvp([torch.ones(3, dtype=torch.bfloat16)])
+    assert hv[0].dtype == torch.float32 and seen == [torch.float32]
+    torch.testing.assert_close(hv[0], scales)
+    assert top_eigenvalues(obj, 2).values == pytest.approx([4.0, 1.0], rel=1e-2)

@@ -128,13 +128,13 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian() -> None:
 @pytest.mark.parametrize("problem", ["quadratic", "mlp"])
 def test_hutchinson_is_within_a_few_standard_errors_of_the_trace(problem: str) -> None:
     obj, h = dense(problem)
-    tr = trace(obj, samples=400, tol=0.0)  # tol 0: never stops early
+    tr = trace(obj, samples=200, tol=0.0)  # tol 0: never stops early
     exact = float(torch.trace(h))
-    assert tr.samples == 400 and len(tr.history) == 400
+    assert tr.samples == 200 and len(tr.history) == 200
     assert abs(tr.value - exact) < 4 * tr.stderr
     # the standard error is the estimator's own: Var[zᵀHz] = 2 Σ_{i≠j} H_ij² for Rademacher z
     sd = float(2 * ((h**2).sum() - (h.diag() ** 2).sum())) ** 0.5
-    assert tr.stderr == pytest.approx(sd / 400**0.5, rel=0.2)
+    assert tr.stderr == pytest.approx(sd / 200**0.5, rel=0.2)
     json.dumps(tr.to_json())
 
 
@@ -174,7 +174,7 @@ def test_sam_sharpness_away_from_the_minimum_improves_on_the_first_order_point()
 def test_a_sharper_quadratic_reports_larger_curvature_and_sharpness() -> None:
     base, sharp = quadratic(), quadratic(factor=4.0)
     lam = [top_eigenvalue(q.obj, iters=100, tol=1e-10).value for q in (base, sharp)]
-    tr = [trace(q.obj, samples=200, tol=0.0).value for q in (base, sharp)]
+    tr = [trace(q.obj, samples=20, tol=0.0).value for q in (base, sharp)]
     top = [top_eigenvalues(q.obj, 2).values[0] for q in (base, sharp)]
     assert lam[1] == pytest.approx(4 * lam[0], rel=1e-6) and top[1] == pytest.approx(4 * top[0], rel=1e-6)
     assert tr[1] == pytest.approx(4 * tr[0], rel=1e-6)

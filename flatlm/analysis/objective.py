@@ -54,7 +54,11 @@ def identity(t: torch.Tensor) -> torch.Tensor:
 
 def dot(u: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> float:
     """Inner product ``sum_i <u_i, v_i>`` of two vectors, accumulated in float64."""
-    return float(sum((a.double() * b.double()).sum() for a, b in zip(u, v, strict=True)))
+    parts = []
+    for a, b in zip(u, v, strict=True):
+        dtype = work_dtype([a, b])  # products in at least float32, the sum in float64, no float64 copies
+        parts.append((a.to(dtype) * b.to(dtype)).sum(dtype=torch.float64).to(u[0].device))
+    return float(torch.stack(parts).sum()) if parts else 0.0  # one device sync per inner product
 
 
 def norm(v: Sequence[torch.Tensor]) -> float:

@@ -97,6 +97,48 @@ class DataConfig(Section):
     """Where tokenizers and token caches are kept (per node). FLATLM_CACHE overrides the default."""
 
 
+class AdversarialConfig(Section):
+    """Adversarial training on the input embeddings (flatlm.train.adversarial): K projected-gradient ascent steps on
+    a perturbation delta of each micro-batch's token embeddings, then the training pass at x + delta."""
+
+    steps: int = Field(default=0, ge=0)
+    """K, the ascent steps per micro-batch (each one forward + backward w.r.t. delta only); 0: off (plain training)."""
+    epsilon: float = 0.0
+    """Radius of the ball delta stays in, per position: ||delta[b, t, :]|| <= epsilon (l2) or |delta| <= epsilon
+    (linf). Pick it relative to the embeddings' own norm (about sqrt(d) * 0.02 at transformers' default init)."""
+    norm: Literal["l2", "linf"] = "l2"
+    """l2: steps along g / ||g|| per position, projected onto the l2 ball; linf: steps along sign(g), clamped."""
+    step_size: float | None = Field(default=None, gt=0.0)
+    """alpha, the length of one ascent step; None: 2 epsilon / K (K such steps can cross the ball's diameter; Madry
+    et al. used 2.5 epsilon / K)."""
+    init: Literal["zero", "uniform"] = "zero"
+    """delta_0: zero (deterministic on every world size), or uniform in the ball (FreeLB; drawn per rank, step and
+    micro-batch from train.adversarial.seed)."""
+    objective: Literal["perturbed", "mean"] = "perturbed"
+    """perturbed: train on L(x + delta) (Madry et al.); mean: on (L(x) + L(x + delta)) / 2 (one more pass)."""
+    seed: int | None = None
+    """Seeds the uniform init (None: the run's seed); the draw of each micro-batch comes from (seed, step, rank,
+    micro-batch index), so a resume draws what the uninterrupted run would have."""
+
+    @model_validator(mode="after")
+    def _on_needs_a_ball(self) -> AdversarialConfig:
+        if self.steps > 0 and not self.epsilon > 0:
+            raise ValueError(
+                f"train.adversarial.steps={self.steps} needs train.adversarial.epsilon > 0 (got {self.epsilon}): "
+                "set the radius of the perturbation, e.g. train.adversarial.epsilon=0.01, or steps=0 to turn it off"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0
+
+    @property
+    def alpha(self) -> float:
+        """The ascent step length (``step_size``, default 2 epsilon / K)."""
+        return self.step_size if self.step_size is not None else 2.0 * self.epsilon / max(self.steps, 1)
+
+
 class TrainConfig(Section):
     max_steps: int = Field(default=300, gt=0)
     """Optimizer steps to run."""
@@ -122,6 +164,8 @@ class TrainConfig(Section):
     """Write TensorBoard event files under output_dir/tensorboard."""
     plot: bool = True
     """Write output_dir/loss.png at the end."""
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    """Adversarial training on the input embeddings (off by default: train.adversarial.steps=0)."""
 
 
 class OptimConfig(Section):

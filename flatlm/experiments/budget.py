@@ -12,7 +12,10 @@ One optimizer step of a cell costs
 - ``12 L d T``: attention's scores (Q K^T) and their mix (A V), 2 T d multiply-adds each per token and layer, times
   3 for forward+backward (PaLM, Chowdhery et al. 2022, appendix B); L = layers, d = hidden size; the causal mask is
   not halved out, as in PaLM's count.
-- ``passes``: forward+backward passes per step, from ``PASSES`` (the one table of per-optimizer factors).
+- ``passes``: forward+backward passes per step, from ``PASSES`` (the one table of per-optimizer factors); with
+  adversarial training (``train.adversarial``) plus ``K * (4 N + 12 L d T) / (6 N + 12 L d T)`` for its K ascent
+  passes, which compute input gradients only (2 N forward + 2 N backward, no weight gradients; attention's scores and
+  mix in full), and 1 for objective=mean's clean pass.
 - ``F_optimizer``: the optimizer's own matmuls. Only Muon has any (its element-wise updates, like every other
   optimizer's, are O(N) per step against O(N * tokens) for the model: ignored). Newton–Schulz on a matrix X of
   m x n (oriented so that m <= n), per iteration ``A = X X^T`` (2 m^2 n), ``A^2`` (2 m^3), ``(b A + c A^2) X``
@@ -20,8 +23,8 @@ One optimizer step of a cell costs
   steps (the 2-D hidden ones, ``flatlm.optim.param_groups.is_muon_matrix``). A SAM wrapper around Muon pays both.
 
 ``budget: flops`` gives each cell ``round(max_steps * F(baseline) / F(cell))`` steps, where F(baseline) is the same
-cell (model, data, batch) under the grid's baseline optimizer with its default hyperparameters; ``budget: steps``
-keeps ``train.max_steps``.
+cell (model, data, batch) under the grid's baseline optimizer with its default hyperparameters and no adversarial
+training; ``budget: steps`` keeps ``train.max_steps``.
 
 The model's shapes come from its transformers config (``flatlm.models.model_config``), built on the meta device: no
 weights, no data. The vocabulary is ``data.vocab_size`` (with ``data.tokenizer`` set, the real one may differ; it
@@ -36,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flatlm.config import RunConfig
+from flatlm.config import AdversarialConfig, RunConfig
 from flatlm.experiments.grid import Grid, ResolvedCell
 
 # Forward+backward passes per optimizer step, from the resolved hyperparameters.
@@ -81,7 +84,12 @@ def step_cost(cfg: RunConfig) -> StepCost:
         core_hparams = resolved_hparams(core, {k: v for k, v in cfg.optim.hparams.items() if k != "base"})
     shapes = _shapes(cfg.model.name, cfg.data.vocab_size, json.dumps(cfg.model.overrides, sort_keys=True))
     tokens = cfg.train.global_batch_size * cfg.data.seq_len
-    model = (6.0 * shapes.matmul_params + 12.0 * shapes.layers * shapes.hidden * cfg.data.seq_len) * tokens
+    attention = 12.0 * shapes.layers * shapes.hidden * cfg.data.seq_len
+    model = (6.0 * shapes.matmul_params + attention) * tokens
+    adversarial = cfg.train.adversarial
+    if adversarial.enabled:  # ascent passes: no weight gradients (4 N, not 6 N); mean: one more full pass
+        ascent = (4.0 * shapes.matmul_params + attention) / (6.0 * shapes.matmul_params + attention)
+        passes += adversarial.steps * ascent + (1.0 if adversarial.objective == "mean" else 0.0)
     optimizer = 0.0
     if get_spec(core).muon_groups:
         optimizer = float(core_hparams["ns_steps"]) * sum(newton_schulz_flops(m, n) for m, n in shapes.muon_matrices)
@@ -137,5 +145,6 @@ def apply_budget(grid: Grid, cells: list[ResolvedCell]) -> None:
         reference = cell.cfg.model_copy(deep=True)
         reference.optim.name = grid.baseline
         reference.optim.hparams = {}
+        reference.train.adversarial = AdversarialConfig()  # the baseline trains plainly
         ratio = step_cost(reference).total / cell.flops_per_step
         cell.cfg.train.max_steps = max(1, round(cell.cfg.train.max_steps * ratio))

@@ -17,7 +17,7 @@ import torch
 from flatlm.config import RunConfig
 from flatlm.errors import FlatlmError
 from flatlm.optim import build_optimizer, build_scheduler, model_param_groups
-from flatlm.optim.registry import resolved_hparams
+from flatlm.optim.registry import get_spec, resolved_hparams
 from flatlm.optim.schedules import schedule_arguments
 
 PROBE_STEPS = 2  # two steps: the first creates the state, the second reads it (LookSAM's reuse, moments)
@@ -27,6 +27,7 @@ def check_static(cfg: RunConfig) -> None:
     """Every check on ``cfg`` that needs no data, model or process group (each raises one FlatlmError)."""
     check_schedule(cfg)
     check_optimizer(cfg)
+    check_adversarial(cfg)
     if cfg.data.source == "files":
         from flatlm.data.sources import expand_paths
 
@@ -77,6 +78,16 @@ class _Probe(torch.nn.Module):
         self.proj = torch.nn.Linear(4, 6)
         self.norm = torch.nn.LayerNorm(6)
         self.lm_head = torch.nn.Linear(6, 8, bias=False)
+
+
+def check_adversarial(cfg: RunConfig) -> None:
+    """train.adversarial with a SAM-family optimizer is refused: both perturb, and the step runs one or the other."""
+    if cfg.train.adversarial.enabled and get_spec(cfg.optim.name).wrapper:
+        raise FlatlmError(
+            f"train.adversarial.steps={cfg.train.adversarial.steps} with optim.name={cfg.optim.name} (a SAM-family "
+            "optimizer) is not supported: choose one perturbation, adversarial inputs (a plain optimizer such as "
+            "adamw) or SAM's weights (train.adversarial.steps=0)"
+        )
 
 
 def _probe_device() -> torch.device:

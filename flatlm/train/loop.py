@@ -55,6 +55,7 @@ from flatlm.parallel.distributed import (
     local_main_first,
     resolve_backend,
 )
+from flatlm.train.adversarial import Adversary
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
     agreed_candidates,
@@ -345,6 +346,9 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
     bar = Progress(cfg.train.max_steps, start_step, enabled=show, interval_s=cfg.train.log_interval_s, log=log.info)
     run.model.train()
     state_bytes: int | None = None
+    adversarial = cfg.train.adversarial
+    seed = adversarial.seed if adversarial.seed is not None else cfg.seed
+    adversary = Adversary(adversarial, seed) if adversarial.enabled else None  # None: plain steps, no hook
     preemption = Preemption().__enter__()
     try:
         for step in range(start_step, cfg.train.max_steps):
@@ -361,6 +365,8 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
                 bf16=cfg.train.bf16,
                 model=run.forward_model,
                 replica_perturbation=cfg.sam.perturbation == "replica",
+                adversary=adversary,
+                step=step,
             )
             run.scheduler.step()
             loss_value, grad_norm, stop = read_step(stats, preemption.requested)
@@ -380,6 +386,8 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
                 "optim_state_bytes": state_bytes,
                 "peak_mem_bytes": peak_memory_bytes(run.device),
             }
+            if adversary is not None:  # the ascent's cost (train.adversarial)
+                record.update(adv_time_s=stats.adv_time_s, adv_passes=stats.adv_passes)
             result.losses.append(loss_value)
             if metrics is not None:
                 metrics.log_train(record)

@@ -24,6 +24,15 @@ two plans flatlm runs:
 
     plain        w (sync, mean)
     SAM family   w (sync, or local under sam.perturbation=replica, mean)  ->  w+eps (sync, second_pass_loss)
+    adversarial  w at x+delta (sync, mean)                         train.adversarial.objective=perturbed
+                 w at x (deferred, mean / 2)  ->  w at x+delta (sync, mean / 2)                     =mean
+
+Adversarial training (``train.adversarial``, flatlm.train.adversarial): before the passes, K ascent steps per
+micro-batch find delta (gradients w.r.t. delta only: no parameter gradient, nothing synchronised); a pass at
+``x+delta`` runs with delta added to the input embeddings by a forward hook, installed for the step only (never
+under plain training). A ``deferred`` pass keeps every micro-batch under ``parallel.no_sync``: the next pass's
+synchronisation reduces its gradients with its own (one reduction per step). With objective=perturbed the logged
+loss is L(x+delta), the loss trained on.
 
 ``perturb`` may decline a ``w+eps`` pass (LookSAM between its SAM steps): it is skipped, and gradients still local
 then are averaged (``parallel.average_gradients``). After the passes, ``parallel.step`` clips by the global norm and
@@ -46,7 +55,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +63,10 @@ import torch.nn.functional as F
 from flatlm.data.batch import Batch, as_batch
 from flatlm.parallel.backend import Parallel
 from flatlm.parallel.collectives import all_reduce_sum, world
+
+if TYPE_CHECKING:
+    from flatlm.config import AdversarialConfig
+    from flatlm.train.adversarial import Adversary, EmbeddingPerturbation
 
 IGNORE = -100  # cross_entropy's ignore_index: targets outside the loss mask
 
@@ -127,6 +140,13 @@ class Pass:
     """Gradients synchronised over ranks at the end of the pass; False: they stay on each rank (``local_pass``)."""
     loss: PassLoss = mean_loss
     """The scalar each micro-batch backwards."""
+    inputs: Literal["x", "x+delta"] = "x"
+    """The inputs: the batch's token embeddings, or those plus the step's adversarial delta (train.adversarial)."""
+    weight: float = 1.0
+    """The pass's share of the objective: each micro-batch backwards ``weight * loss`` (objective=mean: 1/2)."""
+    deferred: bool = False
+    """Every micro-batch under ``parallel.no_sync``: the next pass, which must synchronise, reduces these gradients
+    with its own."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +156,9 @@ class StepPlan:
     def __post_init__(self) -> None:
         if not self.passes or self.passes[0].point != "w":
             raise ValueError("a step plan starts with a pass at w (its loss is the one logged and the reference)")
+        for i, spec in enumerate(self.passes):
+            if spec.deferred and not (spec.sync and i + 1 < len(self.passes) and self.passes[i + 1].sync):
+                raise ValueError("a deferred pass is synchronised by the next one: it needs a synchronised pass after")
 
 
 def is_two_pass(optimizer: torch.optim.Optimizer) -> bool:
@@ -143,8 +166,21 @@ def is_two_pass(optimizer: torch.optim.Optimizer) -> bool:
     return hasattr(optimizer, "perturb") and hasattr(optimizer, "restore")
 
 
-def plan_for(optimizer: torch.optim.Optimizer, *, replica_perturbation: bool = False) -> StepPlan:
-    """The passes ``optimizer`` needs: one at w, or SAM's two (see the module docstring)."""
+def plan_for(
+    optimizer: torch.optim.Optimizer,
+    *,
+    replica_perturbation: bool = False,
+    adversarial: AdversarialConfig | None = None,
+) -> StepPlan:
+    """The passes ``optimizer`` needs: one at w, SAM's two, or adversarial training's (see the module docstring)."""
+    if adversarial is not None and adversarial.enabled:
+        if is_two_pass(optimizer):
+            raise ValueError("adversarial training with a SAM-family optimizer is not supported")
+        if adversarial.objective == "mean":
+            return StepPlan(
+                (Pass("w", sync=True, weight=0.5, deferred=True), Pass("w", True, inputs="x+delta", weight=0.5))
+            )
+        return StepPlan((Pass("w", sync=True, inputs="x+delta"),))
     if not is_two_pass(optimizer):
         return StepPlan((Pass("w", sync=True),))
     second_pass_loss: PassLoss = optimizer.second_pass_loss  # type: ignore[assignment]
@@ -166,6 +202,10 @@ class StepStats:
     """Global L2 norm of the gradient the optimizer stepped with, before clipping (0-d)."""
     second_pass: bool = False
     """Whether a pass at w + eps ran (SAM family)."""
+    adv_time_s: float = 0.0
+    """Wall time of the adversarial ascent passes (train.adversarial; 0 without)."""
+    adv_passes: int = 0
+    """Forward/backward passes beyond plain training's one: K ascent steps (+1 for objective=mean's clean pass)."""
 
 
 def global_count(batches: Sequence[Batch]) -> torch.Tensor:
@@ -182,14 +222,18 @@ def _run_pass(
     spec: Pass,
     token_scale: torch.Tensor,
     first: list[torch.Tensor] | None,
+    hook: EmbeddingPerturbation | None = None,
+    deltas: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Forward + backward of every micro-batch; returns the per-sample contributions (detached) and the sum of the
-    token losses (detached, 0-d)."""
+    token losses (detached, 0-d). A pass at ``x+delta`` adds ``deltas[i]`` to micro-batch i's embeddings (``hook``)."""
     contributions, total = [], torch.zeros((), device=batches[0].inputs.device)
     for i, batch in enumerate(batches):
+        if hook is not None:
+            hook.current = deltas[i] if spec.inputs == "x+delta" and deltas is not None else None
         if not spec.sync:
             context, module = parallel.local_pass(), parallel.local_module(model)
-        elif i < len(batches) - 1:
+        elif spec.deferred or i < len(batches) - 1:
             context, module = parallel.no_sync(), model
         else:
             context, module = contextlib.nullcontext(), model
@@ -197,7 +241,8 @@ def _run_pass(
             sums = token_losses(module, batch, bf16).sums  # [B]
             per_sample = sums * (token_scale * batch.size)  # [B]: mean over samples = this micro-batch's share of L
             reference = first[i] if first is not None else per_sample.detach()
-            parallel.backward(spec.loss(per_sample, reference))
+            loss = spec.loss(per_sample, reference)
+            parallel.backward(loss if spec.weight == 1.0 else spec.weight * loss)
         contributions.append(per_sample.detach())
         total = total + sums.detach().sum()
     return contributions, total
@@ -214,11 +259,16 @@ def train_step(
     model: torch.nn.Module | None = None,
     replica_perturbation: bool = False,
     plan: StepPlan | None = None,
+    adversary: Adversary | None = None,
+    step: int = 0,
 ) -> StepStats:
     """One optimizer step over ``batches`` (this process's micro-batches) by ``plan`` (default: ``plan_for``);
-    ``model`` defaults to ``parallel.forward_module`` (pass a compiled one to run that instead)."""
+    ``model`` defaults to ``parallel.forward_module`` (pass a compiled one to run that instead). ``adversary``
+    (train.adversarial, on): its ascent first, then the plan's passes; ``step`` seeds its init noise."""
     model = model if model is not None else parallel.forward_module
     micro = [as_batch(b) for b in batches]
+    if adversary is not None and adversary.config.enabled:
+        return _adversarial_step(parallel, optimizer, micro, params, adversary, step, grad_clip, bf16, model, plan)
     plan = plan if plan is not None else plan_for(optimizer, replica_perturbation=replica_perturbation)
     counted = global_count(micro)
     # Backends average gradients over ranks: W / N per token makes that average grad(global sum / N).
@@ -241,6 +291,45 @@ def train_step(
         parallel.average_gradients(params)
     grad_norm = parallel.step(optimizer, params, grad_clip if grad_clip > 0 else float("inf"))
     return StepStats(loss_sum=loss_sum, counted=counted, grad_norm=torch.as_tensor(grad_norm), second_pass=perturbed)
+
+
+def _adversarial_step(
+    parallel: Parallel,
+    optimizer: torch.optim.Optimizer,
+    micro: list[Batch],
+    params: list[torch.nn.Parameter],
+    adversary: Adversary,
+    step: int,
+    grad_clip: float,
+    bf16: bool,
+    model: torch.nn.Module,
+    plan: StepPlan | None,
+) -> StepStats:
+    """``train_step`` under train.adversarial: the ascent through ``parallel.model`` (no wrapper, no engine: no
+    parameter gradient, nothing reduced), then the plan's passes with delta in the embeddings, clip and step."""
+    from flatlm.train.adversarial import embedding_dim
+
+    plan = plan if plan is not None else plan_for(optimizer, adversarial=adversary.config)
+    counted = global_count(micro)
+    token_scale = (world()[1] / counted.clamp(min=1).double()).float()
+    loss_sum = torch.zeros(())
+    with adversary.applied(parallel.model) as hook:
+        dim = embedding_dim(parallel.model)
+        deltas, seconds = adversary.ascend_all(parallel.model, hook, micro, bf16, step, world()[0], dim)
+        for spec in plan.passes:
+            if spec.point != "w":
+                raise ValueError("adversarial training runs passes at w only")
+            _, total = _run_pass(model, parallel, micro, bf16, spec, token_scale, None, hook, deltas)
+            if spec is plan.passes[0]:
+                loss_sum = total
+    grad_norm = parallel.step(optimizer, params, grad_clip if grad_clip > 0 else float("inf"))
+    return StepStats(
+        loss_sum=loss_sum,
+        counted=counted,
+        grad_norm=torch.as_tensor(grad_norm),
+        adv_time_s=seconds,
+        adv_passes=adversary.extra_passes,
+    )
 
 
 @torch.no_grad()

@@ -132,7 +132,7 @@ def objective(model: torch.nn.Module, batches: Sequence[Batch], device: torch.de
 
     def terms() -> Iterator[torch.Tensor]:
         for batch in batches:
-            yield (token_losses(model, batch, bf16=False).sums.double().sum() / count).float()
+            yield token_losses(model, batch, bf16=False).sums.double().sum() / count  # fp64: sharpness is a difference
 
     params = [p for p in model.parameters() if p.requires_grad]
     return Objective(params=params, terms=terms, reduce=all_reduce_sum)

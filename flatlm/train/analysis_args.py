@@ -65,7 +65,9 @@ def _common(parser: argparse.ArgumentParser, batches: int) -> None:
         help=f"text to measure on, in micro-batches of clean text (default {batches}); the same documents are used "
         "for every measure and every corruption",
     )
-    parser.add_argument("--batch-size", type=positive, help="sequences per micro-batch (default: train.micro_batch_size)")
+    parser.add_argument(
+        "--batch-size", type=positive, help="sequences per micro-batch (default: train.micro_batch_size)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the documents chosen and every random draw")
 
 
@@ -85,7 +87,9 @@ def landscape_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--tol", type=float, default=1e-3, help="power iteration stops at this relative change")
     parser.add_argument("--top-k", type=int, default=3, help="Lanczos eigenvalues (0: skip; default 3)")
     parser.add_argument("--trace-samples", type=int, default=30, help="Hutchinson samples at most (0: skip)")
-    parser.add_argument("--rho", type=floats, default=[0.01, 0.05, 0.1], help="SAM sharpness radii (default 0.01,0.05,0.1)")
+    parser.add_argument(
+        "--rho", type=floats, default=[0.01, 0.05, 0.1], help="SAM sharpness radii (default 0.01,0.05,0.1)"
+    )
     parser.add_argument("--sharpness-steps", type=positive, default=5, help="ascent steps per rho (default 5)")
     parser.add_argument("--points", type=positive, default=21, help="points of the 1-D line and interpolation")
     parser.add_argument("--span", type=float, default=1.0, help="the line and plane cover [-span, span] (default 1)")

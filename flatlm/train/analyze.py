@@ -270,7 +270,11 @@ def _landscape_plots(record: dict[str, Any], out: Path, name: str) -> list[Path]
         plot_line(
             path,
             record["interpolation"]["alphas"],
-            {f"(1-a) w + a w' (w' = {Path(record['interpolation']['to']).parent.parent.name})": record["interpolation"]["loss"]},
+            {
+                f"(1-a) w + a w' (w' = {Path(record['interpolation']['to']).parent.parent.name})": record[
+                    "interpolation"
+                ]["loss"]
+            },
             xlabel="a (0: this checkpoint, 1: the other)",
             title=f"{name}: linear interpolation",
         )
@@ -308,7 +312,9 @@ def _landscape_summary(record: dict[str, Any]) -> str:
     hessian = record["hessian"]
     if hessian["lambda_max"] is not None:
         top = hessian["lambda_max"]
-        lines.append(f"lambda_max {top['value']:.5g} ({top['iterations']} iterations, rel. change {top['rel_change']:.2g})")
+        lines.append(
+            f"lambda_max {top['value']:.5g} ({top['iterations']} iterations, rel. change {top['rel_change']:.2g})"
+        )
     if hessian["top_k"] is not None:
         lines.append("top-k " + ", ".join(f"{v:.5g}" for v in hessian["top_k"]["values"]))
     if hessian["trace"] is not None:
@@ -388,7 +394,10 @@ def robustness_table(record: dict[str, Any]) -> str:
     """``robustness.json`` as a markdown table: per measure, loss, perplexity and the gap to clean."""
     rows = [("clean", record["clean"]["loss"], "")]
     rows += [(f"corrupt {r['name']}", r["loss"], r["gap"]) for r in record["corruptions"]]
-    rows += [(f"weight noise sigma={r['sigma']:g} (mean of {r['draws']})", r["loss"], r["gap"]) for r in record["weight_noise"]]
+    rows += [
+        (f"weight noise sigma={r['sigma']:g} (mean of {r['draws']})", r["loss"], r["gap"])
+        for r in record["weight_noise"]
+    ]
     rows += [(f"int{r['bits']} per-channel RTN", r["loss"], r["gap"]) for r in record["quantize"]]
     lines = ["| measure | loss | perplexity | gap to clean |", "| --- | ---: | ---: | ---: |"]
     for name, loss, gap in rows:

@@ -186,9 +186,7 @@ COMMANDS: dict[str, Command] = {
         landscape_parser,
         _landscape,
     ),
-    "eval": Command(
-        "loss on clean and corrupted text, under weight noise and after quantisation", eval_parser, _eval
-    ),
+    "eval": Command("loss on clean and corrupted text, under weight noise and after quantisation", eval_parser, _eval),
 }
 
 

@@ -61,7 +61,10 @@ def test_landscape_writes_every_measure_and_plot_and_is_seeded(run: Path, tmp_pa
     record = json.loads((tmp_path / "a" / "landscape.json").read_text())
     assert record["step"] == 6 and record["tokens"] > 0
     hessian = record["hessian"]
-    assert hessian["lambda_max"]["value"] > 0 and len(hessian["lambda_max"]["history"]) == hessian["lambda_max"]["iterations"]
+    assert (
+        hessian["lambda_max"]["value"] > 0
+        and len(hessian["lambda_max"]["history"]) == hessian["lambda_max"]["iterations"]
+    )
     assert len(hessian["top_k"]["values"]) == 2
     assert hessian["top_k"]["values"][0] == pytest.approx(hessian["lambda_max"]["value"], rel=0.2)
     assert hessian["trace"]["samples"] == 4
@@ -119,11 +122,13 @@ def test_eval_clean_loss_is_the_models_loss_on_the_chosen_documents(run: Path, t
     assert "corrupt typo:0.2" in table and "int4 per-channel RTN" in table
     # Evaluating left the weights alone (noise and quantisation restore them).
     after, _, _ = load_checkpoint_model(find_checkpoint(run))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), after.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), after.state_dict().values(), strict=True))
 
 
 def test_eval_on_files_and_on_another_runs_split(run: Path, tmp_path: Path, corpus: Path) -> None:
-    assert main(["eval", str(run), "--out", str(tmp_path / "f"), "--batches", "1", "--data", f"{corpus}/doc00*.txt"]) == 0
+    assert (
+        main(["eval", str(run), "--out", str(tmp_path / "f"), "--batches", "1", "--data", f"{corpus}/doc00*.txt"]) == 0
+    )
     assert json.loads((tmp_path / "f" / "robustness.json").read_text())["documents"] >= 1
     assert main(["eval", str(run), "--out", str(tmp_path / "v"), "--batches", "1", "--val-of", str(run)]) == 0
     assert main(["eval", str(run), "--out", str(tmp_path / "s"), "--batches", "1"]) == 0
@@ -151,7 +156,7 @@ def _close(a: object, b: object) -> None:
             _close(a[key], b[key])
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             _close(x, y)
     elif isinstance(a, float):
         assert a == pytest.approx(b, rel=RTOL, abs=ATOL)

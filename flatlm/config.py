@@ -164,8 +164,9 @@ class TrainConfig(Section):
     """Write TensorBoard event files under output_dir/tensorboard."""
     plot: bool = True
     """Write output_dir/loss.png at the end."""
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
-    """Adversarial training on the input embeddings (off by default: train.adversarial.steps=0)."""
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig, exclude_if=lambda a: not a.enabled)
+    """Adversarial training on the input embeddings (off by default: train.adversarial.steps=0). Written to
+    config.yaml only when on, so runs and grids from before it existed keep their identity."""
 
 
 class OptimConfig(Section):

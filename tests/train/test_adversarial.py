@@ -22,7 +22,7 @@ import torch
 
 import flatlm.train.adversarial as adversarial
 import flatlm.train.step as step_module
-from flatlm.config import AdversarialConfig, load_config
+from flatlm.config import AdversarialConfig, load_config, to_dict
 from flatlm.data import Batch
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, model_config
@@ -311,6 +311,43 @@ def test_cost_is_logged_and_budgeted(tmp_path: Path, text_corpus: Path) -> None:
     mean = cfg.model_copy(deep=True)
     mean.train.adversarial.objective = "mean"
     assert step_cost(mean).passes == pytest.approx(attacked.passes + 1.0)
+
+
+def test_config_yaml_names_it_only_when_on() -> None:
+    """Off, train.adversarial is left out of the resolved config (runs and grids from before it keep their identity:
+    an old config.yaml has no such key); on, every field is written."""
+    assert "adversarial" not in to_dict(load_config(None, []))["train"]
+    on = to_dict(load_config(None, ["train.adversarial.steps=1", f"train.adversarial.epsilon={EPS}"]))
+    assert on["train"]["adversarial"] == AdversarialConfig(steps=1, epsilon=EPS).model_dump()
+
+
+def test_uniform_init_resumes_as_the_uninterrupted_run(tmp_path: Path, text_corpus: Path) -> None:
+    """init=uniform draws from (seed, step, rank, micro-batch): 1 step, then a resume to 3, logs the losses of 3
+    uninterrupted steps exactly. Planted: draws numbered by a per-process counter of steps (restarting at 0 on a
+    resume) are caught."""
+    import flatlm.train.loop as loop
+
+    adv = {"train.adversarial.steps": 1, "train.adversarial.epsilon": EPS, "train.adversarial.init": "uniform"}
+
+    def run(out: Path, steps: int) -> list[float]:
+        extra = {**adv, "train.max_steps": steps, "checkpoint.every": 1, "train.eval_every": 0}
+        loop.train(load_config(None, tiny_overrides(out, text_corpus, **extra)))
+        return [r["loss"] for r in read_jsonl(out / "metrics.jsonl")]
+
+    whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "resumed", 1)
+    assert run(tmp_path / "resumed", 3) == whole
+    calls: list[int] = []
+    real = loop.train_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:  # the bug: the step number of this process, not of the run
+        calls.append(1)
+        return real(*args, **{**kwargs, "step": len(calls) - 1})
+
+    with _patched(loop, "train_step", counted):
+        run(tmp_path / "planted", 1)
+        calls.clear()
+        assert run(tmp_path / "planted", 3)[1:] != whole[1:]
 
 
 # -- every backend -------------------------------------------------------------------------------------------------

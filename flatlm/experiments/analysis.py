@@ -6,7 +6,7 @@ A grid's optional ``analysis:`` key maps an analysis kind to the extra arguments
       landscape: [--batches, "1", --rho, "0.01,0.05,0.1", --no-plane]   # flatlm landscape CELL --out CELL/analysis ...
       eval: [--corrupt, default, --weights-noise, "0.01,0.03", --quantize, "8,4"]   # flatlm eval CELL ...
 
-After a cell's training ends with status done, each kind runs as ``python -m flatlm.train.cli KIND CELL --out
+After a cell's training ends with status done, each kind runs as ``python -m flatlm KIND CELL --out
 CELL/analysis ARGS`` in the cell's job slot (its GPUs, or its share of the cores), logged to ``CELL/KIND.log``
 beside ``train.log``. A step is done when its JSON exists (``CELL/analysis/landscape.json``,
 ``CELL/analysis/robustness.json``; the commands write them atomically), so a rerun skips it and an interrupted one
@@ -29,8 +29,8 @@ from typing import Any
 
 from flatlm.errors import FlatlmError, did_you_mean
 
-CLI_MODULE = "flatlm.train.cli"
-"""The module whose ``main`` is the ``flatlm`` command (``python -m flatlm.train.cli landscape ...``)."""
+CLI_MODULE = "flatlm"
+"""``python -m flatlm`` is the ``flatlm`` command from the Python ablate runs under (not a PATH lookup)."""
 ANALYSIS_DIR = "analysis"
 ANALYSES = {"landscape": "landscape.json", "eval": "robustness.json"}
 """Analysis kind -> the JSON its command writes into ANALYSIS_DIR (present: that step is done)."""
@@ -128,7 +128,7 @@ def parse_finetune(raw: Any, grid_path: Path) -> Finetune | None:
 
 
 def analysis_command(kind: str, run_dir: Path, out: Path, args: list[str]) -> list[str]:
-    """``python -m flatlm.train.cli KIND RUN_DIR --out OUT ARGS``."""
+    """``python -m flatlm KIND RUN_DIR --out OUT ARGS``."""
     return [sys.executable, "-m", CLI_MODULE, kind, str(run_dir), "--out", str(out), *args]
 
 

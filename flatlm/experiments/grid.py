@@ -73,6 +73,8 @@ BUDGETS = ("steps", "flops")
 FREE_FORM = ("optim.hparams.", "model.overrides.")  # dict-valued config keys: anything below them is allowed
 SHORT = {"warmup_fraction": "wu", "weight_decay": "wd", "num_hidden_layers": "L", "hidden_size": "d"}
 """Short forms of a key's last part in cell names (the rest use the last part as written)."""
+SHORT_KEYS = {"train.adversarial.steps": "adv"}
+"""Short forms of whole keys, before SHORT (``adamw-adv2``: adversarial training with 2 ascent steps)."""
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,8 @@ def cell_name(values: dict[str, Any]) -> str:
     parts = []
     for key, value in values.items():
         last = key.rsplit(".", 1)[-1]
-        parts.append(format_value(value) if last == "name" else SHORT.get(last, last) + format_value(value))
+        short = SHORT_KEYS.get(key) or SHORT.get(last, last)
+        parts.append(format_value(value) if last == "name" else short + format_value(value))
     return "-".join(parts)
 
 

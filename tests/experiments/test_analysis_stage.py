@@ -47,7 +47,8 @@ with open(run_dir / "calls.txt", "a") as f:
 if (run_dir / ("fail-" + kind)).exists():
     sys.exit("planted analysis failure")
 out.mkdir(parents=True, exist_ok=True)
-(out / name).write_text(json.dumps({"version": 1, "kind": kind}))
+loss = 3.0 if "--val-of" in sys.argv else 2.5  # the fine-tuned model on the cell's text: worse (forgetting)
+(out / name).write_text(json.dumps({"version": 1, "kind": kind, "clean": {"loss": loss}}))
 print(kind, "written")
 """
 
@@ -133,10 +134,7 @@ def test_dry_run_shows_the_analysis_commands(tmp_path: Path) -> None:
     assert ablate(write_grid(tmp_path), [f"output_dir={out}", *SMALL], dry_run=True, say=said.append) == 0
     text = "\n".join(said)
     cell = out / "cells" / "<cell>"
-    assert (
-        f"landscape: {sys.executable} -m flatlm.train.cli landscape {cell} --out {cell / 'analysis'} --batches 1"
-        in text
-    )
+    assert f"landscape: {sys.executable} -m flatlm landscape {cell} --out {cell / 'analysis'} --batches 1" in text
     assert f"eval {cell} --out {cell / 'analysis'} --corrupt default  (log: {cell / 'eval.log'})" in text
     assert not out.exists()
 
@@ -196,6 +194,42 @@ def test_planted_runner_without_the_done_check_is_caught(
     runs = runs_of(tmp_path, {**BODY, "axes": {"optim.name": ["adamw"]}})
     run_cells(runs, say=lambda _: None)
     assert len(calls(runs[0])) != 2  # the real stage keeps it at 2 (the test above)
+
+
+FAKE_FINETUNE = """
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+records = [{"step": s, "loss": 2.0} for s in range(1, int(sys.argv[2]) + 1)]
+(out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in records))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_finetune_then_its_eval_give_the_forgetting_column(
+    tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flatlm.experiments.report_flatness import read_forgetting
+
+    sft = str(REPO / "configs" / "sft-tiny.yaml")
+    body = {**BODY, "axes": {"optim.name": ["adamw"]}, "analysis": {"eval": []},
+            "finetune": {"config": sft, "overrides": {"train.max_steps": 4}}}  # fmt: skip
+
+    def fake_finetune(finetune: analysis_mod.Finetune, cell_dir: Path) -> list[str]:
+        return [sys.executable, "-c", FAKE_FINETUNE, str(cell_dir / "finetune"), str(finetune.max_steps)]
+
+    monkeypatch.setattr(analysis_mod, "finetune_command", fake_finetune)
+    runs = runs_of(tmp_path, body)
+    assert run_cells(runs, say=lambda _: None) == 0
+    cell = runs[0].dir
+    assert calls(runs[0]) == ["eval "]
+    assert (cell / "finetune" / "calls.txt").read_text().splitlines() == [f"eval --val-of {cell}"]
+    assert {k: v["status"] for k, v in record(runs[0])["analysis"].items()} == {
+        "eval": "done", "finetune": "done", "finetune-eval": "done"
+    }  # fmt: skip
+    assert read_forgetting(cell) == {"forgetting": pytest.approx(0.5)}
+    runs = runs_of(tmp_path, body)
+    assert not runs[0].needs_work()  # a rerun: the fine-tune is at its max_steps, its eval's JSON exists
 
 
 def test_finetune_steps_follow_the_analyses(tmp_path: Path) -> None:

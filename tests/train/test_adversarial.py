@@ -313,6 +313,47 @@ def test_cost_is_logged_and_budgeted(tmp_path: Path, text_corpus: Path) -> None:
     assert step_cost(mean).passes == pytest.approx(attacked.passes + 1.0)
 
 
+def test_an_ascent_pass_costs_two_thirds_of_a_training_pass_in_matmuls() -> None:
+    """budget.py counts an ascent pass as 4 N per token (no weight gradients) against a training pass's 6 N: measured
+    with torch's FLOP counter on the tiny model (its CPU attention kernel is not counted: the matmuls only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, batch = _model(), _batches(5)[0]
+    with FlopCounterMode(display=False) as full:
+        token_losses(model, batch, False).sums.sum().backward()
+    with FlopCounterMode(display=False) as ascent:
+        _ascend(model, _adversary(steps=1), batch)
+    assert ascent.get_total_flops() == pytest.approx(full.get_total_flops() * 2 / 3, rel=1e-6)
+
+
+def test_flops_budget_gives_adversarial_cells_fewer_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under budget=flops an adversarial cell runs max_steps / passes, its reference being plain training; planted:
+    a reference that trains adversarially gives the adversarial cell the full max_steps (and the plain one more)."""
+    import yaml
+
+    from flatlm.experiments import budget
+    from flatlm.experiments.grid import load_grid, resolve_cells
+
+    body = {
+        "budget": "flops",
+        "overrides": {"train.max_steps": 60, "train.adversarial.epsilon": EPS},
+        "axes": {"train.adversarial.steps": [0, 2]},
+    }
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(body))
+
+    def steps() -> list[int]:
+        grid = load_grid(tmp_path / "g.yaml", [])
+        cells = resolve_cells(grid)
+        budget.apply_budget(grid, cells)
+        return sorted(c.cfg.train.max_steps for c in cells)
+
+    passes = budget.step_cost(load_config(None, ["train.adversarial.steps=2", f"train.adversarial.epsilon={EPS}"]))
+    assert steps() == [round(60 / passes.passes), 60]
+    on = AdversarialConfig(steps=2, epsilon=EPS)
+    monkeypatch.setattr(budget, "AdversarialConfig", lambda: on)  # the bug: the baseline trains adversarially too
+    assert steps() == [60, round(60 * passes.passes)]
+
+
 def test_config_yaml_names_it_only_when_on() -> None:
     """Off, train.adversarial is left out of the resolved config (runs and grids from before it keep their identity:
     an old config.yaml has no such key); on, every field is written."""

@@ -4,7 +4,8 @@ windows that cover every chosen document exactly.
 ``flatlm eval`` and ``flatlm landscape`` measure a model on *documents*, not on windows of a token stream, so that
 clean and corrupted text (``flatlm.data.corrupt``) are the same documents: a corruption changes the number of
 tokens, and windows cut from two different streams would cover different text. ``choose_documents`` takes a seeded
-order of the documents and keeps the first ones until their clean text holds the requested number of tokens;
+order of the documents and keeps the first ones until their clean text holds the requested number of tokens (the
+last one cut to fit);
 ``document_batches`` encodes any version of those documents (each followed by EOS, as the token cache does) into one
 stream cut into ``seq_len`` windows, the last one padded with its padded targets masked out, so every token of every
 chosen document is counted once.
@@ -56,18 +57,38 @@ def file_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
 
 
 def choose_documents(documents: Sequence[str], tokenizer: AnyTokenizer, tokens: int, seed: int) -> list[str]:
-    """The first documents of a seeded order whose clean text (each with its EOS) holds at least ``tokens``
-    tokens, or all of them; the same documents for any corruption."""
+    """The first documents of a seeded order until their clean text (each with its EOS) holds ``tokens`` tokens,
+    the last one cut to the prefix that fits (at a line end where there is one), or all of them; the same
+    documents for any corruption. (Whole source files run to thousands of tokens: without the cut, one more file
+    could double the text measured.)"""
     order = np.random.default_rng(seed).permutation(len(documents))
     chosen: list[str] = []
     count = 0
     for i in order:
         text = documents[int(i)]
-        chosen.append(text)
-        count += len(tokenizer.encode([text])[0]) + 1
-        if count >= tokens:
+        length = len(tokenizer.encode([text])[0]) + 1
+        if count + length > tokens:
+            prefix = _prefix(text, tokenizer, tokens - count)
+            if prefix:
+                chosen.append(prefix)
             break
+        chosen.append(text)
+        count += length
     return chosen
+
+
+def _prefix(text: str, tokenizer: AnyTokenizer, tokens: int) -> str:
+    """The longest prefix of ``text`` that encodes to at most ``tokens - 1`` tokens (its EOS is the last), cut back
+    to its last line end when it has one."""
+    low, high = 0, len(text)  # encodes to <= tokens - 1 at low; bisect on the character count
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(tokenizer.encode([text[:mid]])[0]) + 1 <= tokens:
+            low = mid
+        else:
+            high = mid - 1
+    cut = text.rfind("\n", 0, low)
+    return text[: cut + 1] if cut > 0 else text[:low]
 
 
 def document_batches(

@@ -76,6 +76,8 @@ class Subject:
     """This process's windows of the chosen documents, clean, on the device."""
     documents: list[str]
     batch_size: int
+    seq_len: int
+    """Tokens per window: the run's data.seq_len (with --val-of, the other run's)."""
     device: torch.device
 
 
@@ -97,27 +99,32 @@ def _math_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _documents(args: argparse.Namespace, cfg: RunConfig) -> list[str]:
+def _documents(args: argparse.Namespace, cfg: RunConfig) -> tuple[list[str], RunConfig]:
+    """The documents to choose from, and the config whose sequence length and micro-batch size cut them: the run's
+    own, or with ``--val-of`` the other run's (so a fine-tuned model is measured on the windows its pretraining run
+    is measured on: forgetting compares the same tokens)."""
     if args.data:
-        return file_documents(args.data, args.text_field)
+        return file_documents(args.data, args.text_field), cfg
     if args.val_of is not None:
         other = find_checkpoint(args.val_of)
         other_cfg = RunConfig.model_validate(yaml.safe_load((other / "config.yaml").read_text()))
-        return validation_documents(other_cfg, data_seed(other_cfg))
-    return validation_documents(cfg, data_seed(cfg))
+        return validation_documents(other_cfg, data_seed(other_cfg)), other_cfg
+    return validation_documents(cfg, data_seed(cfg)), cfg
 
 
 def load_subject(args: argparse.Namespace, device: torch.device) -> Subject:
     checkpoint = find_checkpoint(args.source)
     model, tok, cfg = load_checkpoint_model(checkpoint)
     step = int(json.loads((checkpoint / TRAINER_STATE).read_text()).get("step", 0))
-    batch_size = args.batch_size or cfg.train.micro_batch_size
-    seq_len = cfg.data.seq_len
-    documents = choose_documents(_documents(args, cfg), tok, args.batches * batch_size * seq_len + 1, args.seed)
+    pool, shape = _documents(args, cfg)
+    batch_size = args.batch_size or shape.train.micro_batch_size
+    seq_len = shape.data.seq_len
+    documents = choose_documents(pool, tok, args.batches * batch_size * seq_len + 1, args.seed)
     rank, size = world()
     batches = [b.to(device) for b in document_batches(documents, tok, seq_len, batch_size, rank, size)]
     out = args.out if args.out is not None else checkpoint.parent.parent / ANALYSIS_DIR
-    return Subject(checkpoint, step, model.to(device).eval(), tok, cfg, out, batches, documents, batch_size, device)
+    model = model.to(device).eval()
+    return Subject(checkpoint, step, model, tok, cfg, out, batches, documents, batch_size, seq_len, device)
 
 
 def _count(batches: Sequence[Batch], device: torch.device) -> torch.Tensor:
@@ -178,7 +185,7 @@ def _header(subject: Subject, args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "batches": args.batches,
         "batch_size": subject.batch_size,
-        "seq_len": subject.cfg.data.seq_len,
+        "seq_len": subject.seq_len,
         "documents": len(subject.documents),
         "processes": world()[1],
     }
@@ -337,7 +344,7 @@ def _corrupted_loss(subject: Subject, corruption: Corruption, seed: int) -> tupl
     rank, size = world()
     batches = [
         b.to(subject.device)
-        for b in document_batches(texts, subject.tokenizer, subject.cfg.data.seq_len, subject.batch_size, rank, size)
+        for b in document_batches(texts, subject.tokenizer, subject.seq_len, subject.batch_size, rank, size)
     ]
     return mean_loss(subject.model, batches, subject.device)
 

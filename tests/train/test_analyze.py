@@ -177,3 +177,17 @@ def test_two_processes_measure_the_one_process_numbers(run: Path, tmp_path: Path
         two = json.loads((tmp_path / "two" / name).read_text())
         assert two["processes"] == 2 and one["processes"] == 1
         _close(_numbers(one), _numbers(two))
+
+
+def test_val_of_measures_another_model_on_the_same_windows(run: Path, tmp_path: Path, corpus: Path) -> None:
+    """Forgetting: a model fine-tuned from ``run`` (other seq_len and batch size) is measured on ``run``'s windows."""
+    extra = {"model.init_from": str(run), "data.tokenizer": str(run), "data.seq_len": 16, "train.max_steps": 2}
+    tuned = tmp_path / "tuned"
+    train(load_config(None, tiny_overrides(tuned, corpus, **{**extra, "train.micro_batch_size": 2})))
+    args = ["--batches", "2", "--val-of", str(run)]
+    assert main(["eval", str(run), "--out", str(tmp_path / "before"), *args]) == 0
+    assert main(["eval", str(tuned), "--out", str(tmp_path / "after"), *args]) == 0
+    before, after = (json.loads((tmp_path / d / "robustness.json").read_text()) for d in ("before", "after"))
+    assert (after["seq_len"], after["batch_size"]) == (32, 4)  # run's windows, not the tuned run's 16 x 2
+    assert after["clean"]["tokens"] == before["clean"]["tokens"] and after["documents"] == before["documents"]
+    assert after["clean"]["loss"] != before["clean"]["loss"]  # another model on the same text

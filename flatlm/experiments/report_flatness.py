@@ -175,20 +175,23 @@ def _dynamic(key: str) -> Column:
     return Column(key, f"loss {inner}", "loss", summary=True)  # quant_loss[int8]
 
 
-def _sort_key(key: str) -> tuple[int, float, str]:
+def _sort_key(key: str, seen: int) -> tuple[int, float, int]:
+    """Kind of measure, then its radius / sigma (ascending) or bits (descending), then the order the files list them
+    (corruptions as the suite orders them)."""
     rank = next(i for i, p in enumerate(_ORDER) if key == p or (p.endswith("[") and key.startswith(p)))
     number = _number(key.rsplit("=", 1)[-1].rstrip("]")) if "=" in key else None
     if key.startswith("quant_loss[int"):
         number = -(_number(key[len("quant_loss[int") : -1]) or 0.0)  # int8 before int4
-    return rank, number if number is not None else 0.0, key
+    return rank, number if number is not None else 0.0, seen
 
 
 def discover(cell_dirs: Sequence[Path]) -> tuple[Column, ...]:
     """The flatness columns some cell of ``cell_dirs`` has a value for, in table order."""
-    found: set[str] = set()
+    found: dict[str, int] = {}
     for cell_dir in cell_dirs:
-        found.update(_read_all(cell_dir))
-    return tuple(_FIXED.get(k) or _dynamic(k) for k in sorted(found, key=_sort_key))
+        for key in _read_all(cell_dir):
+            found.setdefault(key, len(found))
+    return tuple(_FIXED.get(k) or _dynamic(k) for k in sorted(found, key=lambda k: _sort_key(k, found[k])))
 
 
 FLATNESS = Provider("flatness", _read_all, (), discover=discover)

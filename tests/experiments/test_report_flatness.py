@@ -119,6 +119,7 @@ def test_columns_from_analysis_json(tmp_path: Path, no_plots: None) -> None:
     header = list(rows[LION_BEST.format(1)])
     assert header.index("quant_loss[int8]") < header.index("quant_loss[int4]")  # 8 bits before 4
     assert header.index("sam_sharpness[rho=0.01]") < header.index("sam_sharpness[rho=0.1]")
+    assert header.index("corrupt_loss[typo:0.05]") < header.index("corrupt_loss[drop:0.1]")  # as the file lists them
     results = json.loads((root / "results.json").read_text())
     lion = next(o for o in results["optimizers"] if o["optimizer"] == "lion")
     assert lion["extras"]["lambda_max"]["mean"] == pytest.approx(12.0)  # mean of 10, 12, 14 at its best lr

@@ -198,8 +198,8 @@ def trace(obj: Objective, *, samples: int = 50, tol: float = 1e-2, seed: int = 0
         if len(xs) > 1:
             var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
             stderr = math.sqrt(var / len(xs))
-        converged = stderr < tol * abs(mean)
-        if len(xs) >= 10 and converged:
+        converged = len(xs) >= 10 and stderr < tol * abs(mean)  # fewer samples: too few to trust the stderr
+        if converged:
             break
     rel = _rel(history[-1], history[-2]) if len(history) > 1 else math.inf
     return Trace(history[-1], len(xs), stderr, rel, history, converged)

@@ -25,6 +25,14 @@ def floats(text: str) -> list[float]:
     return values
 
 
+def radii(text: str) -> list[float]:
+    """``0.01,0.05`` -> [0.01, 0.05] (argparse type): positive radii."""
+    values = floats(text)
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"SAM sharpness radii are positive, like 0.01,0.05; got {text!r}")
+    return values
+
+
 def bit_widths(text: str) -> list[int]:
     """``8,4`` -> [8, 4] (argparse type): weight widths from 2 to 16 bits."""
     try:

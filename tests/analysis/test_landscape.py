@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flatlm.analysis.landscape import filter_normalized_direction, interpolation, line, plane
-from flatlm.analysis.objective import Objective
+from flatlm.analysis.objective import Objective, random_vector
 from flatlm.analysis.plots import plot_line, plot_plane
 from flatlm.analysis.sharpness import sam_sharpness
 from flatlm.errors import FlatlmError
@@ -44,9 +44,14 @@ def test_each_filter_has_its_weight_rows_norm_and_1d_tensors_get_zero() -> None:
         else:
             rows = di.reshape(p.shape[0], -1).norm(dim=1)
             torch.testing.assert_close(rows, p.detach().reshape(p.shape[0], -1).norm(dim=1))
-    # planted: the raw Gaussian direction (no normalisation) fails the same row check
-    raw = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
-    assert not torch.allclose(raw.norm(dim=1), params[0].detach().norm(dim=1), rtol=1e-3)
+    # planted: the same generator's raw Gaussian direction (no normalisation) fails the same row check
+    raw = random_vector(params, torch.Generator().manual_seed(1))
+    matrices = [
+        (p.detach().reshape(p.shape[0], -1), r.reshape(p.shape[0], -1))
+        for p, r in zip(params, raw, strict=True)
+        if p.ndim >= 2
+    ]
+    assert matrices and not any(torch.allclose(r.norm(dim=1), w.norm(dim=1), rtol=1e-3) for w, r in matrices)
 
 
 def test_the_same_seed_gives_the_same_direction() -> None:

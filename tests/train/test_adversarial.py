@@ -12,10 +12,9 @@ per rank and micro-batch index) moves the weights by ~1e-1.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -53,16 +52,6 @@ def _batches(seed: int, n: int = 2) -> list[Batch]:
 
 def _adversary(**cfg: Any) -> Adversary:
     return Adversary(AdversarialConfig(**{"epsilon": EPS, **cfg}), seed=0)
-
-
-@contextlib.contextmanager
-def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
 
 
 def _loss_at(model: torch.nn.Module, batch: Batch, delta: torch.Tensor | None) -> float:
@@ -108,7 +97,7 @@ def test_perturbation_never_leaves_its_ball(norm: str, init: str) -> None:
         return wrapped
 
     real = adversarial.project
-    with _patched(adversarial, "project", recording(real)):
+    with patch.object(adversarial, "project", recording(real)):
         final = _ascend(model, adversary, batch)
     assert len(seen) == 4
     for delta in seen:
@@ -119,7 +108,7 @@ def test_perturbation_never_leaves_its_ball(norm: str, init: str) -> None:
         draw = adversary.init_delta(shape, torch.device("cpu"), 3, 1, 0)
         assert 0 < _position_norms(draw, norm).max() <= EPS + 1e-6
     seen.clear()
-    with _patched(adversarial, "project", recording(lambda delta, epsilon, norm: delta)):  # the bug
+    with patch.object(adversarial, "project", recording(lambda delta, epsilon, norm: delta)):  # the bug
         _ascend(model, adversary, batch)
     assert max(float(_position_norms(d.detach(), norm).max()) for d in seen) > 2 * EPS
 
@@ -146,7 +135,7 @@ def test_ascent_increases_the_loss(norm: str) -> None:
     attacked = _loss_at(model, batch, _ascend(model, adversary, batch))
     assert attacked > clean * (1 + 1e-3), (clean, attacked)
     real = adversarial.direction
-    with _patched(adversarial, "direction", lambda g, norm: -real(g, norm)):  # the bug: a descent
+    with patch.object(adversarial, "direction", lambda g, norm: -real(g, norm)):  # the bug: a descent
         descended = _loss_at(model, batch, _ascend(model, adversary, batch))
     assert descended < clean
 
@@ -167,7 +156,7 @@ def test_ascent_writes_no_parameter_gradient() -> None:
     def step() -> list[torch.Tensor | None]:
         grads_at_first_pass.clear()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        with _patched(step_module, "_run_pass", run_pass):
+        with patch.object(step_module, "_run_pass", run_pass):
             train_step(Parallel("single", model, model), opt, _batches(2), list(model.parameters()), grad_clip=0.0,
                        adversary=adversary)  # fmt: skip
         return grads_at_first_pass[0]
@@ -178,7 +167,7 @@ def test_ascent_writes_no_parameter_gradient() -> None:
         loss.backward()
         return delta.grad
 
-    with _patched(adversarial, "delta_gradient", via_backward):
+    with patch.object(adversarial, "delta_gradient", via_backward):
         assert any(g is not None for g in step())
 
 
@@ -215,7 +204,7 @@ def test_zero_steps_is_plain_training_bit_for_bit_and_installs_no_hook() -> None
         real_init(self, embedding)
 
     plain = _train(None)
-    with _patched(EmbeddingPerturbation, "__init__", counting_init):
+    with patch.object(EmbeddingPerturbation, "__init__", counting_init):
         off = _train(_adversary(steps=0))
     assert hooks == [] and _same(off, plain)
     on = _train(_adversary(steps=2))
@@ -224,7 +213,7 @@ def test_zero_steps_is_plain_training_bit_for_bit_and_installs_no_hook() -> None
     def adds_nothing(self: EmbeddingPerturbation, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
         return output + 0.0 * self.current if self.current is not None else output
 
-    with _patched(EmbeddingPerturbation, "_add", adds_nothing):  # the bug: delta never reaches the model
+    with patch.object(EmbeddingPerturbation, "_add", adds_nothing):  # the bug: delta never reaches the model
         assert _same(_train(_adversary(steps=2)), plain)
 
 
@@ -385,7 +374,7 @@ def test_uniform_init_resumes_as_the_uninterrupted_run(tmp_path: Path, text_corp
         calls.append(1)
         return real(*args, **{**kwargs, "step": len(calls) - 1})
 
-    with _patched(loop, "train_step", counted):
+    with patch.object(loop, "train_step", counted):
         run(tmp_path / "planted", 1)
         calls.clear()
         assert run(tmp_path / "planted", 3)[1:] != whole[1:]

@@ -11,6 +11,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flatlm.experiments.report_cells import ADVERSARIAL_SUFFIX
 from flatlm.experiments.stats import Interval, PairedDifference, paired_difference, sorted_seeds, t_interval
 
 LR_KEY = "optim.lr"
@@ -139,23 +140,48 @@ def replicate(row: dict[str, Any]) -> Hashable:
 
 METHOD_PREFIXES = ("train.adversarial.",)
 """Axes that make the method itself (adversarial training: its ``optimizer`` is ``adamw+adv``, see
-``report_cells.method_name``): neither a variant nor a context, so ``adamw+adv`` is compared with plain AdamW."""
+``report_cells.method_name``), not the optimizer's variant nor a context, so ``adamw+adv`` is compared with plain
+AdamW. A row with adversarial training off drops them (its epsilon is not an experiment); an adversarial row keeps
+those that take several values among the grid's adversarial rows (``adamw+adv steps=4``, see method_axes)."""
 
 
-def _group_key(row: dict[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+def is_adversarial(row: dict[str, Any]) -> bool:
+    """The row trains adversarially: its method name is ``<optimizer>+adv`` (train.adversarial.steps > 0)."""
+    return str(row.get("optimizer") or "").endswith(ADVERSARIAL_SUFFIX)
+
+
+def method_axes(rows: Sequence[dict[str, Any]]) -> frozenset[str]:
+    """The adversarial axes with more than one value among the adversarial rows: part of each one's identity (a
+    grid sweeping ``train.adversarial.steps: [0, 2, 4]`` has two adversarial methods, steps=2 and steps=4)."""
+    seen: dict[str, set[str]] = {}
+    for row in rows:
+        if is_adversarial(row):
+            for key, value in row["_values"].items():
+                if key.startswith(METHOD_PREFIXES):
+                    seen.setdefault(key, set()).add(repr(value))
+    return frozenset(k for k, values in seen.items() if len(values) > 1)
+
+
+def _group_key(row: dict[str, Any], method: frozenset[str] = frozenset()) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The optimizer (method) name and its variant: every axis value but the lr, the seeds and the adversarial axes,
+    of which an adversarial row keeps those in ``method`` (method_axes)."""
+    kept = method if is_adversarial(row) else frozenset()
     variant = tuple(
         (k, v)
         for k, v in row["_values"].items()
-        if k not in REPLICATE_KEYS and k not in (LR_KEY, "optim.name") and not k.startswith(METHOD_PREFIXES)
+        if k not in REPLICATE_KEYS
+        and k not in (LR_KEY, "optim.name")
+        and (not k.startswith(METHOD_PREFIXES) or k in kept)
     )
     return str(row.get("optimizer") or row["_values"].get("optim.name") or "?"), variant
 
 
 def _label(optimizer: str, variant: tuple[tuple[str, Any], ...]) -> str:
-    """``sam rho=0.05`` (optimizer hyperparameters by their last name) or ``adamw data.format=chat``."""
+    """``sam rho=0.05``, ``adamw+adv steps=4`` (optimizer and method settings by their last name) or ``adamw
+    data.format=chat``."""
     parts = [optimizer]
     for key, value in variant:
-        short = key.rsplit(".", 1)[-1] if key.startswith(OPTIMIZER_PREFIXES) else key
+        short = key.rsplit(".", 1)[-1] if key.startswith((*OPTIMIZER_PREFIXES, *METHOD_PREFIXES)) else key
         parts.append(f"{short}={value}")
     return " ".join(parts)
 
@@ -184,9 +210,10 @@ def summarize(
     """Group rows into optimizers, choose each one's best lr, pair each with its baseline; baseline groups first."""
     metric = choose_metric(rows)
     groups: dict[tuple[str, tuple[tuple[str, Any], ...]], GroupSummary] = {}
+    method = method_axes(rows)
     for row in rows:
-        optimizer, variant = _group_key(row)
-        context = tuple((k, v) for k, v in variant if not k.startswith(OPTIMIZER_PREFIXES))
+        optimizer, variant = _group_key(row, method)
+        context = tuple((k, v) for k, v in variant if not k.startswith((*OPTIMIZER_PREFIXES, *METHOD_PREFIXES)))
         group = groups.setdefault(
             (optimizer, variant), GroupSummary(_label(optimizer, variant), optimizer, context, variant)
         )

@@ -168,6 +168,57 @@ def test_adversarial_training_is_its_own_method() -> None:
     assert by_label["adamw+adv"].paired.interval.mean == pytest.approx(0.1)
 
 
+def _adversarial_sweep() -> list[dict[str, Any]]:
+    """train.adversarial.steps in {0, 2, 4} x seeds 0-2 (epsilon a fixed value of the level): loss 4 + 0.01 K + seed."""
+    rows = []
+    for steps in (0, 2, 4):
+        optimizer = "adamw+adv" if steps else "adamw"
+        for seed in (0, 1, 2):
+            axes = {"train.adversarial.steps": steps, "train.adversarial.epsilon": 0.05}
+            rows.append(_row(f"adamw-adv{steps}-s{seed}", optimizer, 3e-3, seed, 4.0 + 0.01 * steps + seed, **axes))
+    return rows
+
+
+def test_each_adversarial_setting_is_its_own_method() -> None:
+    """steps=2 and steps=4 are two methods, each complete with its 3 seeds and its own mean, both paired with adamw."""
+    groups, _ = report_summary.summarize(_adversarial_sweep(), "adamw")
+    by_label = {g.label: g for g in groups}
+    assert set(by_label) == {"adamw", "adamw+adv steps=2", "adamw+adv steps=4"}
+    for label, steps in (("adamw", 0), ("adamw+adv steps=2", 2), ("adamw+adv steps=4", 4)):
+        best = by_label[label].best
+        assert best is not None and best.complete and len(best.rows) == 3 and sorted(best.values) == [0, 1, 2]
+        assert best.interval.mean == pytest.approx(4.0 + 0.01 * steps + 1.0)
+        assert by_label[label].baseline == "adamw"
+    assert by_label["adamw+adv steps=4"].paired.differences == pytest.approx((0.04, 0.04, 0.04))
+    # Epsilon swept with steps fixed: the adversarial methods are named by epsilon, the baseline is still adamw.
+    rows = [_row(f"adamw-s{s}", "adamw", 3e-3, s, 4.0 + s) for s in (0, 1)]
+    for eps in (0.05, 0.1):
+        rows += [
+            _row(f"adv-e{eps}-s{s}", "adamw+adv", 3e-3, s, 4.0 + eps + s, train__adversarial__epsilon=eps)
+            for s in (0, 1)
+        ]
+    groups, _ = report_summary.summarize(rows, "adamw")
+    by_label = {g.label: g for g in groups}
+    assert set(by_label) == {"adamw", "adamw+adv epsilon=0.05", "adamw+adv epsilon=0.1"}
+    assert by_label["adamw+adv epsilon=0.1"].paired.differences == pytest.approx((0.1, 0.1))
+
+
+def test_planted_key_without_the_adversarial_setting_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old key (every adversarial axis dropped) merges steps=2 and steps=4: same-seed cells overwrite each other,
+    the point is incomplete and its mean is wrong; the checks above see it."""
+
+    def old_key(row: dict[str, Any], method: frozenset[str] = frozenset()) -> tuple[str, tuple[tuple[str, Any], ...]]:
+        values = row["_values"]
+        variant = tuple((k, v) for k, v in values.items() if k not in ("seed", "optim.lr", "optim.name")
+                        and not k.startswith("train.adversarial."))  # fmt: skip
+        return str(row["optimizer"]), variant
+
+    monkeypatch.setattr(report_summary, "_group_key", old_key)
+    groups, _ = report_summary.summarize(_adversarial_sweep(), "adamw")
+    merged = next(g for g in groups if g.optimizer == "adamw+adv")
+    assert len(groups) == 2 and len(merged.best.rows) == 6 and not merged.best.complete
+
+
 @pytest.mark.timeout(90)
 def test_scatter_of_sharpness_against_robustness_gap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = analysed_grid(tmp_path / "grid")

@@ -17,7 +17,10 @@ The optional ``finetune:`` key (``{config: ../sft-tiny.yaml, overrides: {train.m
 after the analyses: ``python -m flatlm.train --config CFG model.init_from=CELL data.tokenizer=CELL
 output_dir=CELL/finetune OVERRIDES`` (done when its run reached its max_steps, which ``flatlm train`` resumes
 otherwise), then ``flatlm eval CELL/finetune --val-of CELL --out CELL/finetune/analysis`` (the fine-tuned model on
-the cell's own validation split): the report's ``forgetting`` column is that clean loss minus the cell's own.
+the cell's own validation split), with the grid eval's text-choosing arguments (``--batches``, ``--batch-size``,
+``--seed``; ``--data``/``--text-field`` in place of --val-of) so that both measure the same documents: the report's
+``forgetting`` column is that clean loss minus the cell's own (only where both JSONs name the same text). A grid
+with a fine-tune and no ``eval`` analysis gets a clean ``flatlm eval CELL`` step first (the "before").
 """
 
 from __future__ import annotations
@@ -38,6 +41,34 @@ RESERVED = ("--out",)
 """Arguments the stage sets itself (each step's outputs go where the report reads them)."""
 FINETUNE_DIR = "finetune"
 FINETUNE_KEYS = ("config", "overrides")
+TEXT_OPTIONS = ("--batches", "--batch-size", "--seed", "--text-field")
+"""The grid eval's arguments that choose the text (with ``--data``): the fine-tuned model's eval gets them too, so
+forgetting compares the same documents and windows (not --corrupt/--weights-noise/--quantize: their cost)."""
+
+
+def text_arguments(args: list[str]) -> tuple[list[str], bool]:
+    """The text-choosing part of an eval argument list (``--batches 4 --batch-size 8 --seed 1``, ``--data A B``),
+    and whether it names ``--data`` (then in place of ``--val-of``)."""
+    out: list[str] = []
+    has_data = False
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in TEXT_OPTIONS:
+            out += [args[i]] if eq else args[i : i + 2]
+            i += 1 if eq else 2
+            continue
+        if name == "--data":
+            has_data = True
+            files = [value] if eq else []
+            i += 1
+            while not eq and i < len(args) and not args[i].startswith("-"):
+                files.append(args[i])
+                i += 1
+            out += ["--data", *files]
+            continue
+        i += 1
+    return out, has_data
 
 
 @dataclass(frozen=True)
@@ -172,9 +203,14 @@ def steps(cell_dir: Path, analysis: dict[str, list[str]], finetune: Finetune | N
         for kind, args in analysis.items()
     ]
     if finetune is not None:
+        if "eval" not in analysis:  # the "before" of forgetting: the cell's clean loss, on the text its eval reads
+            clean = analysis_command("eval", cell_dir, cell_dir / ANALYSIS_DIR, [])
+            out.append(Step("eval", clean, "eval.log", cell_dir / ANALYSIS_DIR / ANALYSES["eval"]))
         tuned = cell_dir / FINETUNE_DIR
         out.append(Step("finetune", finetune_command(finetune, cell_dir), "finetune.log", tuned, finetune.max_steps))
-        ev = analysis_command("eval", tuned, tuned / ANALYSIS_DIR, ["--val-of", str(cell_dir)])
+        text, has_data = text_arguments(analysis.get("eval", []))
+        ev_args = text if has_data else [*text, "--val-of", str(cell_dir)]
+        ev = analysis_command("eval", tuned, tuned / ANALYSIS_DIR, ev_args)
         out.append(Step("finetune-eval", ev, "finetune-eval.log", tuned / ANALYSIS_DIR / ANALYSES["eval"]))
     return out
 

@@ -12,7 +12,8 @@
 - ``noise_loss[sigma=S]``: mean loss with Gaussian noise of relative scale S on the weights;
   ``quant_loss[intB]``: loss after B-bit weight quantisation;
 - ``forgetting``: the clean loss of the cell's fine-tuned model on the cell's own validation split minus the cell's
-  clean loss (written by the grid's ``finetune:`` stage, when the grid has one);
+  clean loss, where both were measured on the same text (written by the grid's ``finetune:`` stage, when the grid
+  has one);
 - ``analysis``: which analyses failed (``eval failed``), when the grid's analysis stage recorded any.
 
 Columns are *discovered*: only those some cell has appear, so a grid without analysis gives the report it always
@@ -116,20 +117,27 @@ def read_robustness(cell_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+SAME_TEXT = ("seq_len", "batch_size", "batches", "seed", "documents")
+"""What both robustness.json files must agree on (with clean.tokens) for their clean losses to be compared."""
+
+
 def read_forgetting(cell_dir: Path) -> dict[str, Any]:
-    """The fine-tuned model's clean loss on this cell's validation split minus the cell's own clean loss.
+    """The fine-tuned model's clean loss on this cell's validation text minus the cell's own clean loss.
 
-    The cell's own clean loss is its robustness.json's, else its final ``eval.jsonl`` validation loss.
+    Both from robustness.json (the cell's ``analysis/`` and its ``finetune/analysis/``), and only when they measured
+    the same text: the same windows (seq_len, batch_size), batches, seed, documents and clean token count. No
+    fallback to ``eval.jsonl``: the training run's evaluation reads other windows (and maybe in bf16).
     """
-    after = _number(_get(read_json(cell_dir / FINETUNE_DIR / ANALYSIS_DIR / ROBUSTNESS_FILE), "clean", "loss"))
-    if after is None:
+    after = read_json(cell_dir / FINETUNE_DIR / ANALYSIS_DIR / ROBUSTNESS_FILE)
+    before = read_json(cell_dir / ANALYSIS_DIR / ROBUSTNESS_FILE)
+    loss_after, loss_before = _number(_get(after, "clean", "loss")), _number(_get(before, "clean", "loss"))
+    if loss_after is None or loss_before is None:
         return {}
-    before = _number(_get(read_json(cell_dir / ANALYSIS_DIR / ROBUSTNESS_FILE), "clean", "loss"))
-    if before is None:
-        from flatlm.experiments.report_cells import read_validation
-
-        before = _number(read_validation(cell_dir).get("final_val_loss"))
-    return {"forgetting": after - before} if before is not None else {}
+    shape = [(after.get(k), before.get(k)) for k in SAME_TEXT] + [(_get(after, "clean", "tokens"),
+             _get(before, "clean", "tokens"))]  # fmt: skip
+    if any(a is None or a != b for a, b in shape):
+        return {}
+    return {"forgetting": loss_after - loss_before}
 
 
 def read_analysis_status(cell_dir: Path) -> dict[str, Any]:

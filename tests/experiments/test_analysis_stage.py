@@ -46,9 +46,17 @@ with open(run_dir / "calls.txt", "a") as f:
     f.write(kind + " " + " ".join(sys.argv[5:]) + "\\n")
 if (run_dir / ("fail-" + kind)).exists():
     sys.exit("planted analysis failure")
+args = sys.argv[5:]
+def option(name, default):
+    return int(args[args.index(name) + 1]) if name in args else default
+batches, batch_size, seed = option("--batches", 8), option("--batch-size", 2), option("--seed", 0)
+metrics = run_dir / "metrics.jsonl"
+step = max([json.loads(line)["step"] for line in metrics.read_text().splitlines()] or [0]) if metrics.exists() else 0
 out.mkdir(parents=True, exist_ok=True)
 loss = 3.0 if "--val-of" in sys.argv else 2.5  # the fine-tuned model on the cell's text: worse (forgetting)
-(out / name).write_text(json.dumps({"version": 1, "kind": kind, "clean": {"loss": loss}}))
+header = {"version": 1, "kind": kind, "step": step, "seed": seed, "batches": batches, "batch_size": batch_size,
+          "seq_len": 16, "documents": batches * batch_size}
+(out / name).write_text(json.dumps({**header, "clean": {"loss": loss, "tokens": batches * batch_size * 16}}))
 print(kind, "written")
 """
 
@@ -249,3 +257,71 @@ def test_finetune_steps_follow_the_analyses(tmp_path: Path) -> None:
     assert run.next_step() is steps[1]  # eval done: the fine-tune next
     run.tried.add("finetune")
     assert run.next_step() is None  # its eval waits for the fine-tune to be done
+
+
+@pytest.mark.timeout(120)
+def test_the_finetune_eval_reads_the_grid_evals_text(
+    tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--batches/--batch-size/--seed of the grid's eval go to the fine-tuned model's eval (not --corrupt): forgetting
+    compares the same documents. Planted: the old command (--val-of alone) measures other text, and no forgetting is
+    reported for it."""
+    from flatlm.experiments.report_flatness import read_forgetting
+
+    sft = str(REPO / "configs" / "sft-tiny.yaml")
+    grid_eval = ["--batches", "4", "--batch-size=8", "--seed", "3", "--corrupt", "default", "--quantize", "8,4"]
+    body = {**BODY, "axes": {"optim.name": ["adamw"]}, "analysis": {"eval": grid_eval},
+            "finetune": {"config": sft, "overrides": {"train.max_steps": 4}}}  # fmt: skip
+
+    def fake_finetune(finetune: analysis_mod.Finetune, cell_dir: Path) -> list[str]:
+        return [sys.executable, "-c", FAKE_FINETUNE, str(cell_dir / "finetune"), str(finetune.max_steps)]
+
+    monkeypatch.setattr(analysis_mod, "finetune_command", fake_finetune)
+    runs = runs_of(tmp_path, body)
+    assert run_cells(runs, say=lambda _: None) == 0
+    cell = runs[0].dir
+    tuned_calls = (cell / "finetune" / "calls.txt").read_text().splitlines()
+    assert tuned_calls == [f"eval --batches 4 --batch-size=8 --seed 3 --val-of {cell}"]
+    assert read_forgetting(cell) == {"forgetting": pytest.approx(0.5)}
+    # planted: the fine-tuned model measured with the eval's defaults (the old step) reads other documents
+    tuned_json = cell / "finetune" / "analysis" / "robustness.json"
+    old = json.loads(tuned_json.read_text())
+    tuned_json.write_text(json.dumps({**old, "batches": 8, "batch_size": 2, "seed": 0, "documents": 16}))
+    assert read_forgetting(cell) == {}
+
+
+def test_text_arguments_and_the_clean_eval_before_a_finetune(tmp_path: Path) -> None:
+    args = ["--data", "a.txt", "b.txt", "--text-field", "body", "--corrupt", "default", "--weights-noise", "0.01"]
+    assert analysis_mod.text_arguments(args) == (["--data", "a.txt", "b.txt", "--text-field", "body"], True)
+    assert analysis_mod.text_arguments(["--corrupt", "--batches", "2"]) == (["--batches", "2"], False)
+    finetune = analysis_mod.Finetune(REPO / "configs" / "sft-tiny.yaml", {}, 4)
+    cell = tmp_path / "cells" / "adamw"
+    steps = analysis_mod.steps(cell, {"landscape": []}, finetune)  # no eval analysis: a clean one first
+    assert [s.kind for s in steps] == ["landscape", "eval", "finetune", "finetune-eval"]
+    assert steps[1].command[-4:] == ["eval", str(cell), "--out", str(cell / "analysis")]
+    data = analysis_mod.steps(cell, {"eval": args}, finetune)[-1].command
+    assert "--val-of" not in data and data[-5:] == ["--data", "a.txt", "b.txt", "--text-field", "body"]
+
+
+def test_forgetting_needs_both_jsons_on_the_same_text(tmp_path: Path) -> None:
+    """No fallback to eval.jsonl's final_val_loss (other windows); any disagreement of the text gives no value."""
+    from flatlm.experiments.report_flatness import SAME_TEXT, read_forgetting
+
+    header = {"seq_len": 16, "batch_size": 8, "batches": 4, "seed": 0, "documents": 32}
+    cell = tmp_path / "cell"
+    (cell / "finetune" / "analysis").mkdir(parents=True)
+    (cell / "analysis").mkdir()
+    (cell / "eval.jsonl").write_text(json.dumps({"eval": True, "step": 3, "val_loss": 2.0}) + "\n")
+    after = {**header, "clean": {"loss": 3.0, "tokens": 512}}
+    (cell / "finetune" / "analysis" / "robustness.json").write_text(json.dumps(after))
+    assert read_forgetting(cell) == {}  # no robustness.json of the cell: no fallback
+    for key in (*SAME_TEXT, "tokens"):
+        before = {**header, "clean": {"loss": 2.5, "tokens": 512}}
+        if key == "tokens":
+            before["clean"]["tokens"] = 500
+        else:
+            before[key] = header[key] + 1
+        (cell / "analysis" / "robustness.json").write_text(json.dumps(before))
+        assert read_forgetting(cell) == {}, key
+    (cell / "analysis" / "robustness.json").write_text(json.dumps({**header, "clean": {"loss": 2.5, "tokens": 512}}))
+    assert read_forgetting(cell) == {"forgetting": pytest.approx(0.5)}

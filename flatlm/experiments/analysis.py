@@ -8,10 +8,14 @@ A grid's optional ``analysis:`` key maps an analysis kind to the extra arguments
 
 After a cell's training ends with status done, each kind runs as ``python -m flatlm KIND CELL --out
 CELL/analysis ARGS`` in the cell's job slot (its GPUs, or its share of the cores), logged to ``CELL/KIND.log``
-beside ``train.log``. A step is done when its JSON exists (``CELL/analysis/landscape.json``,
-``CELL/analysis/robustness.json``; the commands write them atomically), so a rerun skips it and an interrupted one
-runs again. A failed step is recorded in ``cell.json`` (``"analysis": {"eval": {"status": "failed", ...}}``) and
-shown in the report; it never fails the grid, and the cell stays done.
+beside ``train.log``. A step is done when its JSON (``CELL/analysis/landscape.json``,
+``CELL/analysis/robustness.json``; the commands write them atomically) is of the cell's current step (its ``step``
+equals the cell's steps done: a cell resumed to a raised max_steps is analysed again) and cell.json records it done
+with the same argument list, so a rerun skips it and an interrupted, stale or changed one runs again (a stale JSON
+moves aside to ``*.stale`` first). The fine-tune is redone (the old one moved to ``finetune.old-N``) when the cell
+step it started from (``CELL/finetune-source.json``) is no longer the cell's. A failed step is recorded in
+``cell.json`` (``"analysis": {"eval": {"status": "failed", ...}}``) and shown in the report; it never fails the
+grid, and the cell stays done.
 
 The optional ``finetune:`` key (``{config: ../sft-tiny.yaml, overrides: {train.max_steps: 20}}``) adds two steps
 after the analyses: ``python -m flatlm.train --config CFG model.init_from=CELL data.tokenizer=CELL
@@ -40,6 +44,9 @@ ANALYSES = {"landscape": "landscape.json", "eval": "robustness.json"}
 RESERVED = ("--out",)
 """Arguments the stage sets itself (each step's outputs go where the report reads them)."""
 FINETUNE_DIR = "finetune"
+FINETUNE_SOURCE = "finetune-source.json"
+"""In the cell directory: ``{"cell_step": N}``, the cell step the fine-tune started from (CELL/finetune itself must
+hold only run files: flatlm train refuses a foreign one)."""
 FINETUNE_KEYS = ("config", "overrides")
 TEXT_OPTIONS = ("--batches", "--batch-size", "--seed", "--text-field")
 """The grid eval's arguments that choose the text (with ``--data``): the fine-tuned model's eval gets them too, so
@@ -93,6 +100,10 @@ class Step:
     """What exists once it succeeded: its JSON (an analysis) or the fine-tuned run's config (finetune, see done())."""
     max_steps: int | None = None
     """finetune: the run's length (it is done at exactly its max_steps)."""
+    source: Path | None = None
+    """The run it measures (an analysis: its JSON's ``step`` must be this run's steps done) or fine-tunes from."""
+    args: tuple[str, ...] = ()
+    """Its settings as cell.json's record keeps them (a changed list: not done)."""
 
 
 def parse_analysis(raw: Any) -> dict[str, list[str]]:
@@ -199,29 +210,78 @@ def steps(cell_dir: Path, analysis: dict[str, list[str]], finetune: Finetune | N
             analysis_command(kind, cell_dir, cell_dir / ANALYSIS_DIR, args),
             f"{kind}.log",
             cell_dir / ANALYSIS_DIR / ANALYSES[kind],
+            source=cell_dir,
+            args=tuple(args),
         )
         for kind, args in analysis.items()
     ]
     if finetune is not None:
         if "eval" not in analysis:  # the "before" of forgetting: the cell's clean loss, on the text its eval reads
             clean = analysis_command("eval", cell_dir, cell_dir / ANALYSIS_DIR, [])
-            out.append(Step("eval", clean, "eval.log", cell_dir / ANALYSIS_DIR / ANALYSES["eval"]))
+            out.append(Step("eval", clean, "eval.log", cell_dir / ANALYSIS_DIR / ANALYSES["eval"], source=cell_dir))
         tuned = cell_dir / FINETUNE_DIR
-        out.append(Step("finetune", finetune_command(finetune, cell_dir), "finetune.log", tuned, finetune.max_steps))
+        command = finetune_command(finetune, cell_dir)
+        out.append(Step("finetune", command, "finetune.log", tuned, finetune.max_steps, cell_dir, tuple(command[1:])))
         text, has_data = text_arguments(analysis.get("eval", []))
         ev_args = text if has_data else [*text, "--val-of", str(cell_dir)]
         ev = analysis_command("eval", tuned, tuned / ANALYSIS_DIR, ev_args)
-        out.append(Step("finetune-eval", ev, "finetune-eval.log", tuned / ANALYSIS_DIR / ANALYSES["eval"]))
+        json_path = tuned / ANALYSIS_DIR / ANALYSES["eval"]
+        out.append(Step("finetune-eval", ev, "finetune-eval.log", json_path, source=tuned, args=tuple(ev_args)))
     return out
 
 
-def is_done(step: Step) -> bool:
-    """An analysis: its JSON exists. A fine-tune: its run is at its max_steps."""
-    if step.kind != "finetune":
-        return step.done.is_file()
-    from flatlm.experiments.cells import steps_done
+def _finetuned_from(cell_dir: Path) -> int | None:
+    from flatlm.experiments.cells import read_json
 
-    return step.max_steps is not None and steps_done(step.done) == step.max_steps
+    step = (read_json(cell_dir / FINETUNE_SOURCE) or {}).get("cell_step")
+    return step if isinstance(step, int) else None
+
+
+def output_current(step: Step) -> bool:
+    """Its output is of the model there now: an analysis JSON whose ``step`` is its run's steps done; a fine-tune at
+    its max_steps, started from the cell's current step."""
+    from flatlm.experiments.cells import read_json, steps_done
+
+    if step.source is None:
+        return step.done.is_file()
+    if step.kind == "finetune":
+        return (
+            step.max_steps is not None
+            and steps_done(step.done) == step.max_steps
+            and _finetuned_from(step.source) == steps_done(step.source)
+        )
+    found = read_json(step.done)
+    return found is not None and found.get("step") == steps_done(step.source)
+
+
+def is_done(step: Step, record: dict[str, Any] | None = None) -> bool:
+    """Its output is current (output_current) and cell.json's record of it says done with the same arguments (a
+    record from before the arguments were kept: the same command)."""
+    if not isinstance(record, dict) or record.get("status") != "done" or not output_current(step):
+        return False
+    if "args" in record:
+        return list(record["args"]) == list(step.args)
+    return list(record.get("command") or [])[1:] == step.command[1:]
+
+
+def prepare(step: Step) -> None:
+    """Before a step runs: a stale output moves aside (a failed rerun must not leave an older model's numbers); a
+    fine-tune of another cell step moves to ``finetune.old-<N>`` and the step it starts from is recorded."""
+    from flatlm.experiments.cells import steps_done, write_json
+
+    if step.source is None:
+        return
+    if step.kind != "finetune":
+        if step.done.is_file():
+            step.done.replace(step.done.with_name(step.done.name + ".stale"))
+        return
+    current = steps_done(step.source)
+    if step.done.exists() and _finetuned_from(step.source) != current:
+        n = 0
+        while (aside := step.done.with_name(f"{step.done.name}.old-{n}")).exists():
+            n += 1
+        step.done.rename(aside)
+    write_json(step.source / FINETUNE_SOURCE, {"cell_step": current})
 
 
 def describe_steps(analysis: dict[str, list[str]], finetune: Finetune | None, output_dir: Path) -> list[str]:

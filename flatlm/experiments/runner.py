@@ -41,7 +41,7 @@ from typing import IO, Any
 
 from flatlm.config import dump_yaml
 from flatlm.errors import FlatlmError
-from flatlm.experiments.analysis import Finetune, Step, is_done
+from flatlm.experiments.analysis import Finetune, Step, is_done, output_current, prepare
 from flatlm.experiments.analysis import steps as analysis_steps
 from flatlm.experiments.cells import (
     CELL_FILE,
@@ -94,7 +94,8 @@ class CellRun:
         fine-tune is done); None when nothing is left or the cell is not done."""
         if self.record.get("status") != "done":
             return None
-        done = {s.kind for s in self.steps if is_done(s)}
+        records = self.record.get("analysis") or {}
+        done = {s.kind for s in self.steps if is_done(s, records.get(s.kind))}
         for step in self.steps:
             if step.kind in done or step.kind in self.tried:
                 continue
@@ -289,6 +290,7 @@ def _spawn(command: list[str], log: IO[bytes], env_extra: dict[str, str]) -> sub
 def _start_step(run: CellRun, step: Step, slot: int, env_extra: dict[str, str], say: Callable[[str], None]) -> _Running:
     """Start one analysis step of a done cell, recorded as running under cell.json's ``analysis``."""
     run.tried.add(step.kind)
+    prepare(step)
     log = (run.dir / step.log).open("ab")
     log_start = log.tell()
     records = run.record.setdefault("analysis", {})
@@ -296,7 +298,7 @@ def _start_step(run: CellRun, step: Step, slot: int, env_extra: dict[str, str], 
     log.write(f"--- flatlm ablate: {step.kind} attempt {attempts}: {' '.join(step.command)}\n".encode())
     log.flush()
     records[step.kind] = {"status": "running", "attempts": attempts, "returncode": None, "log": step.log,
-                          "command": step.command}  # fmt: skip
+                          "command": step.command, "args": list(step.args)}  # fmt: skip
     run.save()
     say(f"{run.name}: {step.kind} started (log {run.dir / step.log})")
     return _Running(run, _spawn(step.command, log, env_extra), slot, time.monotonic(), log_start, log, step)
@@ -308,7 +310,7 @@ def _finish_step(job: _Running, *, interrupted: bool, say: Callable[[str], None]
     run, step, rc = job.run, job.step, job.process.returncode
     assert step is not None
     wall = time.monotonic() - job.started
-    if rc == 0 and is_done(step):
+    if rc == 0 and output_current(step):
         status = "done"
     elif interrupted and (rc in STOPPED_CODES or rc in (-signal.SIGKILL, 128 + signal.SIGKILL)):
         status = "interrupted"

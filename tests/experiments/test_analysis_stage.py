@@ -198,7 +198,7 @@ def test_planted_runner_without_the_done_check_is_caught(
     """A stage that ignores the JSON it wrote would run every analysis again on a rerun: the call count sees it."""
     runs = runs_of(tmp_path, {**BODY, "axes": {"optim.name": ["adamw"]}})
     run_cells(runs, say=lambda _: None)
-    monkeypatch.setattr(runner, "is_done", lambda step: False)
+    monkeypatch.setattr(runner, "is_done", lambda step, record=None: False)
     runs = runs_of(tmp_path, {**BODY, "axes": {"optim.name": ["adamw"]}})
     run_cells(runs, say=lambda _: None)
     assert len(calls(runs[0])) != 2  # the real stage keeps it at 2 (the test above)
@@ -251,9 +251,10 @@ def test_finetune_steps_follow_the_analyses(tmp_path: Path) -> None:
     assert f"model.init_from={cell}" in command and f"output_dir={cell / 'finetune'}" in command
     assert "optim.hparams.betas=[0.9,0.95]" in command
     assert steps[2].command[-2:] == ["--val-of", str(cell)] and str(cell / "finetune" / "analysis") in steps[2].command
-    run = runner.CellRun(None, cell, {"status": "done"}, steps)  # type: ignore[arg-type]
+    record = {"status": "done", "analysis": {"eval": {"status": "done", "args": []}}}
+    run = runner.CellRun(None, cell, record, steps)  # type: ignore[arg-type]
     (cell / "analysis").mkdir(parents=True)
-    (cell / "analysis" / "robustness.json").write_text("{}")
+    (cell / "analysis" / "robustness.json").write_text('{"step": 0}')  # the cell's step (no run yet: 0)
     assert run.next_step() is steps[1]  # eval done: the fine-tune next
     run.tried.add("finetune")
     assert run.next_step() is None  # its eval waits for the fine-tune to be done
@@ -325,3 +326,60 @@ def test_forgetting_needs_both_jsons_on_the_same_text(tmp_path: Path) -> None:
         assert read_forgetting(cell) == {}, key
     (cell / "analysis" / "robustness.json").write_text(json.dumps({**header, "clean": {"loss": 2.5, "tokens": 512}}))
     assert read_forgetting(cell) == {"forgetting": pytest.approx(0.5)}
+
+
+def _with_steps(body: dict[str, Any], max_steps: int) -> dict[str, Any]:
+    return {**body, "overrides": {**body["overrides"], "train.max_steps": max_steps}}
+
+
+@pytest.mark.timeout(120)
+def test_stale_or_changed_analyses_run_again(tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON of an older step (max_steps raised, the cell resumed) reruns and the old one moves aside; the same step
+    skips; a changed argument list reruns that analysis alone. Planted: the old existence check keeps the stale JSON."""
+    body = {**BODY, "axes": {"optim.name": ["adamw"]}}
+    run_cells(runs_of(tmp_path, body), say=lambda _: None)
+    runs = runs_of(tmp_path, body)
+    assert not runs[0].needs_work() and len(calls(runs[0])) == 2  # same step, same args: skipped
+    assert record(runs[0])["analysis"]["eval"]["args"] == ["--corrupt", "default"]
+    raised = _with_steps(body, 5)
+    run_cells(runs_of(tmp_path, raised), say=lambda _: None)
+    cell = runs[0].dir
+    assert len(calls(runs[0])) == 4
+    assert json.loads((cell / "analysis" / "landscape.json").read_text())["step"] == 5
+    assert json.loads((cell / "analysis" / "landscape.json.stale").read_text())["step"] == 3
+    changed = {**raised, "analysis": {**ANALYSIS, "landscape": ["--batches", 2]}}
+    runs = runs_of(tmp_path, changed)
+    assert [s.kind for s in runs[0].steps if not analysis_mod.is_done(s, record(runs[0])["analysis"].get(s.kind))] == [
+        "landscape"
+    ]
+    run_cells(runs, say=lambda _: None)
+    assert calls(runs[0])[4:] == ["landscape --batches 2"]
+    # planted: a JSON that merely exists counts as done, so the next raise leaves the step-5 analyses in place
+    monkeypatch.setattr(analysis_mod, "output_current", lambda step: step.done.exists())
+    run_cells(runs_of(tmp_path, {**_with_steps(changed, 7)}), say=lambda _: None)
+    assert json.loads((cell / "analysis" / "landscape.json").read_text())["step"] != 7
+
+
+@pytest.mark.timeout(120)
+def test_a_finetune_of_an_older_cell_step_is_redone(
+    tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sft = str(REPO / "configs" / "sft-tiny.yaml")
+    body = {**BODY, "axes": {"optim.name": ["adamw"]}, "analysis": {"eval": []},
+            "finetune": {"config": sft, "overrides": {"train.max_steps": 4}}}  # fmt: skip
+
+    def fake_finetune(finetune: analysis_mod.Finetune, cell_dir: Path) -> list[str]:
+        return [sys.executable, "-c", FAKE_FINETUNE, str(cell_dir / "finetune"), str(finetune.max_steps)]
+
+    monkeypatch.setattr(analysis_mod, "finetune_command", fake_finetune)
+    run_cells(runs_of(tmp_path, body), say=lambda _: None)
+    cell = runs_of(tmp_path, body)[0].dir
+    assert json.loads((cell / analysis_mod.FINETUNE_SOURCE).read_text()) == {"cell_step": 3}
+    assert not runs_of(tmp_path, body)[0].needs_work()
+    run_cells(runs_of(tmp_path, _with_steps(body, 5)), say=lambda _: None)
+    assert json.loads((cell / analysis_mod.FINETUNE_SOURCE).read_text()) == {"cell_step": 5}
+    assert (cell / "finetune.old-0" / "analysis" / "robustness.json").is_file()  # the old one, moved aside
+    assert {k: v["status"] for k, v in record(runs_of(tmp_path, body)[0])["analysis"].items()} == {
+        "eval": "done", "finetune": "done", "finetune-eval": "done"
+    }  # fmt: skip
+    assert not runs_of(tmp_path, _with_steps(body, 5))[0].needs_work()

@@ -289,7 +289,7 @@ def describe_steps(analysis: dict[str, list[str]], finetune: Finetune | None, ou
     if not analysis and finetune is None:
         return []
     cell = output_dir / "cells" / "<cell>"
-    lines = ["after each done cell (skipped where its output exists; a failure is recorded, not fatal):"]
+    lines = ["after each done cell (skipped where its output is current; a failure is recorded, not fatal):"]
     for step in steps(cell, analysis, finetune):
         lines.append(f"  {step.kind}: {' '.join(step.command)}  (log: {cell / step.log})")
     return lines

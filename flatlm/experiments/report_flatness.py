@@ -3,8 +3,10 @@
 ``flatlm landscape CELL`` writes ``CELL/analysis/landscape.json`` and ``flatlm eval CELL`` writes
 ``CELL/analysis/robustness.json`` (the grid's ``analysis:`` stage runs both after a cell is done). Their columns:
 
-- ``lambda_max``: the Hessian's largest eigenvalue (power iteration on Hessian-vector products), ``top_eig_1`` the
-  first Lanczos value when top-k was asked, ``hessian_trace`` Hutchinson's estimate of tr(H);
+- ``lambda_max``: the Hessian's largest (algebraic) eigenvalue: Lanczos's first value when top-k was measured, else
+  power iteration's; ``lambda_abs_max`` power iteration's value, the eigenvalue of largest magnitude with its sign
+  (a large negative one is a direction of strong negative curvature, not flatness); ``hessian_trace`` Hutchinson's
+  estimate of tr(H);
 - ``sam_sharpness[rho=R]``: max_{||e|| <= R} L(w + e) - L(w), approximated by a few ascent steps (Foret et al. 2021),
   one column per radius the analysis measured;
 - ``clean_loss``: validation loss on clean text; ``corrupt_loss[NAME]``: on text corrupted by NAME (``typo:0.05``);
@@ -76,15 +78,17 @@ def corrupt_key(name: str) -> str:
 
 
 def read_landscape(cell_dir: Path) -> dict[str, Any]:
-    """λmax, the first top-k eigenvalue, the trace and SAM sharpness per radius from ``analysis/landscape.json``."""
+    """λmax (Lanczos, else power iteration), the largest-magnitude eigenvalue, the trace and SAM sharpness per radius
+    from ``analysis/landscape.json``."""
     data = read_json(cell_dir / ANALYSIS_DIR / LANDSCAPE_FILE)
     hessian = data.get("hessian")
+    power = _number(_get(hessian, "lambda_max", "value"))
+    top = _list(_get(hessian, "top_k", "values"))
     out: dict[str, Any] = {
-        "lambda_max": _number(_get(hessian, "lambda_max", "value")),
+        "lambda_max": _number(top[0]) if top else power,
+        "lambda_abs_max": power,
         "hessian_trace": _number(_get(hessian, "trace", "value")),
     }
-    top = _list(_get(hessian, "top_k", "values"))
-    out["top_eig_1"] = _number(top[0]) if top else None
     for entry in _list(data.get("sam_sharpness")):
         rho = _number(_get(entry, "rho"))
         if rho is not None:
@@ -161,14 +165,14 @@ def _read_all(cell_dir: Path) -> dict[str, Any]:
 # Fixed columns in table order; the per-radius, per-corruption, per-sigma and per-bits ones are made as found.
 _FIXED = {
     "lambda_max": Column("lambda_max", "λmax", "float", summary=True),
-    "top_eig_1": Column("top_eig_1", "top eigenvalue (Lanczos)", "float"),
+    "lambda_abs_max": Column("lambda_abs_max", "λ of max |λ|", "float"),
     "hessian_trace": Column("hessian_trace", "tr(H)", "float", summary=True),
     "clean_loss": Column("clean_loss", "clean val loss", "loss", summary=True),
     "robustness_gap": Column("robustness_gap", "robustness gap", "loss", summary=True),
     "forgetting": Column("forgetting", "forgetting", "loss", summary=True),
     "analysis": Column("analysis", "analysis", "text"),
 }
-_ORDER = ("lambda_max", "top_eig_1", "hessian_trace", "sam_sharpness[", "clean_loss", "corrupt_loss[",
+_ORDER = ("lambda_max", "lambda_abs_max", "hessian_trace", "sam_sharpness[", "clean_loss", "corrupt_loss[",
           "robustness_gap", "noise_loss[", "quant_loss[", "forgetting", "analysis")  # fmt: skip
 
 

@@ -227,7 +227,7 @@ def sharpness_measures(groups: Sequence[GroupSummary]) -> list[tuple[str, str]]:
     def enough(key: str) -> bool:
         return sum(r.get(key) is not None and r.get(GAP_KEY) is not None for r in rows) >= 2
 
-    out = [("lambda_max", "λmax of the Hessian (power iteration)")] if enough("lambda_max") else []
+    out = [("lambda_max", "λmax, the top Hessian eigenvalue")] if enough("lambda_max") else []
     radii = sorted({k for r in rows for k in r if k.startswith(SHARPNESS_PREFIX) and r[k] is not None},
                    key=lambda k: float(k[len(SHARPNESS_PREFIX) : -1]))  # fmt: skip
     if radii:

@@ -51,6 +51,13 @@ def positive(text: str) -> int:
     return value
 
 
+def nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser, batches: int) -> None:
     parser.add_argument("source", type=Path, help=_SOURCE)
     parser.add_argument("--out", type=Path, help="directory for the results (default: the run's analysis/)")
@@ -91,10 +98,16 @@ def landscape_parser(prog: str) -> argparse.ArgumentParser:
         ),
     )
     _common(parser, batches=2)
-    parser.add_argument("--iters", type=positive, default=20, help="power-iteration steps at most (default 20)")
+    parser.add_argument(
+        "--iters",
+        type=nonnegative,
+        default=20,
+        help="power-iteration steps at most (default 20; 0 skips it). Power iteration finds the eigenvalue of "
+        "largest magnitude, which can be negative; --top-k's Lanczos finds the largest ones",
+    )
     parser.add_argument("--tol", type=float, default=1e-3, help="power iteration stops at this relative change")
-    parser.add_argument("--top-k", type=int, default=3, help="Lanczos eigenvalues (0: skip; default 3)")
-    parser.add_argument("--trace-samples", type=int, default=30, help="Hutchinson samples at most (0: skip)")
+    parser.add_argument("--top-k", type=nonnegative, default=3, help="Lanczos eigenvalues (0: skip; default 3)")
+    parser.add_argument("--trace-samples", type=nonnegative, default=30, help="Hutchinson samples at most (0: skip)")
     parser.add_argument(
         "--rho", type=floats, default=[0.01, 0.05, 0.1], help="SAM sharpness radii (default 0.01,0.05,0.1)"
     )

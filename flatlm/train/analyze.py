@@ -215,9 +215,10 @@ def landscape_record(subject: Subject, args: argparse.Namespace) -> dict[str, An
     record.update(tokens=tokens, loss=loss, seconds=seconds)
     hessian: dict[str, Any] = {"lambda_max": None, "top_k": None, "trace": None}
     if not args.no_hessian:
-        hessian["lambda_max"] = _timed(
-            seconds, "lambda_max", lambda: top_eigenvalue(obj, iters=args.iters, tol=args.tol, seed=args.seed)
-        ).to_json()
+        if args.iters > 0:
+            hessian["lambda_max"] = _timed(
+                seconds, "lambda_max", lambda: top_eigenvalue(obj, iters=args.iters, tol=args.tol, seed=args.seed)
+            ).to_json()
         if args.top_k > 0:
             hessian["top_k"] = _timed(
                 seconds, "top_k", lambda: top_eigenvalues(obj, args.top_k, seed=args.seed + 1)

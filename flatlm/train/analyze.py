@@ -275,16 +275,13 @@ def _landscape_plots(record: dict[str, Any], out: Path, name: str) -> list[Path]
         paths.append(path)
     if record["interpolation"] is not None:
         path = out / "landscape_interpolation.png"
+        other = Path(record["interpolation"]["to"]).parent.parent.name
         plot_line(
             path,
             record["interpolation"]["alphas"],
-            {
-                f"(1-a) w + a w' (w' = {Path(record['interpolation']['to']).parent.parent.name})": record[
-                    "interpolation"
-                ]["loss"]
-            },
-            xlabel="a (0: this checkpoint, 1: the other)",
-            title=f"{name}: linear interpolation",
+            {f"(1-a) w + a w', w' = {other}": record["interpolation"]["loss"]},
+            xlabel=f"a (0: {name}, 1: {other})",
+            title=f"{name} to {other}: linear interpolation",
         )
         paths.append(path)
     if record["plane"] is not None:

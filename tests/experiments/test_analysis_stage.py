@@ -213,20 +213,25 @@ records = [{"step": s, "loss": 2.0} for s in range(1, int(sys.argv[2]) + 1)]
 """
 
 
+def _finetune_grid(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A one-cell grid with an eval analysis and a fine-tune stage whose training is FAKE_FINETUNE."""
+
+    def fake_finetune(finetune: analysis_mod.Finetune, cell_dir: Path) -> list[str]:
+        return [sys.executable, "-c", FAKE_FINETUNE, str(cell_dir / "finetune"), str(finetune.max_steps)]
+
+    monkeypatch.setattr(analysis_mod, "finetune_command", fake_finetune)
+    sft = str(REPO / "configs" / "sft-tiny.yaml")
+    return {**BODY, "axes": {"optim.name": ["adamw"]}, "analysis": {"eval": []},
+            "finetune": {"config": sft, "overrides": {"train.max_steps": 4}}}  # fmt: skip
+
+
 @pytest.mark.timeout(120)
 def test_finetune_then_its_eval_give_the_forgetting_column(
     tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flatlm.experiments.report_flatness import read_forgetting
 
-    sft = str(REPO / "configs" / "sft-tiny.yaml")
-    body = {**BODY, "axes": {"optim.name": ["adamw"]}, "analysis": {"eval": []},
-            "finetune": {"config": sft, "overrides": {"train.max_steps": 4}}}  # fmt: skip
-
-    def fake_finetune(finetune: analysis_mod.Finetune, cell_dir: Path) -> list[str]:
-        return [sys.executable, "-c", FAKE_FINETUNE, str(cell_dir / "finetune"), str(finetune.max_steps)]
-
-    monkeypatch.setattr(analysis_mod, "finetune_command", fake_finetune)
+    body = _finetune_grid(monkeypatch)
     runs = runs_of(tmp_path, body)
     assert run_cells(runs, say=lambda _: None) == 0
     cell = runs[0].dir
@@ -364,14 +369,7 @@ def test_stale_or_changed_analyses_run_again(tmp_path: Path, fakes: None, monkey
 def test_a_finetune_of_an_older_cell_step_is_redone(
     tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sft = str(REPO / "configs" / "sft-tiny.yaml")
-    body = {**BODY, "axes": {"optim.name": ["adamw"]}, "analysis": {"eval": []},
-            "finetune": {"config": sft, "overrides": {"train.max_steps": 4}}}  # fmt: skip
-
-    def fake_finetune(finetune: analysis_mod.Finetune, cell_dir: Path) -> list[str]:
-        return [sys.executable, "-c", FAKE_FINETUNE, str(cell_dir / "finetune"), str(finetune.max_steps)]
-
-    monkeypatch.setattr(analysis_mod, "finetune_command", fake_finetune)
+    body = _finetune_grid(monkeypatch)
     run_cells(runs_of(tmp_path, body), say=lambda _: None)
     cell = runs_of(tmp_path, body)[0].dir
     assert json.loads((cell / analysis_mod.FINETUNE_SOURCE).read_text()) == {"cell_step": 3}

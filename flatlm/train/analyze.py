@@ -191,6 +191,16 @@ def _header(subject: Subject, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _measure(
+    args: argparse.Namespace, device: torch.device, record: Callable[[Subject, argparse.Namespace], dict[str, Any]]
+) -> tuple[Subject, dict[str, Any]]:
+    """The checkpoint and documents ``args`` name, measured by ``record`` (every process; attention on SDPA's math
+    kernel)."""
+    subject = load_subject(args, device)
+    with _math_attention():
+        return subject, record(subject, args)
+
+
 # -- flatlm landscape ----------------------------------------------------------------------------------------------
 
 
@@ -299,9 +309,7 @@ def _landscape_plots(record: dict[str, Any], out: Path, name: str) -> list[Path]
 
 def run_landscape(args: argparse.Namespace) -> int:
     with _session() as device:
-        subject = load_subject(args, device)
-        with _math_attention():
-            record = landscape_record(subject, args)
+        subject, record = _measure(args, device, landscape_record)
         if environment().is_main:
             _write(subject.out / "landscape.json", json.dumps(record, indent=1) + "\n")
             name = subject.checkpoint.parent.parent.name
@@ -417,9 +425,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.corrupt:
         parse_spec(args.corrupt)  # a bad spec is one error before the model is loaded
     with _session() as device:
-        subject = load_subject(args, device)
-        with _math_attention():
-            record = robustness_record(subject, args)
+        subject, record = _measure(args, device, robustness_record)
         if environment().is_main:
             _write(subject.out / "robustness.json", json.dumps(record, indent=1) + "\n")
             table = robustness_table(record)

@@ -218,6 +218,7 @@ def _other_params(args: argparse.Namespace, subject: Subject) -> list[torch.Tens
 
 def landscape_record(subject: Subject, args: argparse.Namespace) -> dict[str, Any]:
     """Every measure of ``flatlm landscape`` (see ``landscape_parser``) as one JSON-ready dict."""
+    other = _other_params(args, subject) if args.to is not None else None  # a wrong --to fails before any measure
     obj = objective(subject.model, subject.batches, subject.device)
     seconds: dict[str, float] = {}
     record = _header(subject, args)
@@ -250,8 +251,7 @@ def landscape_record(subject: Subject, args: argparse.Namespace) -> dict[str, An
         direction = filter_normalized_direction(obj.params, _generator(args.seed, 1))
         record["line"] = {"alphas": alphas, "loss": _timed(seconds, "line", lambda: line(obj, direction, alphas))}
     record["interpolation"] = None
-    if args.to is not None:
-        other = _other_params(args, subject)
+    if other is not None:
         steps = torch.linspace(-0.25, 1.25, args.points).tolist()
         record["interpolation"] = {
             "to": str(find_checkpoint(args.to)),

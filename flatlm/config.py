@@ -220,6 +220,9 @@ class ParallelConfig(Section):
     """fsdp2: free the gathered parameters after forward (re-gathered in backward; less memory, more traffic)."""
     world_size: int = Field(default=1, ge=1)
     """Processes the run used: written to config.yaml by flatlm (the launcher decides it; not an input)."""
+    timeout_s: float = Field(default=600.0, gt=0)
+    """Seconds a collective may wait for the other ranks (the process group's timeout) and a step may last before
+    the job is ended with a message naming the step; one rank's error ends every rank within seconds."""
 
 
 class SamConfig(Section):

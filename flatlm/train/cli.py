@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -224,13 +225,46 @@ def run_command(name: str, argv: list[str], prog: str) -> int:
         return command.run(args)
     except FlatlmError as exc:
         from flatlm.parallel import environment
+        from flatlm.parallel.failures import was_first_failure
 
-        if environment().is_main:  # every rank fails the same check; say it once
-            print(f"{prog}: error: {exc}", file=sys.stderr)
+        env = environment()
+        # Every rank fails the same check: rank 0 says it; a rank that failed alone (the job's first failure) too.
+        if env.is_main or was_first_failure():
+            where = f"rank {env.rank}: " if env.world_size > 1 else ""
+            print(f"{prog}: error: {where}{exc}", file=sys.stderr)
+        _leave_if_failed(2)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        from flatlm.parallel import environment
+        from flatlm.parallel.failures import earlier_failure, own_failure
+
+        if (cause := earlier_failure()) is not None:  # this rank's error only follows another rank's failure
+            here = f"{type(exc).__name__}: {str(exc)[:160]}"
+            print(f"{prog}: error: rank {environment().rank} stopped: {cause} (here: {here})", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            if (own := own_failure()) is not None:  # the summary the other ranks got, with the step
+                print(f"{prog}: error: {own}", file=sys.stderr)
+        _leave_if_failed(1)
+        raise
+
+
+def _leave_if_failed(status: int) -> None:
+    """After a failure in a multi-process job (its process group left standing, see flatlm.train.loop.train), exit
+    at once: interpreter teardown can wait forever on a communicator or thread that the failure left behind."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def run_train(argv: list[str], prog: str) -> int:

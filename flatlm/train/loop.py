@@ -55,6 +55,7 @@ from flatlm.parallel.distributed import (
     local_main_first,
     resolve_backend,
 )
+from flatlm.parallel.failures import Watchdog
 from flatlm.train.adversarial import Adversary
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
@@ -165,21 +166,29 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     if launcher_bf16():  # accelerate's mixed_precision: bf16 (recorded in config.yaml as train.bf16)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": True})})
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    init_process_group(env, device)
+    init_process_group(env, device, cfg.parallel.timeout_s)
+    watchdog = Watchdog(env.rank, env.world_size, cfg.parallel.timeout_s).start()
     try:
-        return _train(cfg, env, device)
+        result = _train(cfg, env, device, watchdog)
+    except BaseException as exc:
+        # Tell the other ranks (they exit within seconds instead of waiting out parallel.timeout_s) and leave the
+        # group as it is: destroying it can wait on the very collective that failed.
+        watchdog.fail(exc)
+        raise
     finally:
-        destroy_process_group()
+        watchdog.stop()
+    destroy_process_group()
+    return result
 
 
-def _train(cfg: RunConfig, env: Environment, device: torch.device) -> RunResult:
+def _train(cfg: RunConfig, env: Environment, device: torch.device, watchdog: Watchdog) -> RunResult:
     """The stages, in their own frame: what they build (the DDP wrapper and its reducer, engines) is freed when this
     returns, before ``train`` destroys the process group (a reducer freed after its group can hang the rank)."""
     run = setup(cfg, env, device)
     start_step, metrics = resume_or_start(run)
     result = RunResult(run.out)
     try:
-        run_steps(run, start_step, metrics, result)
+        run_steps(run, start_step, metrics, result, watchdog)
     finally:
         if metrics is not None:
             metrics.close()
@@ -334,8 +343,14 @@ def read_step(stats: StepStats, stop_requested: bool) -> tuple[float, float, boo
     return loss_value, grad_norm, votes > 0
 
 
-def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: RunResult) -> None:
-    """Steps ``start_step`` .. ``train.max_steps`` (or until preempted), each logged, then ``after_step``."""
+def run_steps(
+    run: Run, start_step: int, metrics: MetricsLogger | None, result: RunResult, watchdog: Watchdog | None = None
+) -> None:
+    """Steps ``start_step`` .. ``train.max_steps`` (or until preempted), each logged, then ``after_step``.
+
+    ``watchdog`` learns each phase: a step after this process's first must end within ``parallel.timeout_s``.
+    """
+    watchdog = watchdog or Watchdog(0, 1, run.cfg.parallel.timeout_s)
     cfg, env = run.cfg, run.env
     log.info(  # only rank 0 logs at INFO (see flatlm.train.cli)
         f"model {cfg.model.name}: {count_parameters(run.model):,} parameters; backend {cfg.parallel.backend} x "
@@ -352,6 +367,7 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
     preemption = Preemption().__enter__()
     try:
         for step in range(start_step, cfg.train.max_steps):
+            watchdog.enter(f"step {step + 1}", watched=step > start_step)  # the first: compilation, warm-up
             t0 = time.perf_counter()
             lr = run.optimizer.param_groups[0]["lr"]
             micro = run.sampler.micro_batches(step, env.rank, env.world_size, cfg.train.micro_batch_size)
@@ -396,6 +412,7 @@ def run_steps(run: Run, start_step: int, metrics: MetricsLogger | None, result: 
                 raise FlatlmError(
                     f"the loss became {loss_value} at step {step + 1}; lower optim.lr or enable train.grad_clip"
                 )
+            watchdog.enter(f"evaluation and checkpoint after step {step + 1}", watched=False)
             after_step(run, step + 1, stop, preemption, metrics, result)
             if stop:
                 name = signal.Signals(preemption.signal).name if preemption.signal else "a signal on another rank"

@@ -5,7 +5,10 @@ The handler only records the request (``requested``: this rank's flag, no commun
 loop folds the flags of all ranks into the step's one all-reduce (``flatlm.train.loop.read_step``): any rank
 signalled -> all stop after the same step.
 A second signal stops at once (the default action), except while a checkpoint is being written
-(``saving()``): then it is ignored with a message, so a double Ctrl-C never kills the save it asked for. A run
+(``saving()``): then it is ignored with a message, so a double Ctrl-C never kills the save it asked for. The same
+request often arrives twice: SLURM signals every process of a job step and a terminal's Ctrl-C every process of
+the foreground group, and torchrun's agent forwards the copy it got as well. So a SIGTERM after a SIGTERM is never
+an escalation, nor a SIGINT within ``RELAY_WINDOW_S`` of the first; both are ignored with a message. A run
 stopped at once before any checkpoint exists says so when rerun (it starts from step 0, with a warning).
 """
 
@@ -15,10 +18,14 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELAY_WINDOW_S = 1.0
+"""A second SIGINT this soon after the first is the same Ctrl-C relayed (the terminal signals the launcher and
+every worker, and the launcher forwards its copy): only a later one is a second Ctrl-C."""
 
 
 class Preemption:
@@ -26,6 +33,8 @@ class Preemption:
         self.signal: int | None = None
         self._previous: dict[int, object] = {}
         self._saving = False
+        self._repeated = False
+        self._first_at = 0.0
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -39,11 +48,17 @@ class Preemption:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
+        now = time.monotonic()
         if self.signal is None:
-            self.signal = signum
+            self.signal, self._first_at = signum, now
             return
         if self._saving:  # the checkpoint the first signal asked for is being written: let it finish
             os.write(2, b"[flatlm] still writing the checkpoint; the run stops as soon as it is complete\n")
+            return
+        if signum == self.signal and (signum == signal.SIGTERM or now - self._first_at < RELAY_WINDOW_S):
+            if not self._repeated:  # the same request relayed (launcher, srun, the terminal's process group)
+                os.write(2, b"[flatlm] the stop request arrived again; still stopping after this step\n")
+            self._repeated = True
             return
         signal.signal(signum, signal.SIG_DFL)  # a second signal outside a save acts at once
         os.kill(os.getpid(), signum)

@@ -1,0 +1,120 @@
+"""Start ``tests.launch.faulty`` (flatlm.train with a planted fault) under ``accelerate launch`` on CPU gloo processes,
+in its own session, its output in a file, so that a test can watch the run, signal it and time its end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flatlm.train.metrics import read_jsonl
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (jobs that run at once must not share torchrun's default 29500)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_args(out: Path, corpus: Path, **extra: object) -> list[str]:
+    """The tiny model on ``corpus``; no evaluation unless asked."""
+    return tiny_overrides(out, corpus, **{"train.eval_every": 0, **extra})
+
+
+@dataclass
+class Job:
+    """One launcher and its workers (a process group of their own)."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    log: Path
+    exits: Path
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+
+    def wait(self, timeout: float) -> int:
+        """The launcher's exit status; on a timeout every process of the job is killed and -9 returned."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = -9
+        self.ended = self.ended or time.time()
+        return code
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def signal(self, sig: int, group: bool) -> None:
+        """``sig`` to the launcher alone, or to every process of the job (as SLURM and a terminal do)."""
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+
+    def steps(self) -> int:
+        path = self.out / "metrics.jsonl"
+        return len(read_jsonl(path)) if path.is_file() else 0
+
+    def wait_for_step(self, step: int, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while self.steps() < step:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the run never reached step {step}:\n{self.text()[-3000:]}")
+            time.sleep(0.1)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def status(self, rank: int, attempt: int = 0) -> str | None:
+        """What ``tests.launch.faulty`` recorded for ``rank``'s normal return (None: it never returned)."""
+        path = self.exits / f"rank{rank}.attempt{attempt}"
+        return path.read_text() if path.is_file() else None
+
+    def fault_at(self) -> float:
+        return float((self.exits / "fault-at").read_text())
+
+
+def start(
+    name: str,
+    tmp: Path,
+    args: list[str],
+    *,
+    fault: str = "",
+    backend: str = "ddp",
+    nproc: int = 2,
+    launcher: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Job:
+    """``accelerate launch --config_file configs/accelerate/<backend>.yaml --num_processes N [launcher] -m
+    tests.launch.faulty ARGS`` with ``FLATLM_TEST_FAULT=fault``."""
+    work = tmp / f"{name}-launch"
+    work.mkdir(parents=True, exist_ok=True)
+    log, exits = work / "log", work / "exits"
+    config = ROOT / "configs" / "accelerate" / f"{backend}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd += ["--num_processes", str(nproc), "--main_process_port", str(free_port()), *launcher]
+    cmd += ["-m", "tests.launch.faulty", *args]
+    environ = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "FLATLM_TEST_FAULT": fault,
+        "FLATLM_TEST_EXITS": str(exits),
+        **(env or {}),
+    }
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=environ, start_new_session=True)
+    return Job(proc, Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1]), log, exits)

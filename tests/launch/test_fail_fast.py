@@ -80,4 +80,3 @@ def test_one_ranks_exception_or_hang_ends_the_job_naming_rank_and_step(tmp_path:
     root = tmp_path / "stop" / CHECKPOINT_DIR
     assert (root / LATEST).read_text().strip() == "step-4"
     assert final_state(tmp_path / "stop")  # complete: weights and optimizer state load (what a resume reads)
-

@@ -106,12 +106,32 @@ def init_process_group(env: Environment, device: torch.device, timeout_s: float 
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend="nccl" if device.type == "cuda" else "gloo",
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
+        store=_attempt_store(env, timeout),
     )
+
+
+def _attempt_store(env: Environment, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store for this elastic attempt, or None to let torch make it (``env://``).
+
+    Under torchrun's static rendezvous the agent hosts one store for the whole job and hands it to every restart.
+    A restarted group would then read the previous attempt's keys, such as the gloo addresses of workers that are
+    gone, and fail to connect (measured with torch 2.13, ``--max_restarts 1``). Each attempt gets its own
+    namespace (``TORCHELASTIC_RESTART_COUNT``). Dynamic (c10d) rendezvous namespaces each round itself; a store
+    hosted by rank 0 is new with each attempt anyway.
+    """
+    if not _truthy(os.environ.get("TORCHELASTIC_USE_AGENT_STORE")) or "MASTER_ADDR" not in os.environ:
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"flatlm/attempt{attempt}", agent)
 
 
 def destroy_process_group() -> None:

@@ -6,7 +6,7 @@ A request flatlm cannot honour is an error, never a silent fallback; the backend
 written to the resolved config. One code path on CPU (gloo) and GPU (nccl).
 
 This module joins and leaves the process group; what crosses ranks goes through ``flatlm.parallel.collectives``
-(``barrier`` here is the default group's, for the loop and ``local_main_first``).
+(``barrier`` here is the default group's, for the loop).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import itertools
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,7 @@ from flatlm.config import ParallelConfig
 from flatlm.errors import FlatlmError
 from flatlm.parallel import collectives
 from flatlm.parallel.environment import Environment
+from flatlm.parallel.failures import connect
 
 log = logging.getLogger("flatlm")
 
@@ -121,11 +124,16 @@ def _attempt_store(env: Environment, timeout: datetime.timedelta) -> dist.Store 
 
     Under torchrun's static rendezvous the agent hosts one store for the whole job and hands it to every restart.
     A restarted group would then read the previous attempt's keys, such as the gloo addresses of workers that are
-    gone, and fail to connect (measured with torch 2.13, ``--max_restarts 1``). Each attempt gets its own
-    namespace (``TORCHELASTIC_RESTART_COUNT``). Dynamic (c10d) rendezvous namespaces each round itself; a store
-    hosted by rank 0 is new with each attempt anyway.
+    gone, and fail to connect (measured with torch 2.13, ``--max_restarts 1``: 2 of 3 restarts failed). On one node
+    there is one agent, so its restart count names the attempt for every worker, and each attempt gets its own
+    namespace. Across nodes the agents count restarts separately (a healthy node's agent restarts without counting),
+    so no count is shared. There flatlm changes nothing, and elastic restarts need dynamic rendezvous with a store
+    per round: ``--rdzv_backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (``flatlm launch`` sets it), so
+    rank 0 hosts a fresh store each round.
     """
     if not _truthy(os.environ.get("TORCHELASTIC_USE_AGENT_STORE")) or "MASTER_ADDR" not in os.environ:
+        return None
+    if env.local_world_size != env.world_size:  # several nodes: see above
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     agent = dist.TCPStore(
@@ -148,13 +156,26 @@ def barrier() -> None:
     collectives.barrier()
 
 
+_LOCAL_MAIN_CALLS = itertools.count()
+
+
 @contextlib.contextmanager
 def local_main_first(env: Environment) -> Iterator[None]:
-    """Run the body on each node's first process, then on the others (per-node caches)."""
-    if not env.is_local_main:
-        barrier()
-    try:
+    """Run the body on each node's first process, then on the others (per-node caches).
+
+    The others wait on a key in the job's store, not in a collective: building a large token cache may take longer
+    than ``parallel.timeout_s``, which bounds collectives. If the first process fails instead, it posts the failure
+    and the others' watchdog ends them (``flatlm.parallel.failures``); they never read a cache that was not built.
+    """
+    if env.world_size == 1 or not dist.is_initialized():
         yield
-    finally:
-        if env.is_local_main:
-            barrier()
+        return
+    key = f"flatlm/local-main-first/{next(_LOCAL_MAIN_CALLS)}/node{env.node_rank}"
+    store = connect()
+    if env.is_local_main:
+        yield
+        store.set(key, "done")
+        return
+    while not store.check([key]):
+        time.sleep(0.1)
+    yield

@@ -27,6 +27,8 @@ an earlier attempt's failure.
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
 import os
 import socket
@@ -40,6 +42,18 @@ from typing import Any
 import torch.distributed as dist
 
 EXIT_PEER_FAILED = 1
+STORE_TIMEOUT_S = 10.0
+"""How long one of the watchdog's store operations may take (its own connection, see ``connect``)."""
+LINGER_S = 0.6
+"""How long a failed rank waits after posting before it exits: its store may live in this very process (rank 0
+hosts it without torchrun's agent), and the others need one poll to read the failure."""
+_CALLS = itertools.count()
+
+
+def next_call() -> int:
+    """A number for the next watched call in this process (``Watchdog(call=...)``): a second training run in the same
+    processes must not read the first one's failures. Every rank makes the same calls, so the numbers agree."""
+    return next(_CALLS)
 
 
 @dataclass
@@ -50,6 +64,8 @@ class _Outcome:
     """Another rank's failure, posted before this rank's own: this rank's error is its consequence."""
     own: Failure | None = None
     """This rank's failure as posted (its phase, and what a timeout means)."""
+    watchdog: Watchdog | None = None
+    """The watchdog that posted it (its store answers ``said_by_rank0``)."""
 
 
 _OUTCOME = _Outcome()
@@ -63,6 +79,24 @@ def was_first_failure() -> bool:
 def own_failure() -> Failure | None:
     """This process's failure as it was posted to the other ranks (None: it posted none)."""
     return _OUTCOME.own
+
+
+def said_by_rank0(wait_s: float = 1.0) -> bool:
+    """Whether rank 0 posted the same error as this process (an error every rank raised: rank 0 says it for all),
+    waiting up to ``wait_s`` for rank 0's post."""
+    watchdog, own = _OUTCOME.watchdog, _OUTCOME.own
+    if watchdog is None or own is None:
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if any(f.rank == 0 and f.error == own.error for f in watchdog.all_posted()):
+                return True
+        except Exception:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def earlier_failure() -> Failure | None:
@@ -92,6 +126,22 @@ def describe(exc: BaseException, timeout_s: float) -> str:
     return text
 
 
+def connect() -> Any:
+    """A connection of this process's own to the job's store, with a short timeout.
+
+    The process group's store object is one TCP connection: a blocking ``get``/``wait`` on it (NCCL's unique-id
+    exchange for every new communicator, ``new_group``, store-based barriers) holds it for up to the group's timeout,
+    and a watchdog polling through it would wait behind them (measured: 3.8 s behind a 4 s ``get``; 0 s on a clone).
+    """
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        store = store.clone()
+        store.set_timeout(datetime.timedelta(seconds=STORE_TIMEOUT_S))
+    except (RuntimeError, AttributeError, NotImplementedError):  # a store without clone: share the group's
+        pass
+    return store
+
+
 class Watchdog:
     """Posts this rank's failure and watches for the others'; see the module docstring.
 
@@ -109,6 +159,7 @@ class Watchdog:
         poll_s: float = 0.25,
         grace_s: float = 2.0,
         store: Any = None,
+        call: int = 0,
         exit: Callable[[int], Any] = os._exit,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -116,7 +167,8 @@ class Watchdog:
         self.poll_s, self.grace_s = poll_s, grace_s
         self._store = store
         self._exit, self._clock = exit, clock
-        self._prefix = f"flatlm/failures/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._prefix = f"flatlm/failures/attempt{attempt}/call{call}"
         self._phase: tuple[str, float, bool] = ("set-up", clock(), False)
         self._failed = threading.Event()  # this rank's main thread failed (it reports and exits itself)
         self._stop = threading.Event()
@@ -132,7 +184,7 @@ class Watchdog:
         if self._store is None:
             if not dist.is_initialized():
                 return self
-            self._store = dist.distributed_c10d._get_default_store()
+            self._store = connect()
         self._thread = threading.Thread(target=self._run, name="flatlm-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -156,7 +208,7 @@ class Watchdog:
             earlier = None
         failure = Failure(self.rank, socket.gethostname(), self.phase, describe(exc, self.timeout_s))
         self.first = self._post(failure)
-        _OUTCOME.first, _OUTCOME.own = self.first, failure
+        _OUTCOME.first, _OUTCOME.own, _OUTCOME.watchdog = self.first, failure, self
         _OUTCOME.cause = earlier if earlier is not None and earlier.rank != self.rank else None
         return self.first
 
@@ -184,6 +236,12 @@ class Watchdog:
             return None
         return Failure(**json.loads(self._store.get(key)))
 
+    def all_posted(self) -> list[Failure]:
+        """Every failure posted so far, in order."""
+        count = int(self._store.add(f"{self._prefix}/count", 0))
+        keys = [f"{self._prefix}/{i}" for i in range(1, count + 1)]
+        return [Failure(**json.loads(self._store.get(k))) for k in keys if self._store.check([k])]
+
     # -- watchdog thread --------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -200,9 +258,15 @@ class Watchdog:
                     self._peer_failed(failure)
                     return
             label, since, watched = self._phase
-            if watched and self._clock() - since > self.timeout_s:
+            if watched and self._clock() - since > self.stall_after_s:
                 self._stalled(label)
                 return
+
+    @property
+    def stall_after_s(self) -> float:
+        """A watched phase ends the rank after this long: a little before ``timeout_s``, so that the message naming
+        the step comes before NCCL's own watchdog aborts the process at the same timeout (without a word)."""
+        return self.timeout_s - min(30.0, 0.1 * self.timeout_s)
 
     def _peer_failed(self, failure: Failure) -> None:
         if self._failed.wait(self.grace_s) or self._stop.is_set():
@@ -211,8 +275,8 @@ class Watchdog:
 
     def _stalled(self, label: str) -> None:
         error = (
-            f"no progress for {self.timeout_s:g} s (parallel.timeout_s) in {label}: another rank is stopped, hung "
-            "or much slower; raise parallel.timeout_s if steps are legitimately that slow"
+            f"no progress for {self.stall_after_s:g} s (parallel.timeout_s={self.timeout_s:g}) in {label}: another "
+            "rank is stopped, hung or much slower; raise parallel.timeout_s if steps are legitimately that slow"
         )
         self._post(Failure(self.rank, socket.gethostname(), label, error))
         self._end(f"{error}")

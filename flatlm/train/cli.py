@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,19 +226,25 @@ def run_command(name: str, argv: list[str], prog: str) -> int:
         return command.run(args)
     except FlatlmError as exc:
         from flatlm.parallel import environment
-        from flatlm.parallel.failures import was_first_failure
+        from flatlm.parallel.failures import said_by_rank0, was_first_failure
 
         env = environment()
-        # Every rank fails the same check: rank 0 says it; a rank that failed alone (the job's first failure) too.
-        if env.is_main or was_first_failure():
-            where = f"rank {env.rank}: " if env.world_size > 1 else ""
+        # Every rank fails the same check: rank 0 says it for all. Another rank speaks only for an error of its own
+        # (it failed first, and rank 0 did not post the same error).
+        if env.is_main or (was_first_failure() and not said_by_rank0()):
+            where = "" if env.is_main else f"rank {env.rank}: "
             print(f"{prog}: error: {where}{exc}", file=sys.stderr)
         _leave_if_failed(2)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        _leave_if_failed(130)
         return 130
+    except SystemExit:
+        raise
     except BaseException as exc:
+        if not _several_processes():
+            raise  # one process: Python prints the traceback, once
         from flatlm.parallel import environment
         from flatlm.parallel.failures import earlier_failure, own_failure
 
@@ -254,16 +261,25 @@ def run_command(name: str, argv: list[str], prog: str) -> int:
         raise
 
 
-def _leave_if_failed(status: int) -> None:
-    """After a failure in a multi-process job (its process group left standing, see flatlm.train.loop.train), exit
-    at once: interpreter teardown can wait forever on a communicator or thread that the failure left behind."""
+def _several_processes() -> bool:
+    """Whether a multi-process job's process group was left standing by a failure (flatlm.train.loop.train)."""
     if "torch" not in sys.modules:
-        return
+        return False
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def _leave_if_failed(status: int) -> None:
+    """After a failure in a multi-process job, exit at once: interpreter teardown can wait forever on a communicator
+    or thread that the failure left behind. First a moment for the others to read the posted failure: the job's
+    store may live in this process."""
+    if _several_processes():
+        from flatlm.parallel.failures import LINGER_S
+
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(LINGER_S)
         os._exit(status)
 
 

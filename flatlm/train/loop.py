@@ -55,7 +55,7 @@ from flatlm.parallel.distributed import (
     local_main_first,
     resolve_backend,
 )
-from flatlm.parallel.failures import Watchdog
+from flatlm.parallel.failures import Watchdog, next_call
 from flatlm.train.adversarial import Adversary
 from flatlm.train.backend import check_parallel, setup_parallel
 from flatlm.train.checkpoint import (
@@ -167,7 +167,7 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": True})})
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     init_process_group(env, device, cfg.parallel.timeout_s)
-    watchdog = Watchdog(env.rank, env.world_size, cfg.parallel.timeout_s).start()
+    watchdog = Watchdog(env.rank, env.world_size, cfg.parallel.timeout_s, call=next_call()).start()
     try:
         result = _train(cfg, env, device, watchdog)
     except BaseException as exc:

@@ -6,9 +6,8 @@ loop folds the flags of all ranks into the step's one all-reduce (``flatlm.train
 signalled -> all stop after the same step.
 A second signal stops at once (the default action), except while a checkpoint is being written
 (``saving()``): then it is ignored with a message, so a double Ctrl-C never kills the save it asked for. The same
-request often arrives twice: SLURM signals every process of a job step and a terminal's Ctrl-C every process of
-the foreground group, and torchrun's agent forwards the copy it got as well. So a SIGTERM after a SIGTERM is never
-an escalation, nor a SIGINT within ``RELAY_WINDOW_S`` of the first; both are ignored with a message. A run
+request often arrives twice (SLURM signals every process of a job step, launchers forward their own copy): such a
+relayed copy (``_relayed``) is ignored with a message, never taken as the second signal. A run
 stopped at once before any checkpoint exists says so when rerun (it starts from step 0, with a warning).
 """
 
@@ -23,9 +22,23 @@ from collections.abc import Iterator
 from types import FrameType
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-RELAY_WINDOW_S = 1.0
-"""A second SIGINT this soon after the first is the same Ctrl-C relayed (the terminal signals the launcher and
-every worker, and the launcher forwards its copy): only a later one is a second Ctrl-C."""
+RELAY_WINDOW_S = 0.5
+"""A second signal this soon after the first is the same request relayed, unless it is a SIGINT after a SIGTERM
+(see ``_relayed``); a human's second Ctrl-C comes later."""
+
+
+def _relayed(first: int, second: int, after_s: float) -> bool:
+    """Whether ``second``, ``after_s`` seconds after ``first``, is the same stop request arriving again.
+
+    A SIGTERM after a SIGTERM always is: SLURM signals every process of a job step, srun and torchrun's agent forward
+    their copies, a second ``scancel`` repeats it; none of them means "now". Within ``RELAY_WINDOW_S``, a repeat of the
+    same signal or a SIGTERM after a SIGINT also is: the DeepSpeed launcher's workers share the terminal's process
+    group, so a Ctrl-C reaches them directly and then as the launcher's SIGTERM, milliseconds apart. A SIGINT after
+    a SIGTERM is a person asking for an immediate stop.
+    """
+    if first == second == signal.SIGTERM:
+        return True
+    return after_s < RELAY_WINDOW_S and (second == first or (first, second) == (signal.SIGINT, signal.SIGTERM))
 
 
 class Preemption:
@@ -55,7 +68,7 @@ class Preemption:
         if self._saving:  # the checkpoint the first signal asked for is being written: let it finish
             os.write(2, b"[flatlm] still writing the checkpoint; the run stops as soon as it is complete\n")
             return
-        if signum == self.signal and (signum == signal.SIGTERM or now - self._first_at < RELAY_WINDOW_S):
+        if _relayed(self.signal, signum, now - self._first_at):
             if not self._repeated:  # the same request relayed (launcher, srun, the terminal's process group)
                 os.write(2, b"[flatlm] the stop request arrived again; still stopping after this step\n")
             self._repeated = True

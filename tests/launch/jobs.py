@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from flatlm.train.metrics import read_jsonl
 from tests.conftest import tiny_overrides
 
@@ -58,11 +60,14 @@ class Job:
         self.proc.wait()
 
     def signal(self, sig: int, group: bool) -> None:
-        """``sig`` to the launcher alone, or to every process of the job (as SLURM and a terminal do)."""
-        if group:
-            os.killpg(self.proc.pid, sig)
-        else:
+        """``sig`` to the launcher alone, or to every process of the job, workers included, as SLURM delivers it
+        (torchrun starts each worker in a session of its own, so the launcher's process group alone misses them)."""
+        if not group:
             self.proc.send_signal(sig)
+            return
+        for proc in [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
 
     def steps(self) -> int:
         path = self.out / "metrics.jsonl"

@@ -23,7 +23,7 @@ import pytest
 import torch.distributed as dist
 
 from flatlm.parallel.failures import Failure, Watchdog, describe
-from flatlm.train.preemption import RELAY_WINDOW_S, Preemption
+from flatlm.train.preemption import RELAY_WINDOW_S, Preemption, _relayed
 
 
 class Exits:
@@ -83,7 +83,7 @@ def test_a_watched_phase_that_outlasts_the_timeout_ends_the_rank(capfd: pytest.C
         time.sleep(0.02)
     assert exits.codes == [1, 1], "the stalled rank exits, and the other learns it from the store"
     err = capfd.readouterr().err
-    assert "[flatlm rank 0] no progress for 0.3 s (parallel.timeout_s) in step 7" in err
+    assert "[flatlm rank 0] no progress for 0.27 s (parallel.timeout_s=0.3) in step 7" in err
     assert "[flatlm rank 1] stopping in checkpoint after step 4: rank 0 (" in err, err
     posted = w1.posted()
     assert posted is not None and posted.rank == 0 and posted.phase == "step 7"
@@ -179,20 +179,21 @@ def test_a_blocked_rank_exits_within_seconds_of_its_peers_failure(tmp_path: Path
 
 
 def test_a_relayed_stop_request_is_not_a_second_signal() -> None:
-    """SIGTERM twice (srun plus torchrun's forwarding) and SIGINT twice at once (a terminal's Ctrl-C reaches every
-    process, and the launcher forwards its own) are one request; a later SIGINT is a real second Ctrl-C."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    """SIGTERM twice (srun plus torchrun's forwarding), SIGINT twice at once, and SIGINT then SIGTERM at once (the
+    DeepSpeed launcher's workers get the terminal's Ctrl-C and then its SIGTERM) are one request; a SIGTERM repeated
+    late still is; a SIGINT after a SIGTERM, or a SIGINT well after a SIGINT, is a real second signal."""
+    assert _relayed(signal.SIGTERM, signal.SIGTERM, 60.0)
+    assert _relayed(signal.SIGINT, signal.SIGINT, 0.01) and not _relayed(signal.SIGINT, signal.SIGINT, 2.0)
+    assert _relayed(signal.SIGINT, signal.SIGTERM, 0.01) and not _relayed(signal.SIGINT, signal.SIGTERM, 2.0)
+    assert not _relayed(signal.SIGTERM, signal.SIGINT, 0.0)
+    pairs = ((signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM))
+    for first, second in pairs:
         with Preemption() as p:
-            os.kill(os.getpid(), sig)
-            os.kill(os.getpid(), sig)  # would kill the test process if taken as a second signal
+            os.kill(os.getpid(), first)
             time.sleep(0.05)
-            assert p.signal == sig and p.requested
-    with Preemption() as p:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(RELAY_WINDOW_S + 0.1)
-        os.kill(os.getpid(), signal.SIGTERM)  # a late repeat of SIGTERM: still the same request
-        time.sleep(0.05)
-        assert p.signal == signal.SIGTERM
+            os.kill(os.getpid(), second)  # would kill the test process if taken as a second signal
+            time.sleep(0.05)
+            assert p.signal == first and p.requested
     acted: list[int] = []
     with Preemption() as p:
         os.kill(os.getpid(), signal.SIGINT)

@@ -125,14 +125,15 @@ def test_signals_stop_after_a_saved_step_on_every_rank(tmp_path: Path, text_corp
 @pytest.mark.slow
 def test_double_ctrl_c_before_any_checkpoint_is_said_by_the_next_run(tmp_path: Path, text_corpus: Path) -> None:
     """A second signal outside a save stops the run at once; before any checkpoint exists, the rerun warns that it
-    starts from step 0 instead of doing so silently. The two signals differ (SIGINT, then SIGTERM 0 ms later): two
-    identical ones sent that close may be delivered as one, and any second signal takes the same path."""
+    starts from step 0 instead of doing so silently. The two signals differ (SIGTERM, then SIGINT 0 ms later): two
+    identical ones sent that close may be delivered as one (or taken as one request relayed twice), while a SIGINT
+    after a SIGTERM is a person's "stop now" however soon it comes."""
     out = tmp_path / "run"
     when = {"steps": 2, "metrics": str(out / "metrics.jsonl")}
     wide = {"model.overrides.hidden_size": 512, "model.overrides.intermediate_size": 1408}
     first = {
         "args": overrides(out, text_corpus, "adamw", **LONG, **wide),
-        "signals": [{"sig": signal.SIGINT, "when": when}, {"sig": signal.SIGTERM, "when": when}],
+        "signals": [{"sig": signal.SIGTERM, "when": when}, {"sig": signal.SIGINT, "when": when}],
     }
     (killed,) = run_jobs([first], tmp_path / "driver")
     assert killed["codes"] in ([-signal.SIGINT], [-signal.SIGTERM]), killed["logs"][0][-2000:]

@@ -221,8 +221,10 @@ class ParallelConfig(Section):
     world_size: int = Field(default=1, ge=1)
     """Processes the run used: written to config.yaml by flatlm (the launcher decides it; not an input)."""
     timeout_s: float = Field(default=600.0, gt=0)
-    """Seconds a collective may wait for the other ranks (the process group's timeout) and a step may last before
-    the job is ended with a message naming the step; one rank's error ends every rank within seconds."""
+    """Seconds any collective may wait for the other ranks (the process group's timeout: steps, set-up, evaluation,
+    checkpoint saves) and a step may last, before the job ends with a message naming the step. Keep it above the
+    slowest step and save; building a token cache is not bounded by it. One rank's error ends every rank within
+    seconds whatever its value."""
 
 
 class SamConfig(Section):

@@ -57,7 +57,10 @@ class Preemption:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            # After a stop request the process is on its way out with its checkpoint saved: a relayed SIGTERM that
+            # arrives late (srun, a second scancel) must not turn that exit 0 into a death by signal.
+            late = signal.SIG_IGN if sig == signal.SIGTERM and self.signal is not None else handler
+            signal.signal(sig, late)  # type: ignore[arg-type]
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame

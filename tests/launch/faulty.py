@@ -52,7 +52,7 @@ def _planted_save(out: Path, step: int, *args: object, **kwargs: object) -> obje
 
 
 def _planted(*args: object, step: int, **kwargs: object) -> object:
-    kind = os.environ.get("FLATLM_TEST_FAULT", "::").split(":")[2]
+    kind = (os.environ.get("FLATLM_TEST_FAULT") or "::").split(":")[2]
     if _fault(kind, step + 1):
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -10,10 +10,11 @@
   gloo addresses from torchrun's static-rendezvous store and failed to connect: 2 of 3 runs failed that way.
 * SIGTERM to every process of the job (launcher and workers), as SLURM's ``--signal`` and ``scancel`` deliver it,
   twice 0.3 s apart (srun relays, a second ``scancel``; torchrun's agent forwards its own copy as well), and SIGINT
-  to the launcher alone (which forwards it). Copies that arrive together are merged into one by Python's signal handling; one that
-  comes later used to count as a second signal and killed the workers without a save (checked: with that rule
-  back, the SIGTERM case fails). In both cases every rank returns 0 after the same step, that step is saved and
-  ``latest`` names it, and a rerun resumes from it.
+  to the launcher alone (which forwards it). Copies that arrive together are merged into one by Python's signal
+  handling. One that came later used to count as a second signal and killed the workers without a save (checked:
+  with that rule back, the SIGTERM case fails); one that came after the loop ended killed the exiting rank. In both
+  cases every rank returns 0 after the same step, that step is saved and ``latest`` names it, and a rerun resumes
+  from it.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 # Install flatlm and everything it needs into the active Python environment.
 #   bash scripts/install.sh          # runtime
 #   bash scripts/install.sh --test   # runtime + test dependencies
-# torch is pinned to the CPU build that lies on these machines' disk; on a GPU
-# machine set FLATLM_TORCH="torch" (or a CUDA wheel spec) to choose your own.
+# torch is pinned to the CPU build that lies on these machines' disk. On a GPU machine FLATLM_TORCH chooses your
+# own: it is split into words and passed to pip as they are, so it may be a whole pip specification, e.g.
+#   FLATLM_TORCH="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128" bash scripts/install.sh
+# (a CUDA build from PyTorch's index), or FLATLM_TORCH=torch (PyPI's default build, CUDA on Linux x86_64).
 # Each step says what it installs before it starts (pip itself runs quietly) and how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +18,13 @@ step() { echo "[install] $*"; step_start=$SECONDS; }
 done_step() { echo "[install]   done in $((SECONDS - step_start)) s"; }
 
 torch_spec="${FLATLM_TORCH:-torch==2.13.0}"
-step "torch ($torch_spec): the largest download, a minute or more from a registry"
-$PIP install "$torch_spec"
+read -r -a torch_args <<<"$torch_spec"  # words: a requirement plus pip options (--index-url ...), never a shell
+if [[ ${#torch_args[@]} -eq 0 ]]; then
+    echo "[install] error: FLATLM_TORCH is set but empty; unset it for the default torch==2.13.0 or give a pip spec" >&2
+    exit 2
+fi
+step "torch (${torch_args[*]}): the largest download, a minute or more from a registry"
+$PIP install "${torch_args[@]}"
 done_step
 step "flatlm${extras} in editable mode, with transformers, datasets, accelerate, sentencepiece, tensorboard${extras:+, pytest, ruff, lion-pytorch}"
 $PIP install -e ".${extras}"

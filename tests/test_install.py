@@ -15,21 +15,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Records pip calls; "import deepspeed" fails when FAKE_NO_DEEPSPEED is set, so the script installs it.
-if [[ "$1" == "-m" && "$2" == "pip" ]]; then echo "PIP ${*:3}"; exit 0; fi
+# Records pip calls (and, into $FAKE_ARGV when set, each argument on a line of its own, a blank line after a call);
+# "import deepspeed" fails when FAKE_NO_DEEPSPEED is set, so the script installs it.
+if [[ "$1" == "-m" && "$2" == "pip" ]]; then
+    echo "PIP ${*:3}"
+    if [[ -n "${FAKE_ARGV:-}" ]]; then printf '%s\n' "${@:3}" "" >>"$FAKE_ARGV"; fi
+    exit 0
+fi
 if [[ "$1" == "-c" && "$2" == *"import deepspeed"* && -n "${FAKE_NO_DEEPSPEED:-}" ]]; then exit 1; fi
 exit 0
 """
 
 
-def _install(tmp_path: Path, *args: str, **env: str) -> list[str]:
+def _install(tmp_path: Path, *args: str, status: int = 0, **env: str) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+    environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     environ.pop("FLATLM_TORCH", None)
+    environ.update(env)
     r = subprocess.run(
         ["bash", str(ROOT / "scripts" / "install.sh"), *args],
         capture_output=True,
@@ -37,8 +43,8 @@ def _install(tmp_path: Path, *args: str, **env: str) -> list[str]:
         timeout=60,
         env=environ,
     )
-    assert r.returncode == 0, r.stderr
-    return r.stdout.splitlines()
+    assert r.returncode == status, r.stderr
+    return (r.stdout + r.stderr).splitlines()
 
 
 @pytest.mark.parametrize("deepspeed_present", [False, True])
@@ -69,3 +75,30 @@ def test_install_pins_the_deepspeed_flatlm_checked() -> None:
     version = next(line for line in script if line.startswith("deepspeed_version=")).split("=", 1)[1].strip('"')
     check_deepspeed_version(version)
     assert str(DEEPSPEED_CHECKED) == f"=={version}"
+
+
+def _pip_calls(argv_log: Path) -> list[list[str]]:
+    """Each pip call's arguments after pip's own quiet options (``install ...``)."""
+    calls = [call.split("\n") for call in argv_log.read_text().split("\n\n") if call]
+    return [call[call.index("install") :] for call in calls]
+
+
+def test_flatlm_torch_is_a_whole_pip_specification(tmp_path: Path) -> None:
+    """A CUDA build comes from PyTorch's own index: FLATLM_TORCH's words reach pip as separate arguments (passed as
+    one quoted word, pip would look for a package named "torch==... --index-url ...")."""
+    argv = tmp_path / "argv"
+    spec = "torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128"
+    lines = _install(tmp_path, FLATLM_TORCH=spec, FAKE_ARGV=str(argv))
+    torch_call = _pip_calls(argv)[0]
+    assert torch_call == ["install", "torch==2.9.1", "--index-url", "https://download.pytorch.org/whl/cu128"]
+    assert any(line.startswith("[install] torch (" + spec + ")") for line in lines), lines
+    # the default, unchanged: one word
+    argv.unlink()
+    _install(tmp_path, FAKE_ARGV=str(argv))
+    assert _pip_calls(argv)[0] == ["install", "torch==2.13.0"]
+
+
+def test_blank_flatlm_torch_is_one_clear_error(tmp_path: Path) -> None:
+    lines = _install(tmp_path, status=2, FLATLM_TORCH="  ")
+    assert not any(line.startswith("PIP ") for line in lines), lines
+    assert any("FLATLM_TORCH is set but empty" in line for line in lines), lines

@@ -52,6 +52,7 @@ from flatlm.data.tokenizer import AnyTokenizer
 from flatlm.errors import FlatlmError
 from flatlm.parallel import environment
 from flatlm.parallel.collectives import all_reduce_sum, world
+from flatlm.parallel.device import local_device
 from flatlm.parallel.distributed import barrier, destroy_process_group, init_process_group
 from flatlm.train.checkpoint import TRAINER_STATE
 from flatlm.train.export import find_checkpoint, load_checkpoint_model
@@ -85,7 +86,7 @@ class Subject:
 def _session() -> Iterator[torch.device]:
     """One process, or this process's place in a torchrun / accelerate launch job (gloo on CPU, nccl on CUDA)."""
     env = environment()
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device(env)
     init_process_group(env, device)
     try:
         yield device

@@ -92,11 +92,10 @@ def check_adversarial(cfg: RunConfig) -> None:
 
 def _probe_device() -> torch.device:
     """The device this process trains on (options such as ``capturable`` or ``fused`` depend on it)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
     from flatlm.parallel import environment
+    from flatlm.parallel.device import local_device
 
-    return torch.device("cuda", environment().local_rank)
+    return local_device(environment())
 
 
 def _probe_step(cfg: RunConfig, hparams: dict[str, Any]) -> None:

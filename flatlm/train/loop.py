@@ -47,6 +47,7 @@ from flatlm.optim.state_size import optimizer_state_bytes
 from flatlm.parallel import Environment, environment
 from flatlm.parallel.backend import Parallel
 from flatlm.parallel.collectives import all_reduce_sum
+from flatlm.parallel.device import local_device
 from flatlm.parallel.distributed import (
     barrier,
     destroy_process_group,
@@ -165,7 +166,7 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     cfg = cfg.model_copy(update={"parallel": parallel_cfg})
     if launcher_bf16():  # accelerate's mixed_precision: bf16 (recorded in config.yaml as train.bf16)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": True})})
-    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device(env)
     init_process_group(env, device, cfg.parallel.timeout_s)
     watchdog = Watchdog(env.rank, env.world_size, cfg.parallel.timeout_s, call=next_call()).start()
     try:

@@ -12,7 +12,12 @@ A data-parallel job hangs in three ways; this module ends each one.
 * **A rank stops** (SIGSTOP, a hung kernel, a lost node), so nothing is posted. Each collective the others wait in
   times out after ``parallel.timeout_s``, the process group's timeout. Gloo raises in the main thread; the loop
   posts the error with its step. The watchdog also ends a rank whose step has not advanced within ``timeout_s``
-  (with NCCL a timeout aborts without a Python exception). Either way the message names the step.
+  (with NCCL a timeout aborts without a Python exception). Either way the message names the step, and the ranks
+  to blame: every watchdog thread posts a heartbeat (its rank's phase and wall time) every ``beat_s``, so the
+  message names a rank not heard from for ``STALE_AFTER_BEATS`` beats (stopped, or its node lost: it assumes the
+  nodes' clocks agree to within a second, as NTP keeps them) or one still in an earlier phase (hung).
+  A rank that was itself suspended (the whole job stopped with SIGSTOP or ``scontrol suspend``, then resumed) does
+  not count the time it was suspended: its watchdog thread notices that it woke up far later than it slept.
 * **The failing rank itself hangs on its way out** (interpreter teardown waiting on a thread, a communicator that
   does not destroy). A multi-process command leaves with ``os._exit`` after saying its error
   (``flatlm.train.cli``).
@@ -42,6 +47,10 @@ from typing import Any
 import torch.distributed as dist
 
 EXIT_PEER_FAILED = 1
+STALE_AFTER_BEATS = 3
+"""A rank whose newest heartbeat is this many beats old is "not heard from" (stopped or lost)."""
+SUSPENDED_AFTER_S = 5.0
+"""A watchdog poll that returns this much later than it should means this process was suspended meanwhile."""
 STORE_TIMEOUT_S = 10.0
 """How long one of the watchdog's store operations may take (its own connection, see ``connect``)."""
 LINGER_S = 0.6
@@ -158,18 +167,21 @@ class Watchdog:
         *,
         poll_s: float = 0.25,
         grace_s: float = 2.0,
+        beat_s: float = 1.0,
         store: Any = None,
         call: int = 0,
         exit: Callable[[int], Any] = os._exit,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.poll_s, self.grace_s = poll_s, grace_s
+        self.poll_s, self.grace_s, self.beat_s = poll_s, grace_s, beat_s
         self._store = store
         self._exit, self._clock = exit, clock
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self._prefix = f"flatlm/failures/attempt{attempt}/call{call}"
-        self._phase: tuple[str, float, bool] = ("set-up", clock(), False)
+        self._suspended_s = 0.0  # the time this process spent suspended (only the watchdog thread adds to it)
+        # (label, clock and suspended time at its start, watched); only the main thread replaces it
+        self._phase: tuple[str, float, float, bool] = ("set-up", clock(), 0.0, False)
         self._failed = threading.Event()  # this rank's main thread failed (it reports and exits itself)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -191,7 +203,7 @@ class Watchdog:
 
     def enter(self, label: str, watched: bool = True) -> None:
         """The main thread starts ``label`` (``"step 7"``); ``watched``: it must end within ``timeout_s``."""
-        self._phase = (label, self._clock(), watched)
+        self._phase = (label, self._clock(), self._suspended_s, watched)
 
     @property
     def phase(self) -> str:
@@ -206,7 +218,10 @@ class Watchdog:
             earlier = self.posted()
         except Exception:
             earlier = None
-        failure = Failure(self.rank, socket.gethostname(), self.phase, describe(exc, self.timeout_s))
+        error = describe(exc, self.timeout_s)
+        if "parallel.timeout_s" in error:  # a collective timed out: say which ranks it waited for
+            error += self._blame()
+        failure = Failure(self.rank, socket.gethostname(), self.phase, error)
         self.first = self._post(failure)
         _OUTCOME.first, _OUTCOME.own, _OUTCOME.watchdog = self.first, failure, self
         _OUTCOME.cause = earlier if earlier is not None and earlier.rank != self.rank else None
@@ -242,13 +257,59 @@ class Watchdog:
         keys = [f"{self._prefix}/{i}" for i in range(1, count + 1)]
         return [Failure(**json.loads(self._store.get(k))) for k in keys if self._store.check([k])]
 
+    def _beat(self) -> None:
+        label = self._phase[0]
+        self._store.set(f"{self._prefix}/beat/{self.rank}", json.dumps({"phase": label, "t": time.time()}))
+
+    def heartbeats(self) -> dict[int, tuple[str, float] | None]:
+        """Every rank's newest heartbeat: (phase, seconds since it was posted); None for a rank never heard from."""
+        beats: dict[int, tuple[str, float] | None] = {}
+        for rank in range(self.world_size):
+            key = f"{self._prefix}/beat/{rank}"
+            if not self._store.check([key]):
+                beats[rank] = None
+                continue
+            record = json.loads(self._store.get(key))
+            beats[rank] = (record["phase"], max(0.0, time.time() - record["t"]))
+        return beats
+
+    def _blame(self) -> str:
+        """``"; rank 1 not heard from for 4 s (last in step 5)"``: the ranks this one waits for, from their heartbeats
+        ("" when the store cannot be read or every rank is alive and in this rank's phase)."""
+        try:
+            beats = self.heartbeats()
+        except Exception:
+            return ""
+        mine, silent, behind = self.phase, [], []
+        for rank, beat in beats.items():
+            if rank == self.rank:
+                continue
+            if beat is None:
+                silent.append(f"rank {rank} never heard from")
+            elif beat[1] > STALE_AFTER_BEATS * self.beat_s:
+                silent.append(f"rank {rank} not heard from for {beat[1]:.0f} s (last in {beat[0]})")
+            elif beat[0] != mine:
+                behind.append(f"rank {rank} in {beat[0]}")
+        return "".join(f"; {item}" for item in silent + behind)
+
     # -- watchdog thread --------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         store_ok = True
+        last_beat, woke = float("-inf"), self._clock()
         while not self._stop.wait(self.poll_s):
+            now = self._clock()
+            if now - woke > self.poll_s + SUSPENDED_AFTER_S:  # this process was suspended: that time is not a stall
+                self._suspended_s += now - woke - self.poll_s
+            woke = now
             if self._failed.is_set():
                 return  # this rank's own failure path reports and exits
+            if store_ok and now - last_beat >= self.beat_s:
+                last_beat = now
+                try:
+                    self._beat()
+                except Exception:
+                    store_ok = False
             if store_ok:
                 try:
                     failure = self.posted()
@@ -257,8 +318,8 @@ class Watchdog:
                 if failure is not None and failure.rank != self.rank:
                     self._peer_failed(failure)
                     return
-            label, since, watched = self._phase
-            if watched and self._clock() - since > self.stall_after_s:
+            label, since, suspended_before, watched = self._phase
+            if watched and self._clock() - since - (self._suspended_s - suspended_before) > self.stall_after_s:
                 self._stalled(label)
                 return
 
@@ -277,6 +338,7 @@ class Watchdog:
         error = (
             f"no progress for {self.stall_after_s:g} s (parallel.timeout_s={self.timeout_s:g}) in {label}: another "
             "rank is stopped, hung or much slower; raise parallel.timeout_s if steps are legitimately that slow"
+            f"{self._blame()}"
         )
         self._post(Failure(self.rank, socket.gethostname(), label, error))
         self._end(f"{error}")

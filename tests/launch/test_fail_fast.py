@@ -86,6 +86,7 @@ def test_one_ranks_exception_or_hang_ends_the_job_naming_rank_and_step(tmp_path:
     took = hung.ended - hung.fault_at()  # type: ignore[operator]
     assert took < TIMEOUT_S + REAP_S + 10, f"the job ended {took:.1f} s after rank 1 stopped:\n{text[-3000:]}"
     assert "in step 5" in text and "parallel.timeout_s" in text, text[-3000:]
+    assert "rank 1 not heard from for " in text, text[-3000:]  # the heartbeats name the stopped rank
     root = tmp_path / "stop" / CHECKPOINT_DIR
     assert (root / LATEST).read_text().strip() == "step-4"
     assert final_state(tmp_path / "stop")  # complete: weights and optimizer state load (what a resume reads)

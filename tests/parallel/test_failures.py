@@ -89,6 +89,45 @@ def test_a_watched_phase_that_outlasts_the_timeout_ends_the_rank(capfd: pytest.C
     assert posted is not None and posted.rank == 0 and posted.phase == "step 7"
 
 
+def test_the_stall_message_names_the_silent_and_the_lagging_rank(capfd: pytest.CaptureFixture[str]) -> None:
+    """From the heartbeats: a rank whose watchdog went quiet (stopped process) and one still in an earlier step."""
+    exits = Exits()
+    w0, w1, w2 = watchdogs(3, exits, grace_s=5.0, beat_s=0.05)
+    w0.timeout_s = 0.6
+    for w in (w1, w2):
+        w.timeout_s = 30.0
+    w0.enter("step 8")
+    w1.enter("step 8", watched=False)
+    w2.enter("step 7", watched=False)  # alive, beating, but a step behind
+    time.sleep(0.15)
+    w1.stop()  # rank 1's process "stops": no more heartbeats
+    assert exits.event.wait(5)
+    err = capfd.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("[flatlm rank 0] no progress"))
+    assert "; rank 1 not heard from for " in line and "(last in step 8)" in line, line
+    assert "; rank 2 in step 7" in line, line
+    assert "rank 0 " not in line.split("slow", 1)[1], line  # never blames itself
+    w2.stop()
+
+
+def test_time_spent_suspended_is_not_a_stall() -> None:
+    """The whole job stopped (SIGSTOP, scontrol suspend) and resumed: the clock jumps while the watchdog thread
+    sleeps; that time is not counted. The control: the same watchdog still ends a phase that then truly lasts."""
+    exits = Exits()
+    offset = [0.0]
+    w0, w1 = watchdogs(2, exits, grace_s=5.0, clock=lambda: time.monotonic() + offset[0])
+    w0.timeout_s = 1.0
+    w0.enter("step 3")
+    time.sleep(0.1)
+    offset[0] += 100.0  # 100 s suspended, far beyond the timeout
+    time.sleep(0.5)
+    assert exits.codes == [], "the watchdog counted a suspension as a stall"
+    assert w0._suspended_s > 99
+    assert exits.event.wait(5), "after resuming, a phase that outlasts the timeout still ends the rank"
+    w0.stop()
+    w1.stop()
+
+
 def test_an_unwatched_or_advancing_phase_is_never_ended() -> None:
     exits = Exits()
     (w0,) = watchdogs(1, exits)  # one process: no thread at all

@@ -30,10 +30,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+TENSORBOARD_FLUSH_S = 10
+"""TensorBoard's writer reaches the disk this often (its default is 120 s): a rank that the fail-fast watchdog ends
+(``os._exit``, no clean-up) loses at most this much of its event file; metrics.jsonl is flushed every record."""
+
+
 def _summary_writer(log_dir: Path, purge_step: int | None = None) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
+    return SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=TENSORBOARD_FLUSH_S)
 
 
 def purge_tensorboard(output_dir: Path, step: int) -> None:

@@ -6,6 +6,7 @@
     flatlm report OUTPUT_DIR                                   rebuild an ablation's report from its cells
     flatlm landscape RUN_DIR [--to OTHER] [...]                Hessian spectrum, SAM sharpness, loss landscapes
     flatlm eval RUN_DIR [--corrupt SPEC] [...]                 loss on corrupted text, noisy and quantised weights
+    flatlm launch [--backend B] [--nodes N] [--dry-run] [...]  flatlm train on this node's GPUs (multi-node, SLURM)
 
 A command is its help line, a function that builds its argument parser (given the program name) and a function
 that runs the parsed arguments and returns the exit status; adding one (``ablate``, ``eval``, ``landscape``,
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from flatlm.config import describe_keys, load_config
 from flatlm.errors import FlatlmError
+from flatlm.launch.cli import launch_parser, run_launch  # light: no torch before the launcher starts
 from flatlm.train.analysis_args import eval_parser, landscape_parser
 
 
@@ -189,6 +191,11 @@ COMMANDS: dict[str, Command] = {
         _landscape,
     ),
     "eval": Command("loss on clean and corrupted text, under weight noise and after quantisation", eval_parser, _eval),
+    "launch": Command(
+        "start flatlm train on every GPU of this node, one node of a job (accelerate or DeepSpeed launcher, SLURM)",
+        launch_parser,
+        run_launch,
+    ),
 }
 
 

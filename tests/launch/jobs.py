@@ -123,3 +123,76 @@ def start(
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=environ, start_new_session=True)
     return Job(proc, Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1]), log, exits)
+
+
+def start_node(
+    name: str,
+    tmp: Path,
+    args: list[str],
+    *,
+    machine_rank: int,
+    port: int,
+    cache: Path,
+    backend: str = "ddp",
+    machines: int = 2,
+    nproc: int = 2,
+    module: str = "tests.launch.faulty",
+    env: dict[str, str] | None = None,
+) -> Job:
+    """One "node" of a multi-node job simulated on this machine: ``accelerate launch --config_file
+    configs/accelerate/multinode/<backend>.yaml --num_machines M --machine_rank R --main_process_ip 127.0.0.1
+    --main_process_port PORT --num_processes N -m MODULE ARGS``, N the processes over all nodes, MODULE
+    ``tests.launch.faulty`` or one that wraps its ``main``. The node's ``FLATLM_CACHE`` is ``cache`` (a directory of
+    its own, as a machine has; or one that every node shares, as a shared file system is); every node of the job gets
+    the same ``port`` (the first node's rendezvous), ``args`` and so ``output_dir`` (a shared file system)."""
+    work = tmp / f"{name}-node{machine_rank}-launch"
+    work.mkdir(parents=True, exist_ok=True)
+    log, exits = work / "log", work / "exits"
+    config = ROOT / "configs" / "accelerate" / "multinode" / f"{backend}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    cmd += ["--main_process_port", str(port), "--num_processes", str(nproc), "-m", module, *args]
+    environ = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "FLATLM_CACHE": str(cache),
+        "FLATLM_TEST_FAULT": "",
+        "FLATLM_TEST_EXITS": str(exits),
+        **(env or {}),
+    }
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=environ, start_new_session=True)
+    return Job(proc, Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1]), log, exits)
+
+
+def start_nodes(
+    name: str,
+    tmp: Path,
+    args: list[str],
+    caches: list[Path],
+    *,
+    backend: str = "ddp",
+    per_node: int = 1,
+    module: str = "tests.launch.faulty",
+    env: dict[str, str] | None = None,
+) -> list[Job]:
+    """A job of ``len(caches)`` simulated nodes (``start_node``), node i with ``FLATLM_CACHE=caches[i]`` and
+    ``per_node`` processes, rendezvous on a free port of 127.0.0.1."""
+    port, machines = free_port(), len(caches)
+    return [
+        start_node(
+            name,
+            tmp,
+            args,
+            machine_rank=r,
+            port=port,
+            cache=cache,
+            backend=backend,
+            machines=machines,
+            nproc=machines * per_node,
+            module=module,
+            env=env,
+        )
+        for r, cache in enumerate(caches)
+    ]

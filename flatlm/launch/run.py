@@ -78,8 +78,8 @@ def _become_subreaper() -> None:
 class _Relay:
     """Signal handlers that relay stop signals to the launcher's whole tree, recording that a stop was asked for."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
         self.stopped: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -97,7 +97,14 @@ class _Relay:
         self.stopped = self.stopped or signum
         name = signal.Signals(signum).name
         print(f"flatlm launch: {name} received; relaying {sig.name} to the launcher and its workers", file=sys.stderr)
-        send_tree(self.proc.pid, sig)
+        if self.proc is not None:  # else ``start`` relays it as soon as the launcher exists
+            send_tree(self.proc.pid, sig)
+
+    def start(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        self.proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        if self.stopped is not None:
+            send_tree(self.proc.pid, RELAYED[signal.Signals(self.stopped)])
+        return self.proc
 
 
 def send_tree(pid: int, sig: int) -> None:
@@ -132,10 +139,8 @@ def _reap_orphans() -> None:
 def execute(plan: Plan, environ: Mapping[str, str]) -> int:
     """Run ``plan`` to its end; the exit status as described in the module docstring."""
     _become_subreaper()
-    env = {**environ, **plan.env}
-    proc = subprocess.Popen(plan.argv, env=env, start_new_session=True)
-    with _Relay(proc) as relay:
-        status = proc.wait()
+    with _Relay() as relay:  # handlers first: a stop that comes while the launcher starts is not lost
+        status = relay.start(plan.argv, {**environ, **plan.env}).wait()
         _reap_orphans()
     if relay.stopped is not None and status in plan.stop_statuses:
         print(

@@ -16,16 +16,20 @@ stored beside the tokens), the blake2b digests of ``tokens.bin`` and ``offsets.n
 token ids. Every open checks sizes, offsets and digests (about 20 ms for the 10.5M-token stdlib corpus on
 this project's CPU); a damaged cache is reported in one line and rebuilt. Caches are built in a temporary
 directory and renamed into place (readers never see a half-written one), under a file lock per key
-(concurrent builders never race: the second waits, then uses the first one's cache).
+(concurrent builders never race: the second waits, then uses the first one's cache). Where the lock holds on one
+node only (a shared file system whose flock is node-local), ``publish`` keeps whichever whole cache came first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -130,14 +134,10 @@ def load_or_build(
         if problem != "missing":
             warn(f"the token cache {path} is damaged ({problem}); rebuilding it")
         _remove_stale(root, key)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{builder()}-", dir=root))
         try:
             _build(cfg, tmp, tokenizer, fingerprint, log, warn)
-            if path.exists():  # the damaged one: move it aside first (rename is atomic, rmtree is not)
-                aside = root / f".{key}.damaged-{os.getpid()}"
-                os.rename(path, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-            os.rename(tmp, path)
+            publish(tmp, path, lambda: _open_checked(path, tokenizer)[0] is not None)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     cache, problem = _open_checked(path, tokenizer)
@@ -247,11 +247,59 @@ def locked(root: Path, key: str, log: Log) -> Iterator[None]:
         lock.release()
 
 
+def builder() -> str:
+    """This process among all builders of a cache, on every node: ``host-pid`` (pids repeat across machines)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _stale(suffix: str) -> bool:
+    """Whether the directory a builder named with ``suffix`` (``<host>-<pid>-<random>``) is left over: its process on
+    this host is gone. Another host's builder may be running (its node cannot be asked); a name without host and pid
+    (an older flatlm's) is left over."""
+    host, _, pid = suffix.rpartition("-")[0].rpartition("-")
+    if not pid.isdigit():
+        return True
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
 def _remove_stale(root: Path, key: str) -> None:
-    """Temporary and damaged directories of ``key`` left by killed builders (only run under the key's lock)."""
+    """Temporary and damaged directories of ``key`` left by killed builders (run under the key's lock). A builder
+    still running elsewhere keeps its own: on a shared file system the lock may hold on one node only."""
     for p in root.glob(f".{key}.*-*"):
-        if p.is_dir():
+        kind, _, suffix = p.name[len(key) + 2 :].partition("-")  # ".<key>.tmp-<host>-<pid>-<random>"
+        if p.is_dir() and kind in ("tmp", "damaged") and _stale(suffix):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def publish(tmp: Path, path: Path, whole: Callable[[], bool]) -> None:
+    """Rename the directory ``tmp``, just built, to ``path``, unless ``whole()`` says ``path`` holds a whole one
+    already: that one stays, and the caller drops ``tmp``.
+
+    The key's lock lets one process build at a time, but on a shared file system the lock may hold on its own node
+    only (flock is node-local on BeeGFS by default, and on Lustre mounted with ``localflock``), so another node may
+    have built and published the same cache meanwhile. Its readers may have it open and it holds the same data: it
+    is kept, never replaced. A damaged one is moved aside before it is removed (a rename is atomic, rmtree is not);
+    a rename that another builder's rename beat leaves that builder's cache, which is used if whole."""
+    if path.exists() and whole():
+        return
+    if path.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.damaged-{builder()}-", dir=path.parent))
+        with contextlib.suppress(FileNotFoundError):  # another builder moved it first
+            os.rename(path, aside / path.name)
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not (path.exists() and whole()):
+            raise
 
 
 def file_digest(path: Path) -> str:
@@ -309,7 +357,8 @@ def _cached_tokenizer(stem: Path) -> Tokenizer | None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``path`` whole or not at all, through a temporary name no other writer picks (pids repeat across nodes)."""
+    tmp = path.with_name(f".{path.name}.tmp-{builder()}-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -41,7 +40,7 @@ import torch
 
 from flatlm.config import DataConfig
 from flatlm.data.batch import Batch
-from flatlm.data.cache import default_cache_dir, digest, file_digest, locked
+from flatlm.data.cache import builder, default_cache_dir, digest, file_digest, locked, publish
 from flatlm.data.chat import ChatTokenizer, Renderer, encode_segments, to_conversation
 from flatlm.data.docstrings import STDLIB_DOCS_VERSION
 from flatlm.data.sources import source_fingerprint
@@ -288,12 +287,10 @@ def cached_examples(
         if problem != "missing":
             warn(f"the chat example cache {path} is damaged ({problem}); rebuilding it")
         examples = build()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{builder()}-", dir=root))
         try:
             _write_examples(tmp, examples)
-            if path.exists():
-                shutil.rmtree(path)
-            os.rename(tmp, path)
+            publish(tmp, path, lambda: _read_examples(path)[0] is not None)  # another node's whole one stays
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return examples

@@ -159,6 +159,19 @@ def barrier() -> None:
 _LOCAL_MAIN_CALLS = itertools.count()
 
 
+def node_index(env: Environment, environ: dict[str, str] | None = None) -> int:
+    """This process's node, as its launcher numbers it: torchrun's ``GROUP_RANK`` (the agent's rank, under static
+    and dynamic rendezvous), else ``SLURM_NODEID`` (tasks started by ``srun`` itself), else ``rank //
+    local_world_size``. The last holds only when each node's ranks are consecutive: ``srun --distribution=cyclic``
+    deals ranks 0, 2 to the first node and 1, 3 to the second, and by it a node's local rank 0 and its other ranks
+    would use different nodes' keys (the others waiting forever)."""
+    environ = dict(os.environ if environ is None else environ)
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        if environ.get(name, "") != "":
+            return int(environ[name])
+    return env.node_rank
+
+
 @contextlib.contextmanager
 def local_main_first(env: Environment) -> Iterator[None]:
     """Run the body on each node's first process, then on the others (per-node caches).
@@ -170,7 +183,7 @@ def local_main_first(env: Environment) -> Iterator[None]:
     if env.world_size == 1 or not dist.is_initialized():
         yield
         return
-    key = f"flatlm/local-main-first/{next(_LOCAL_MAIN_CALLS)}/node{env.node_rank}"
+    key = f"flatlm/local-main-first/{next(_LOCAL_MAIN_CALLS)}/node{node_index(env)}"
     store = connect()
     if env.is_local_main:
         yield

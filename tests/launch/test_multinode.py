@@ -20,18 +20,28 @@ directory of its own (``FLATLM_CACHE``, as separate machines have) unless a test
   local rank 0 builds its own once, the tokenizer and the token cache (on node 1 that is global rank 1, or 2 with two
   processes per node), and no other rank builds; with one cache shared by both nodes, both local ranks 0 race for it
   and exactly one build happens (the cache's file lock; the loser reads the winner's cache).
+* In one process, the file-system audit's fixes: ``local_main_first`` pairs each node's ranks with that node's local
+  rank 0 under torchrun's and srun's cyclic rank layouts; a shared cache whose lock holds on one node only keeps the
+  cache published first (``flatlm.data.cache.publish``); the stale-build clean-up spares another node's build.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import flatlm.data.cache as cache
 from flatlm.config import OptimConfig, load_config
+from flatlm.parallel.distributed import local_main_first
+from flatlm.parallel.environment import environment
 from flatlm.train.checkpoint import CHECKPOINT_DIR, TRAINER_STATE
 from flatlm.train.inspect import final_state
 from flatlm.train.loop import train
@@ -43,7 +53,9 @@ PROBE = "tests.launch.test_multinode"  # this module as the workers' entry point
 BUILDS = "FLATLM_TEST_BUILDS"
 WAIT_S = 240
 TOL = 1e-5
-STEPS = {"train.max_steps": 6, "checkpoint.every": 4}  # the references: checkpoints at steps 4 and 6
+# A learning rate that does not depend on the run's length: a 4-step run continued to 6 is then the 6-step run.
+CONSTANT = {"schedule.name": "constant"}
+STEPS = {**CONSTANT, "train.max_steps": 6, "checkpoint.every": 4}  # the references: checkpoints at steps 4 and 6
 
 
 def _record_builds() -> None:
@@ -134,7 +146,7 @@ def test_two_nodes_train_as_one_node(
 ) -> None:
     two = tmp_path / "two"
     caches = [tmp_path / "node0-cache", tmp_path / "node1-cache"]
-    args = run_args(two, corpus, **{"train.max_steps": 4, "checkpoint.every": 4})
+    args = run_args(two, corpus, **CONSTANT, **{"train.max_steps": 4})
     log = tmp_path / "builds.jsonl"
     nodes = start_nodes("two", tmp_path, args, caches, backend=backend, module=PROBE, env={BUILDS: str(log)})
     references.start(backend)
@@ -201,6 +213,111 @@ def test_zero1_and_zero3_on_two_nodes_and_a_shared_cache(tmp_path: Path, corpus:
         assert got["state"] > 0, f"{run.name}: {got}"
     got = differences(planted, reference, 6)
     assert min(got.values()) > 10 * TOL, f"the planted bug went unseen: {got}"
+
+
+# -- the file-system audit's fixes, in one process --------------------------------------------------------------
+
+
+class _Store:
+    """The job's store as ``local_main_first`` uses it; a waiter whose key no local rank 0 posted fails at once
+    (the real one would wait forever)."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def set(self, key: str, value: str) -> None:
+        self.keys.add(key)
+
+    def check(self, keys: list[str]) -> bool:
+        if not set(keys) <= self.keys:
+            raise AssertionError(f"waiting forever for {keys}: posted {sorted(self.keys)}")
+        return True
+
+
+def _tasks(layout: str) -> list[dict[str, str]]:
+    """The variables of the 4 tasks of 2 nodes x 2: torchrun's (consecutive ranks per node), srun's with
+    ``--distribution=cyclic`` (ranks dealt round the nodes: 0, 2 on node 0; 1, 3 on node 1)."""
+    if layout == "torchrun":
+        keys = ("WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK")
+        return [dict(zip(keys, map(str, (4, r, 2, r % 2, r // 2)), strict=True)) for r in range(4)]
+    keys = ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_NTASKS_PER_NODE", "SLURM_LOCALID", "SLURM_NODEID")
+    return [dict(zip(keys, map(str, (4, r, 2, r // 2, r % 2)), strict=True)) for r in range(4)]
+
+
+@pytest.mark.parametrize("layout", ["torchrun", "cyclic srun"])
+def test_each_node_waits_for_its_own_local_rank_0(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``local_main_first`` on every task of a layout, each node's local rank 0 first: every other task finds the
+    key its own node's local rank 0 posted. Keyed by ``rank // local_world_size`` (checked), the cyclic layout's
+    rank 1, node 1's local rank 0, posted node 0's key and ranks 2 and 3 waited for node 1's forever."""
+    import flatlm.parallel.distributed as distributed
+
+    store = _Store()
+    monkeypatch.setattr(distributed, "connect", lambda: store)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    calls = next(distributed._LOCAL_MAIN_CALLS)  # every task makes the same (one) call: the same number
+    tasks = sorted(_tasks(layout), key=lambda v: environment(v).local_rank)  # local ranks 0 first
+    for variables in tasks:
+        for name in ("RANK", "GROUP_RANK", "SLURM_NODEID", "LOCAL_RANK", "SLURM_LOCALID"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(distributed, "_LOCAL_MAIN_CALLS", itertools.count(calls))
+        ran = []
+        with local_main_first(environment(variables)):
+            ran.append(True)
+        assert ran
+    assert len(store.keys) == 2, store.keys  # one key per node
+
+
+def _no_lock(root: Path, key: str, log: object) -> contextlib.AbstractContextManager[None]:
+    """``cache.locked`` where the lock does not hold (another node's holder is not seen): nothing but the directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext()
+
+
+def test_a_cache_another_node_published_meanwhile_is_kept(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared cache directory whose lock holds on one node only: the other node builds the same cache while this
+    one does (planted: a whole ``load_or_build`` runs inside this one's build). The cache published first stays, the
+    same files (its readers have them memory-mapped), and the later build is dropped. Before ``publish`` the later
+    builder moved the first one aside and deleted it (checked: this test then fails on the file's identity)."""
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("FLATLM_CACHE", str(shared))
+    monkeypatch.setattr(cache, "locked", _no_lock)
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", corpus)).data
+    real_build, published = cache._build, []
+
+    def build_while_another_node_builds(*args: object, **kwargs: object) -> None:
+        if not published:
+            monkeypatch.setattr(cache, "_build", real_build)
+            theirs = cache.load_or_build(cfg, log=lambda _: None).path / "tokens.bin"
+            published.append((theirs, theirs.stat().st_ino))
+        real_build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "_build", build_while_another_node_builds)
+    mine = cache.load_or_build(cfg, log=lambda _: None)
+    ((theirs, inode),) = published
+    assert theirs == mine.path / "tokens.bin" and theirs.stat().st_ino == inode
+    assert not [p.name for p in shared.iterdir() if ".tmp-" in p.name or ".damaged-" in p.name]
+
+
+def test_stale_build_directories_of_a_running_builder_on_another_node_stay(tmp_path: Path) -> None:
+    """Under the key's lock a builder removes what killed builders left; one that runs on another node (the lock did
+    not hold there) keeps its temporary directory."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    here = socket.gethostname()
+    names = {
+        f".k.tmp-other-host-{os.getpid()}-ab_c1": True,  # another node's: it may be building
+        f".k.tmp-{here}-{os.getpid()}-x1": True,  # this host, alive
+        f".k.tmp-{here}-{dead.stdout.strip()}-x2": False,  # this host, gone
+        ".k.damaged-12345": False,  # an older flatlm's names
+        ".k.tmp-abc123": False,
+    }
+    for name in names:
+        (tmp_path / name).mkdir()
+    cache._remove_stale(tmp_path, "k")
+    assert {name: (tmp_path / name).exists() for name in names} == names
 
 
 if __name__ == "__main__":  # a worker of the jobs above: tests.launch.faulty with the build probe

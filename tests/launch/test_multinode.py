@@ -61,7 +61,6 @@ STEPS = {**CONSTANT, "train.max_steps": 6, "checkpoint.every": 4}  # the referen
 def _record_builds() -> None:
     """Append ``{"rank", "local_rank", "cache", "what"}`` to the file ``$FLATLM_TEST_BUILDS`` whenever this process
     trains a tokenizer or builds a token cache."""
-    import flatlm.data.cache as cache
 
     def recorded(what: str, real: object) -> object:
         def call(*args: object, **kwargs: object) -> object:
@@ -185,7 +184,7 @@ def test_zero1_and_zero3_on_two_nodes_and_a_shared_cache(tmp_path: Path, corpus:
     two = run_args(zero3, corpus, **STEPS)
     jobs += start_nodes("zero3", tmp_path, two, shared, backend="zero3", module=PROBE, env={BUILDS: str(log3)})
     references.start("zero2")
-    # The planted bug, meanwhile in this process (one process: the cheapest run): a learning rate 1% higher.
+    # The planted bug, in this process while the jobs run (one process: the cheapest run): a learning rate 1% higher.
     train(
         load_config(
             None,

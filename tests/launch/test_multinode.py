@@ -129,6 +129,13 @@ def differences(got: Path, want: Path, step: int) -> dict[str, float]:
     return out
 
 
+def _cache_files(root: Path) -> dict[str, bytes]:
+    """A cache directory's tokenizers and token caches, file by file (no locks or temporaries)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name[0] != "."
+    }
+
+
 def trainer_state(run: Path, step: int) -> dict[str, object]:
     return json.loads((run / CHECKPOINT_DIR / f"step-{step}" / TRAINER_STATE).read_text())
 
@@ -155,6 +162,9 @@ def test_two_nodes_train_as_one_node(
         (1, 0, "node1-cache", w) for w in ("tokenizer", "tokens")
     ]
     assert builds(log) == want
+    # The same tokenizer, trained on each node (training is deterministic), so the same token cache: node 1's ranks
+    # read the same ids as node 0's. Nothing in a run compares them across nodes; this does.
+    assert _cache_files(caches[0]) == _cache_files(caches[1])
     state = trainer_state(two, 4)
     assert (state["backend"], state["world_size"]) == (backend, 2)
 

@@ -11,11 +11,11 @@ directory of its own (``FLATLM_CACHE``, as separate machines have) unless a test
   shards into the shared directory) and steps 5-6 equal the uninterrupted run bit for bit too.
 * zero1 on 2 nodes x 2 processes (world size 4, micro-batches of 2: the same global batch of 8) and zero3 on 2 x 1,
   against the zero2 reference: other reduction orders and partitions, so rounding differs. Measured, each difference
-  scaled by max(1, |reference value|): zero1 x 4 at most 8.9e-8 in a loss, 8.1e-8 in a gradient norm and 1.4e-6 in a
-  state tensor; zero3 x 2 0, 8.1e-8 and 8.9e-7. ``TOL`` is 1e-5, about seven times the largest. The planted bug, one
-  process with a learning rate 1% higher, differs by 1.1e-3 (loss), 1.4e-3 (gradient norm) and 2.4e-3 (state): far
-  beyond ``TOL``. Both zero runs' states also differ from the reference by more than 0: the bit-for-bit comparisons
-  above tell rounding apart, so they are not vacuous.
+  scaled by max(1, |reference value|): zero1 x 4 at most 1.8e-7 in a loss, 8.1e-8 in a gradient norm and 1.4e-6 in a
+  state tensor; zero3 x 2 8.9e-8, 8.7e-8 and 9.0e-7. ``TOL`` is 1e-5, about seven times the largest. The planted
+  bug, one process with a learning rate 1% higher, differs by 1.3e-3 (loss), 1.4e-3 (gradient norm) and 5.8e-3
+  (state): far beyond ``TOL``. Both zero runs' states also differ from the reference by more than 0: the
+  bit-for-bit comparisons above tell rounding apart, so they are not vacuous.
 * Who builds the caches (``_record_builds``, a probe wrapped around each worker): with a cache per node, each node's
   local rank 0 builds its own once, the tokenizer and the token cache (on node 1 that is global rank 1, or 2 with two
   processes per node), and no other rank builds; with one cache shared by both nodes, both local ranks 0 race for it
@@ -24,7 +24,7 @@ directory of its own (``FLATLM_CACHE``, as separate machines have) unless a test
   rank 0 under torchrun's and srun's cyclic rank layouts; a shared cache whose lock holds on one node only keeps the
   cache published first (``flatlm.data.cache.publish``); the stale-build clean-up spares another node's build.
 
-Cost: 14 launchers and 24 workers, each importing torch and transformers (about 5 s of CPU a worker, 3 s a
+Cost: 14 launchers and 20 workers, each importing torch and transformers (about 5 s of CPU a worker, 3 s a
 launcher, DeepSpeed 3.5 s more): about 290 CPU-seconds, 150 s on this project's 2 shared cores. The jobs of a test
 run at once; one set of single-node references serves the whole module.
 """

@@ -8,6 +8,7 @@ renumber the pieces under the model's embedding), whatever the corpus is now.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from flatlm.data.chat import renderer_for, resolved_template
 from flatlm.data.packing import PackedSequences, require_sequences, split_documents
 from flatlm.data.sft import Examples, cached_examples, examples_key, report, sft_view, tokenize_examples
 from flatlm.data.sources import iter_rows, source_fingerprint
-from flatlm.data.tokenizer import CHAT_TEMPLATE_FILE, AnyTokenizer, load_tokenizer
+from flatlm.data.tokenizer import CHAT_TEMPLATE_FILE, AnyTokenizer, encoding_sha256, load_tokenizer
 from flatlm.errors import FlatlmError
 
 log = logging.getLogger("flatlm")
@@ -36,6 +37,29 @@ class Data:
     tokenizer: AnyTokenizer
     chat_template: str | None = None
     """data.format=chat: the template the examples were rendered with (written to the run directory)."""
+
+
+FINGERPRINT_ROWS = 64
+"""Rows of each split read into ``data_fingerprint`` (evenly spaced, the first and the last among them)."""
+
+
+def data_fingerprint(data: Data) -> str:
+    """A short hash of what the model is fed: the tokenizer's encoding, the splits' sizes and ``FINGERPRINT_ROWS``
+    rows of each split, tokens, targets and loss masks. Cheap (no pass over the corpus), and the same on two nodes
+    exactly when their caches hold the same tokenization of the same documents, as far as those rows show: another
+    tokenizer, another document order or split, or documents added or removed change it."""
+    h = hashlib.sha256(f"{encoding_sha256(data.tokenizer)}\0{data.vocab_size}\0{data.bos_id}\0{data.eos_id}".encode())
+    for split in (data.train, data.val):
+        if split is None:
+            h.update(b"none")
+            continue
+        n = len(split)
+        h.update(f"\0{n}\0{split.num_tokens}\0{split.seq_len}".encode())
+        rows = sorted({round(i * (n - 1) / max(FINGERPRINT_ROWS - 1, 1)) for i in range(FINGERPRINT_ROWS)})
+        batch = split.batch(rows)
+        for tensor in (batch.inputs, batch.targets, batch.loss_mask, batch.position_ids):
+            h.update(b"-" if tensor is None else tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def data_seed(cfg: RunConfig) -> int:

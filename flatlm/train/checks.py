@@ -158,3 +158,26 @@ def check_optimizer(cfg: RunConfig) -> None:
         f"optim.hparams.{culprit}={hparams[culprit]!r} does not work for optimizer {name!r} ({failure}); "
         f"give it the type and shape of its default ({default!r})"
     )
+
+
+def check_same_data(fingerprint: str, host: str) -> None:
+    """Every rank was fed the same data: each node builds its own token cache, and two nodes whose corpus or tokenizer
+    differ (another copy of the files, another Python for data.source=stdlib, a stale tokenizer) would train one
+    model on two tokenizations without a word. All ranks raise the same error, so rank 0 says it."""
+    from flatlm.parallel.collectives import all_gather_object, world
+
+    if world()[1] == 1:
+        return
+    seen = all_gather_object((fingerprint, host))
+    if len({fp for fp, _ in seen}) == 1:
+        return
+    groups: dict[str, list[str]] = {}
+    for rank, (fp, where) in enumerate(seen):
+        groups.setdefault(fp, []).append(f"{rank} ({where})")
+    described = "; ".join(f"ranks {', '.join(ranks)} have data {fp}" for fp, ranks in groups.items())
+    raise FlatlmError(
+        f"the ranks were fed different data: {described}. Each node builds its tokenizer and token cache from its "
+        "own copy of the corpus (data.paths; data.source=stdlib reads each node's Python), in its own data.cache_dir: "
+        "give every node the same files (or the same Python), or put the corpus and FLATLM_CACHE on a shared file "
+        "system"
+    )

@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import signal
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch
 from flatlm.config import RunConfig, TrainConfig, dump_yaml
 from flatlm.data import GlobalBatchSampler
 from flatlm.data.batch import Sequences
-from flatlm.data.splits import Data, data_seed, load_data
+from flatlm.data.splits import Data, data_fingerprint, data_seed, load_data
 from flatlm.data.tokenizer import run_tokenizer_path, save_run_chat_template, save_run_tokenizer
 from flatlm.errors import FlatlmError
 from flatlm.models import build_model, count_parameters, max_positions, model_config
@@ -66,7 +67,7 @@ from flatlm.train.checkpoint import (
     resume,
     save_checkpoint,
 )
-from flatlm.train.checks import check_static, schedule_warning
+from flatlm.train.checks import check_same_data, check_static, schedule_warning
 from flatlm.train.checks import schedule_kwargs as _schedule_kwargs
 from flatlm.train.export import check_init_from_tokenizer, init_weights_from
 from flatlm.train.metrics import EVAL_FILE, METRICS_FILE, MetricsLogger, Progress, read_jsonl
@@ -241,6 +242,7 @@ def setup(cfg: RunConfig, env: Environment, device: torch.device) -> Run:
     resume_candidates = [] if cfg.overwrite else agreed_candidates(out)
     with local_main_first(env):  # one process per node builds the token cache
         data = load_data(cfg, run_tokenizer_path(out) if resume_candidates else None)
+    check_same_data(data_fingerprint(data), socket.gethostname())  # one cache per node: the same on every node?
 
     seed_everything(cfg.seed, cfg.train.deterministic)
     config = model_config(cfg.model.name, data.vocab_size, cfg.model.overrides, bos_id=data.bos_id, eos_id=data.eos_id)

@@ -76,6 +76,7 @@ from flatlm.train.preemption import Preemption
 from flatlm.train.rundir import (
     PLOT_FILE,
     check_output_dir,
+    check_shared_output_dir,
     continue_run_dir,
     start_run_dir,
 )
@@ -316,6 +317,7 @@ def resume_or_start(run: Run) -> tuple[int, MetricsLogger | None]:
             save_run_chat_template(out, run.data.chat_template)
         metrics = MetricsLogger(out, tensorboard=cfg.train.tensorboard, append=resume_from is not None)
     barrier()
+    check_shared_output_dir(out)  # every node sees rank 0's files (checkpoints gather every rank's shards there)
     return start_step, metrics
 
 

@@ -7,10 +7,13 @@ optimizer gets them (defaults filled in), not as written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +114,42 @@ def continue_run_dir(out: Path, config_yaml: str, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+SHARED_WAIT_S = 10.0
+"""How long a rank looks for rank 0's config.yaml before it calls output_dir not shared (a network file system may
+show another machine's new file a moment late)."""
+
+
+def _file_sha(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def check_shared_output_dir(out: Path, wait_s: float = SHARED_WAIT_S) -> None:
+    """Every rank sees the run directory rank 0 wrote (call after rank 0 wrote config.yaml, behind a barrier).
+
+    Checkpoints need it: each rank writes its own shards into ``output_dir`` and rank 0 renames the whole directory
+    into place, so an output_dir on each node's local disk fails only at the first save, after hours of steps.
+    Here it fails at the start, naming the ranks and hosts that do not see rank 0's config.yaml."""
+    from flatlm.parallel.collectives import all_gather_object, broadcast_object, world
+
+    if world()[1] == 1:
+        return
+    expected = broadcast_object(_file_sha(out / CONFIG_FILE))
+    deadline = time.monotonic() + wait_s
+    while (seen := _file_sha(out / CONFIG_FILE)) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    views = all_gather_object((seen == expected, socket.gethostname()))
+    blind = [f"{rank} ({host})" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise FlatlmError(
+            f"output_dir {out} is not shared: rank(s) {', '.join(blind)} do not see the config.yaml rank 0 "
+            f"({views[0][1]}) wrote there. Checkpoints gather every rank's shards in output_dir: put it on a file "
+            "system every node mounts (NFS, Lustre, GPFS), the same path on every node"
+        )
+
+
 def _write_error(out: Path, exc: OSError) -> FlatlmError:
     where = exc.filename or out
     return FlatlmError(

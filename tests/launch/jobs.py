@@ -105,20 +105,24 @@ def start(
 ) -> Job:
     """``accelerate launch --config_file configs/accelerate/<backend>.yaml --num_processes N [launcher] -m
     tests.launch.faulty ARGS`` with ``FLATLM_TEST_FAULT=fault``."""
-    work = tmp / f"{name}-launch"
-    work.mkdir(parents=True, exist_ok=True)
-    log, exits = work / "log", work / "exits"
     config = ROOT / "configs" / "accelerate" / f"{backend}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["--num_processes", str(nproc), "--main_process_port", str(free_port()), *launcher]
     cmd += ["-m", "tests.launch.faulty", *args]
+    return _spawn(tmp / f"{name}-launch", cmd, args, {"FLATLM_TEST_FAULT": fault, **(env or {})})
+
+
+def _spawn(work: Path, cmd: list[str], args: list[str], env: dict[str, str]) -> Job:
+    """``cmd`` in a session of its own, CPU-only, its output in ``work/log``; ``env`` on top of this environment."""
+    work.mkdir(parents=True, exist_ok=True)
+    log, exits = work / "log", work / "exits"
     environ = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
-        "FLATLM_TEST_FAULT": fault,
+        "FLATLM_TEST_FAULT": "",
         "FLATLM_TEST_EXITS": str(exits),
-        **(env or {}),
+        **env,
     }
     with log.open("wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=environ, start_new_session=True)
@@ -145,25 +149,11 @@ def start_node(
     ``tests.launch.faulty`` or one that wraps its ``main``. The node's ``FLATLM_CACHE`` is ``cache`` (a directory of
     its own, as a machine has; or one that every node shares, as a shared file system is); every node of the job gets
     the same ``port`` (the first node's rendezvous), ``args`` and so ``output_dir`` (a shared file system)."""
-    work = tmp / f"{name}-node{machine_rank}-launch"
-    work.mkdir(parents=True, exist_ok=True)
-    log, exits = work / "log", work / "exits"
     config = ROOT / "configs" / "accelerate" / "multinode" / f"{backend}.yaml"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd += ["--num_machines", str(machines), "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     cmd += ["--main_process_port", str(port), "--num_processes", str(nproc), "-m", module, *args]
-    environ = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-        "FLATLM_CACHE": str(cache),
-        "FLATLM_TEST_FAULT": "",
-        "FLATLM_TEST_EXITS": str(exits),
-        **(env or {}),
-    }
-    with log.open("wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=environ, start_new_session=True)
-    return Job(proc, Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1]), log, exits)
+    return _spawn(tmp / f"{name}-node{machine_rank}-launch", cmd, args, {"FLATLM_CACHE": str(cache), **(env or {})})
 
 
 def start_nodes(

@@ -27,6 +27,7 @@ import math
 import random
 import signal
 import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -176,6 +177,10 @@ def train(cfg: RunConfig, env: Environment | None = None) -> RunResult:
     except BaseException as exc:
         # Tell the other ranks (they exit within seconds instead of waiting out parallel.timeout_s) and leave the
         # group as it is: destroying it can wait on the very collective that failed.
+        if env.world_size > 1 and threading.current_thread() is threading.main_thread():
+            # This rank is leaving with an error; the launcher's SIGTERM, sent the moment a peer exits, would end
+            # it (the stop handler is gone with the loop) before it says why. It exits within a second anyway.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         watchdog.fail(exc)
         raise
     finally:
